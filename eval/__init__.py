@@ -1,0 +1,1 @@
+"""WeatherBench2-compatible evaluation (installed as ``fcn3_lightning.eval``)."""

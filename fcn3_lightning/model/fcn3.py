@@ -1,0 +1,335 @@
+"""The FourCastNet 3 network (reference: ``shared/docs/fcn3-reference.md`` sections 1-2).
+
+Data flow: variable-separated DISCO encoders take the data grid to the Legendre-Gauss latent grid
+(one encoder shared across pressure levels, one for surface channels, one for auxiliary inputs);
+a processor of spectral (global) and DISCO (local) blocks evolves the latent state, with the
+auxiliary embedding re-joined before every block; decoders resample back to the data grid and
+apply grouped DISCO convolutions; water channels are soft-clamped at zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fcn3_lightning.channels import FCN3_AUX_CHANNELS, FCN3_CHANNELS, ChannelLayout, channel_layout, check_aux_channels
+from fcn3_lightning.model.layers import GRIDS, GRIDS_WITH_POLES, SERIAL, SphericalLayers, fcn3_theta_cutoff
+
+
+def soft_clamp_water(x: torch.Tensor) -> torch.Tensor:
+    """C1 spline ReLU: 0 for x <= 0, x^2 on (0, 0.5), x - 0.25 from 0.5 on."""
+    return torch.where(x >= 0.5, x - 0.25, torch.where(x > 0.0, x * x, torch.zeros_like(x)))
+
+
+class _fp32(torch.autocast):
+    """Autocast disabled: encoders, decoders and SHTs run in float32 as in the reference."""
+
+    def __init__(self, x: torch.Tensor):
+        super().__init__(device_type=x.device.type, enabled=False)
+
+
+class Encoder(nn.Module):
+    """Grouped DISCO convolution from the data grid to the latent grid (groups = gcd(in, out))."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _fp32(x):
+            return self.conv(x.float())
+
+
+class Decoder(nn.Module):
+    """Bilinear resampling latent -> data grid (poles expanded), then a grouped DISCO convolution."""
+
+    def __init__(self, resample: nn.Module, conv: nn.Module):
+        super().__init__()
+        self.resample = resample
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _fp32(x):
+            return self.conv(self.resample(x.float()))
+
+
+class MLP(nn.Module):
+    """Pointwise two-layer MLP (1x1 convolutions with bias) with exact GELU in between."""
+
+    def __init__(self, in_channels: int, hidden_channels: int, out_channels: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(in_channels, hidden_channels, 1, bias=True)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden_channels, out_channels, 1, bias=True)
+        # reference init: He-normal for fc1, variance 1/hidden for fc2, zero biases
+        nn.init.normal_(self.fc1.weight, std=math.sqrt(2.0 / in_channels))
+        nn.init.normal_(self.fc2.weight, std=math.sqrt(1.0 / hidden_channels))
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ProcessorBlock(nn.Module):
+    """ConvNeXt-like block without normalisation: filter -> MLP -> LayerScale -> identity skip.
+
+    The input is the latent state with the auxiliary embedding appended; the skip and the output
+    cover the latent channels only.
+    """
+
+    def __init__(self, filter_: nn.Module, in_channels: int, out_channels: int, mlp_ratio: float, layer_scale: bool):
+        super().__init__()
+        self.filter = filter_
+        self.mlp = MLP(in_channels, int(mlp_ratio * in_channels), out_channels)
+        self.out_channels = out_channels
+        # LayerScale initialised at 0.1; without it the residual branch enters at full strength
+        self.layer_scale = nn.Parameter(torch.full((out_channels,), 0.1)) if layer_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.mlp(self.filter(x))
+        if self.layer_scale is not None:
+            d = d * self.layer_scale.view(1, -1, 1, 1).to(d.dtype)
+        return x[:, : self.out_channels] + d
+
+
+class FCN3(nn.Module):
+    """FourCastNet 3 (spherical neural operator), as specified by the paper and its reference code.
+
+    Input ``(B, C + A, nlat, nlon)``: the C prognostic channels (normalised) followed by the A
+    auxiliary channels, on an equiangular grid with poles, row 0 at 90N. Output ``(B, C, nlat, nlon)``:
+    the normalised state 6 h later. All sizes are constructor arguments; the defaults are FCN3's.
+
+    Args:
+        inp_shape: data grid (nlat, nlon), equiangular with both poles.
+        channel_names: prognostic channels (see :mod:`fcn3_lightning.channels`).
+        aux_channel_names: auxiliary input channels, in input order.
+        scale_factor: latent grid is (nlat // scale_factor, nlon // scale_factor).
+        model_grid_type: grid of the data (must include the poles).
+        sht_grid_type: grid of the latent state.
+        atmo_embed_dim: latent channels per pressure level (shared level encoder).
+        surf_embed_dim: latent channels of the surface group.
+        aux_embed_dim: channels of the auxiliary embedding joined to every block's input.
+        num_layers: number of processor blocks.
+        sfno_block_frequency: block i is global (spectral) when i % frequency == 0.
+        kernel_shape: DISCO filter basis shape.
+        filter_basis_type: DISCO filter basis ("morlet" = torch-harmonics' unnormalised harmonic basis).
+        filter_basis_norm_mode: DISCO basis normalisation ("mean" in FCN3).
+        mlp_ratio: MLP hidden width relative to the block input width.
+        layer_scale: multiply the residual branch by a learned per-channel scale (init 0.1).
+        clamp_water: soft-clamp water channels at zero.
+        water_channels: names of the water channels; None uses the reference rule (q*, r*, tcwv).
+        layers: factory of the spherical layers (serial, or distributed for spatial parallelism).
+    """
+
+    def __init__(
+        self,
+        inp_shape: Sequence[int] = (721, 1440),
+        channel_names: Sequence[str] = FCN3_CHANNELS,
+        aux_channel_names: Sequence[str] = FCN3_AUX_CHANNELS,
+        scale_factor: int = 2,
+        model_grid_type: str = "equiangular",
+        sht_grid_type: str = "legendre-gauss",
+        atmo_embed_dim: int = 45,
+        surf_embed_dim: int = 56,
+        aux_embed_dim: int = 36,
+        num_layers: int = 10,
+        sfno_block_frequency: int = 5,
+        kernel_shape: Sequence[int] = (3, 3),
+        filter_basis_type: str = "morlet",
+        filter_basis_norm_mode: str = "mean",
+        mlp_ratio: float = 2.0,
+        layer_scale: bool = True,
+        clamp_water: bool = True,
+        water_channels: Sequence[str] | None = None,
+        layers: SphericalLayers | None = None,
+    ):
+        super().__init__()
+        layers = layers or SERIAL
+        self.layout: ChannelLayout = channel_layout(channel_names)
+        self.aux_channel_names = tuple(aux_channel_names)
+        self.noise_channel_names = tuple(check_aux_channels(self.aux_channel_names))
+        self.inp_shape = _check_shape("inp_shape", inp_shape)
+        self.latent_shape = _latent_shape(self.inp_shape, scale_factor)
+        _check_grid("model_grid_type", model_grid_type, GRIDS_WITH_POLES)
+        _check_grid("sht_grid_type", sht_grid_type, GRIDS)
+        for name, v in [
+            ("atmo_embed_dim", atmo_embed_dim),
+            ("surf_embed_dim", surf_embed_dim),
+            ("aux_embed_dim", aux_embed_dim),
+            ("num_layers", num_layers),
+            ("sfno_block_frequency", sfno_block_frequency),
+        ]:
+            if int(v) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v}")
+        self.kernel_shape = tuple(int(k) for k in kernel_shape)
+        self.clamp_water = clamp_water
+        self.register_buffer("water_index", torch.tensor(self.layout.water_index(water_channels), dtype=torch.long), persistent=False)
+
+        n_levels, n_level_vars = len(self.layout.levels), len(self.layout.level_variables)
+        n_surf, n_aux = len(self.layout.surface_index), len(self.aux_channel_names)
+        if n_levels == 0:
+            atmo_embed_dim = 0
+        if n_surf == 0:
+            surf_embed_dim = 0
+        if n_aux == 0:
+            aux_embed_dim = 0
+        self.atmo_embed_dim, self.surf_embed_dim, self.aux_embed_dim = atmo_embed_dim, surf_embed_dim, aux_embed_dim
+        self.latent_channels = n_levels * atmo_embed_dim + surf_embed_dim
+        self.n_in_channels = self.layout.n_channels + n_aux
+        self.register_buffer("level_index", torch.tensor(self.layout.level_index, dtype=torch.long), persistent=False)
+        self.register_buffer("surface_index", torch.tensor(self.layout.surface_index, dtype=torch.long), persistent=False)
+
+        data, latent = self.inp_shape, self.latent_shape
+        enc_cutoff = fcn3_theta_cutoff(data[0], self.kernel_shape)
+        block_cutoff = fcn3_theta_cutoff(latent[0], self.kernel_shape, factor=2.0)
+        disco = dict(kernel_shape=self.kernel_shape, basis_type=filter_basis_type, basis_norm_mode=filter_basis_norm_mode)
+
+        def encoder(n_in: int, n_out: int) -> Encoder | None:
+            if n_out == 0:
+                return None
+            conv = layers.disco(
+                n_in,
+                n_out,
+                data,
+                latent,
+                groups=math.gcd(n_in, n_out),
+                grid_in=model_grid_type,
+                grid_out=sht_grid_type,
+                theta_cutoff=enc_cutoff,
+                **disco,
+            )
+            return Encoder(conv)
+
+        def decoder(n_in: int, n_out: int) -> Decoder | None:
+            if n_in == 0:
+                return None
+            resample = layers.resample(latent, data, grid_in=sht_grid_type, grid_out=model_grid_type)
+            conv = layers.disco(
+                n_in,
+                n_out,
+                data,
+                data,
+                groups=math.gcd(n_in, n_out),
+                grid_in=model_grid_type,
+                grid_out=model_grid_type,
+                theta_cutoff=enc_cutoff,
+                **disco,
+            )
+            return Decoder(resample, conv)
+
+        self.atmo_encoder = encoder(n_level_vars, atmo_embed_dim)
+        self.surf_encoder = encoder(n_surf, surf_embed_dim)
+        self.aux_encoder = encoder(n_aux, aux_embed_dim)
+
+        width = self.latent_channels + aux_embed_dim
+        blocks = []
+        for i in range(num_layers):
+            if i % sfno_block_frequency == 0:
+                filter_: nn.Module = layers.spectral_conv(latent, width, grid=sht_grid_type)
+            else:
+                filter_ = layers.disco(
+                    width,
+                    width,
+                    latent,
+                    latent,
+                    groups=1,
+                    grid_in=sht_grid_type,
+                    grid_out=sht_grid_type,
+                    theta_cutoff=block_cutoff,
+                    **disco,
+                )
+            blocks.append(ProcessorBlock(filter_, width, self.latent_channels, mlp_ratio, layer_scale))
+        self.blocks = nn.ModuleList(blocks)
+
+        self.atmo_decoder = decoder(atmo_embed_dim, n_level_vars)
+        self.surf_decoder = decoder(surf_embed_dim, n_surf)
+
+    @property
+    def n_channels(self) -> int:
+        return self.layout.n_channels
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Data-grid input -> (latent state, auxiliary embedding)."""
+        b = x.shape[0]
+        parts = []
+        if self.atmo_encoder is not None:
+            lev = x.index_select(1, self.level_index)
+            lev = lev.reshape(b * len(self.layout.levels), len(self.layout.level_variables), *x.shape[-2:])
+            parts.append(self.atmo_encoder(lev).reshape(b, -1, *self.latent_shape))
+        if self.surf_encoder is not None:
+            parts.append(self.surf_encoder(x.index_select(1, self.surface_index)))
+        aux = self.aux_encoder(x[:, self.n_channels :]) if self.aux_encoder is not None else None
+        return torch.cat(parts, dim=1), aux
+
+    def process(self, z: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
+        for block in self.blocks:
+            z = block(z if aux is None else torch.cat([z, aux.to(z.dtype)], dim=1))
+        return z
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent state -> prognostic channels on the data grid, in channel-list order."""
+        b = z.shape[0]
+        out = z.new_empty((b, self.n_channels, *self.inp_shape), dtype=torch.float32)
+        n_atmo = len(self.layout.levels) * self.atmo_embed_dim
+        if self.atmo_decoder is not None:
+            lev = z[:, :n_atmo].reshape(b * len(self.layout.levels), self.atmo_embed_dim, *self.latent_shape)
+            lev = self.atmo_decoder(lev).reshape(b, -1, *self.inp_shape)
+            out = out.index_copy(1, self.level_index, lev)
+        if self.surf_decoder is not None:
+            out = out.index_copy(1, self.surface_index, self.surf_decoder(z[:, n_atmo:]))
+        if self.clamp_water and self.water_index.numel():
+            out = out.index_copy(1, self.water_index, soft_clamp_water(out.index_select(1, self.water_index)))
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        z, aux = self.encode(x)
+        return self.decode(self.process(z, aux))
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a clear error for an input of the wrong rank, channel count or grid."""
+        if x.dim() != 4:
+            raise ValueError(f"FCN3 expects input of shape (batch, channels, nlat, nlon), got {tuple(x.shape)}")
+        if x.shape[1] != self.n_in_channels:
+            raise ValueError(
+                f"FCN3 expects {self.n_in_channels} input channels ({self.n_channels} prognostic + "
+                f"{len(self.aux_channel_names)} auxiliary), got {x.shape[1]}"
+            )
+        if tuple(x.shape[-2:]) != self.inp_shape:
+            raise ValueError(f"input grid {tuple(x.shape[-2:])} does not match the model's data grid inp_shape={self.inp_shape}")
+
+
+def _check_shape(name: str, shape: Sequence[int]) -> tuple[int, int]:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError(f"{name} must be (nlat, nlon) with positive sizes, got {shape}")
+    return shape  # type: ignore[return-value]
+
+
+def _check_grid(name: str, grid: str, allowed: Sequence[str]) -> None:
+    if grid not in allowed:
+        raise ValueError(f"{name}={grid!r} is not supported; choose one of {list(allowed)}")
+
+
+def _latent_shape(inp_shape: tuple[int, int], scale_factor: int) -> tuple[int, int]:
+    """Latent grid of FCN3: the data grid divided by the scale factor, checked against DISCO's needs."""
+    if int(scale_factor) != scale_factor or scale_factor < 1:
+        raise ValueError(f"scale_factor must be a positive integer, got {scale_factor}")
+    nlat, nlon = inp_shape
+    latent = (nlat // scale_factor, nlon // scale_factor)
+    if latent[0] < 4 or latent[1] < 8:
+        raise ValueError(
+            f"inp_shape={inp_shape} with scale_factor={scale_factor} gives a latent grid {latent}; it needs at least 4x8 points"
+        )
+    if nlon % latent[1] != 0:
+        raise ValueError(
+            f"inp_shape={inp_shape} with scale_factor={scale_factor}: the encoder's DISCO convolution needs nlon ({nlon}) "
+            f"to be a multiple of the latent nlon ({latent[1]}); choose nlon divisible by the scale factor"
+        )
+    if nlat < 3:
+        raise ValueError(f"inp_shape={inp_shape}: an equiangular grid with poles needs at least 3 latitudes")
+    return latent

@@ -1,0 +1,219 @@
+"""The LightningDataModule for WB2-style Zarr stores: samples of (input state, n targets at +6 h, +12 h, ...).
+
+A sample is a dict of float32 tensors (normalised), for one input time ``t``::
+
+    input   (C, h, w)        state at t
+    target  (n, C, h, w)     states at t + k * step, k = 1..n
+    zenith  (n + 1, h, w)    cos zenith at t and at every target time (the aux input of each step)
+    time    ()               t as int64 nanoseconds since 1970 (UTC)
+    index   ()               the sample's index in its split
+
+``h, w`` are the whole grid or a latitude/longitude tile (spatial model parallelism reads only its
+tile). Static auxiliary fields (orography, land-sea mask) are the same for every sample:
+``datamodule.static`` holds them, tiled like the samples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fcn3_lightning.channels import FCN3_AUX_CHANNELS, FCN3_CHANNELS, check_aux_channels
+from fcn3_lightning.data.statics import static_fields
+from fcn3_lightning.data.stats import ChannelStats, Normalizer, compute_stats
+from fcn3_lightning.data.store import WB2Store
+from fcn3_lightning.data.zenith import cos_zenith
+
+
+class ForecastDataset(Dataset):
+    """Samples whose input and every target lie in ``start .. end`` of the store."""
+
+    def __init__(
+        self,
+        store: WB2Store,
+        normalizer: Normalizer,
+        start: str,
+        end: str,
+        n_targets: int,
+        *,
+        lat: slice = slice(None),
+        lon: slice = slice(None),
+        init_every_hours: int | None = None,
+    ):
+        if n_targets < 0:
+            raise ValueError(f"n_targets must be >= 0, got {n_targets}")
+        self.store, self.normalizer, self.n_targets = store, normalizer, n_targets
+        self.lat, self.lon = lat, lon
+        i0, i1 = store.index_range(start, end)
+        last = i1 - n_targets * store.stride
+        starts = np.arange(i0, last + 1)
+        if init_every_hours:
+            hours = (store.times[starts] - store.times[0]) / np.timedelta64(1, "h")
+            starts = starts[hours % init_every_hours == 0]
+        if starts.size == 0:
+            raise ValueError(
+                f"{store.path}: no sample with {n_targets} targets of {store.step_hours} h fits in {start} .. {end} "
+                f"({i1 - i0 + 1} store times)"
+            )
+        self.starts = starts
+        self._lat_deg, self._lon_deg = store.lat[lat], store.lon[lon]
+
+    def __len__(self) -> int:
+        return int(self.starts.size)
+
+    def times(self, index: int) -> np.ndarray:
+        """Valid times of the input and the targets of sample ``index``."""
+        t = self.starts[index] + self.store.stride * np.arange(self.n_targets + 1)
+        return self.store.times[t]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample index {index} out of range for {len(self)} samples")
+        t_idx = self.starts[index] + self.store.stride * np.arange(self.n_targets + 1)
+        x = self.normalizer.normalize(self.store.read(t_idx, self.lat, self.lon))
+        zen = cos_zenith(self.store.times[t_idx], self._lat_deg, self._lon_deg).astype(np.float32)
+        return {
+            "input": torch.from_numpy(x[0]),
+            "target": torch.from_numpy(np.ascontiguousarray(x[1:])),
+            "zenith": torch.from_numpy(zen),
+            "time": torch.tensor(self.store.times[t_idx[0]].astype(np.int64)),
+            "index": torch.tensor(index),
+        }
+
+
+class WB2DataModule(L.LightningDataModule):
+    """ERA5 (or any WB2-style store) for training, validation and testing; the default world when no path is given.
+
+    Args:
+        data_path: the Zarr store; None uses the embedded default world (generated once into a cache).
+        channels: prognostic channels; default FCN3's 72 (the default world's own list without a path).
+        aux_channels: auxiliary model inputs in order; only ``xzen`` and the static ones come from here.
+        stats_path: statistics file from ``python -m fcn3_lightning stats``; default ``<store>.stats.json``.
+        train_range, valid_range, test_range: inclusive (start, end) dates of each split.
+        step_hours: model step; the store's cadence must divide it (stride over hourly stores).
+        train_rollout, valid_rollout: number of targets per sample.
+        init_every_hours: only use input times on this cadence (e.g. 6 on an hourly store); default every time.
+        batch_size, num_workers: per-process loader settings.
+    """
+
+    def __init__(
+        self,
+        data_path: str | None = None,
+        channels: list[str] | None = None,
+        aux_channels: list[str] | None = None,
+        stats_path: str | None = None,
+        train_range: tuple[str, str] | None = None,
+        valid_range: tuple[str, str] | None = None,
+        test_range: tuple[str, str] | None = None,
+        step_hours: int = 6,
+        train_rollout: int = 1,
+        valid_rollout: int = 4,
+        init_every_hours: int | None = None,
+        batch_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.default_world = data_path is None
+        if self.default_world:
+            from fcn3_lightning.data.default_world import DEFAULT_WORLD_CHANNELS, DEFAULT_WORLD_SPLITS
+
+            channels = channels or list(DEFAULT_WORLD_CHANNELS)
+            train_range = train_range or DEFAULT_WORLD_SPLITS["train"]
+            valid_range = valid_range or DEFAULT_WORLD_SPLITS["valid"]
+            test_range = test_range or DEFAULT_WORLD_SPLITS["test"]
+        self.channels = list(channels or FCN3_CHANNELS)
+        self.aux_channels = list(FCN3_AUX_CHANNELS if aux_channels is None else aux_channels)
+        check_aux_channels(self.aux_channels)
+        self.ranges = {"train": train_range, "valid": valid_range, "test": test_range}
+        self.lat, self.lon = slice(None), slice(None)
+        self._store: WB2Store | None = None
+        self._normalizer: Normalizer | None = None
+        self.datasets: dict[str, ForecastDataset] = {}
+
+    # --- the store, statistics and static fields ---------------------------------------------------
+
+    @property
+    def store(self) -> WB2Store:
+        if self._store is None:
+            path = self.hparams.data_path
+            if path is None:
+                from fcn3_lightning.data.default_world import ensure_default_world
+
+                path = ensure_default_world(seed=self.hparams.seed)
+            self._store = WB2Store(path, self.channels, step_hours=self.hparams.step_hours)
+        return self._store
+
+    @property
+    def stats_path(self) -> Path:
+        if self.hparams.stats_path:
+            return Path(self.hparams.stats_path)
+        return self.store.path.with_name(self.store.path.name + ".stats.json")
+
+    @property
+    def normalizer(self) -> Normalizer:
+        if self._normalizer is None:
+            path = self.stats_path
+            if not path.is_file() and self.default_world:  # the default world computes its own, once
+                start, end = self.ranges["train"]
+                compute_stats(self.store, start, end).save(path)
+            stats = ChannelStats.load(path)
+            stats.check_compatible(self.channels, self.store.lat, self.store.lon, where=str(path))
+            self._normalizer = stats.normalizer(self.channels)
+        return self._normalizer
+
+    @property
+    def static(self) -> torch.Tensor:
+        """Static auxiliary channels (orography, land-sea one-hot) of the current tile: ``(S, h, w)``."""
+        full = static_fields(self.store, self.aux_channels)
+        return torch.from_numpy(np.ascontiguousarray(full[:, self.lat, self.lon]))
+
+    def set_tile(self, lat: slice, lon: slice) -> None:
+        """Read only this latitude/longitude tile (indices of the 90N-first grid) from now on."""
+        self.lat, self.lon = lat, lon
+        self.datasets.clear()
+
+    # --- Lightning hooks -----------------------------------------------------------------------------
+
+    def dataset(self, split: str) -> ForecastDataset:
+        if split not in self.datasets:
+            rng = self.ranges[split]
+            if rng is None:
+                raise ValueError(f"no {split}_range configured for {self.store.path}")
+            n = self.hparams.train_rollout if split == "train" else self.hparams.valid_rollout
+            self.datasets[split] = ForecastDataset(
+                self.store, self.normalizer, rng[0], rng[1], n, lat=self.lat, lon=self.lon, init_every_hours=self.hparams.init_every_hours
+            )
+        return self.datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        splits = {"fit": ["train", "valid"], "validate": ["valid"], "test": ["test"], "predict": ["test"]}.get(stage or "fit", [])
+        for split in splits:
+            self.dataset(split)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=shuffle,
+            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("valid", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

@@ -1,0 +1,171 @@
+"""Normalisation statistics per channel, and the normaliser that uses them (reference section 1.3).
+
+Statistics are area-weighted (WB2 cell-area weights), accumulated in float64 over every store time
+of the training range: mean, std, min, max, and the mean and std of the tendency over one model
+step. Water channels (q*, tcwv) are min-max scaled with their minimum set to 0, everything else is
+z-scored; standard deviations are floored at 1e-4 (in physical units), as in the reference.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fcn3_lightning.channels import parse_channel
+from fcn3_lightning.data.store import WB2Store
+from fcn3_lightning.grid import cell_area_weights
+from fcn3_lightning.io import atomic_path
+
+FORMAT = "fcn3_lightning.stats/v1"
+STD_FLOOR = 1e-4
+
+
+class _Moments:
+    """Weighted mean and second central moment per channel, merged chunk by chunk (Chan et al.)."""
+
+    def __init__(self, n_channels: int):
+        self.weight = 0.0
+        self.mean = np.zeros(n_channels)
+        self.m2 = np.zeros(n_channels)
+
+    def update(self, x: np.ndarray, w: np.ndarray) -> None:
+        """``x`` (T, C, H, W) float64, ``w`` (H, W) area weights."""
+        wsum = w.sum() * x.shape[0]
+        mean = np.einsum("tchw,hw->c", x, w) / wsum
+        m2 = np.einsum("tchw,hw->c", (x - mean[None, :, None, None]) ** 2, w)
+        total = self.weight + wsum
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (wsum / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.weight * wsum / total)
+        self.weight = total
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.m2 / self.weight)
+
+
+@dataclass
+class ChannelStats:
+    """Statistics of a channel list on one grid, as written by ``python -m fcn3_lightning stats``."""
+
+    channels: list[str]
+    grid: dict
+    source: dict = field(default_factory=dict)
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    min: list[float] = field(default_factory=list)
+    max: list[float] = field(default_factory=list)
+    time_diff_mean: list[float] = field(default_factory=list)
+    time_diff_std: list[float] = field(default_factory=list)
+
+    def save(self, path: str | Path) -> None:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps({"format": FORMAT, **asdict(self)}, indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ChannelStats:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"stats file {path} does not exist (write one with: python -m fcn3_lightning stats ...)")
+        blob = json.loads(path.read_text())
+        if blob.pop("format", None) != FORMAT:
+            raise ValueError(f"{path} is not a {FORMAT} stats file")
+        return cls(**blob)
+
+    def check_compatible(self, channels: Sequence[str], lat: np.ndarray, lon: np.ndarray, where: str = "stats") -> None:
+        """Refuse statistics computed for other channels or another grid (it would silently mis-scale)."""
+        missing = [c for c in channels if c not in self.channels]
+        if missing:
+            raise ValueError(f"{where}: computed for channels {self.channels}, which lack {missing}")
+        grid = _grid_signature(lat, lon)
+        if grid != self.grid:
+            raise ValueError(f"{where}: computed on grid {self.grid}, but the data grid is {grid}")
+
+    def normalizer(self, channels: Sequence[str]) -> Normalizer:
+        idx = [self.channels.index(c) for c in channels]
+        water = np.array([parse_channel(c).is_water for c in channels])
+        mean, std = np.array(self.mean)[idx], np.array(self.std)[idx]
+        lo, hi = np.array(self.min)[idx], np.array(self.max)[idx]
+        offset = np.where(water, lo, mean)
+        scale = np.where(water, hi - lo, std)
+        if np.any(scale <= 0):
+            bad = [channels[i] for i in np.flatnonzero(scale <= 0)]
+            raise ValueError(f"channels {bad} have zero range in the statistics; they cannot be normalised")
+        return Normalizer(list(channels), offset, scale, np.array(self.time_diff_std)[idx])
+
+
+@dataclass
+class Normalizer:
+    """x_normalised = (x - offset) / scale per channel (min-max for water channels, z-score otherwise)."""
+
+    channels: list[str]
+    offset: np.ndarray
+    scale: np.ndarray
+    time_diff_std: np.ndarray
+
+    def normalize(self, x: np.ndarray, axis: int = -3) -> np.ndarray:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        return ((x - self.offset.reshape(shape)) / self.scale.reshape(shape)).astype(x.dtype, copy=False)
+
+    def denormalize(self, x: torch.Tensor | np.ndarray, axis: int = -3) -> torch.Tensor | np.ndarray:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        if isinstance(x, torch.Tensor):
+            scale = torch.as_tensor(self.scale, dtype=x.dtype, device=x.device).reshape(shape)
+            offset = torch.as_tensor(self.offset, dtype=x.dtype, device=x.device).reshape(shape)
+            return x * scale + offset
+        return x * self.scale.reshape(shape) + self.offset.reshape(shape)
+
+
+def _grid_signature(lat: np.ndarray, lon: np.ndarray) -> dict:
+    return {"nlat": int(lat.size), "nlon": int(lon.size), "lat": [float(lat[0]), float(lat[-1])], "lon": [float(lon[0]), float(lon[-1])]}
+
+
+def compute_stats(store: WB2Store, start: str, end: str, *, chunk: int | None = None, progress: bool = True) -> ChannelStats:
+    """Statistics of ``store``'s channels over the store times in ``start .. end`` (inclusive).
+
+    ``chunk`` store times are read at once (default: as many as fit in about 256 MB of float64).
+    """
+    i0, i1 = store.index_range(start, end)
+    n = i1 - i0 + 1
+    if n <= store.stride:
+        raise ValueError(f"the range {start} .. {end} holds {n} store times; tendencies need more than {store.stride}")
+    w = np.broadcast_to(cell_area_weights(store.lat)[:, None], store.shape)
+    c = len(store.channels)
+    chunk = chunk or max(1, (256 << 20) // (8 * c * store.shape[0] * store.shape[1]))
+    state, tend = _Moments(c), _Moments(c)
+    lo, hi = np.full(c, np.inf), np.full(c, -np.inf)
+    carry = np.empty((0, c, *store.shape))  # the last `stride` times of the previous chunk, for tendencies
+    bar = tqdm(total=n, desc="stats", unit="time", disable=not progress)
+    for a in range(i0, i1 + 1, chunk):
+        b = min(a + chunk, i1 + 1)
+        x = store.read(range(a, b)).astype(np.float64)
+        state.update(x, w)
+        lo, hi = np.minimum(lo, x.min(axis=(0, 2, 3))), np.maximum(hi, x.max(axis=(0, 2, 3)))
+        both = np.concatenate([carry, x])
+        if both.shape[0] > store.stride:
+            tend.update(both[store.stride :] - both[: -store.stride], w)
+        carry = both[-store.stride :]
+        bar.update(b - a)
+    bar.close()
+
+    water = np.array([parse_channel(ch).is_water for ch in store.channels])
+    lo = np.where(water, 0.0, lo)  # min-max water channels: 0 means physically zero water
+    return ChannelStats(
+        channels=list(store.channels),
+        grid=_grid_signature(store.lat, store.lon),
+        source={"store": str(store.path), "start": str(store.times[i0]), "end": str(store.times[i1]), "step_hours": store.step_hours},
+        mean=state.mean.tolist(),
+        std=np.maximum(state.std, STD_FLOOR).tolist(),
+        min=lo.tolist(),
+        max=hi.tolist(),
+        time_diff_mean=tend.mean.tolist(),
+        time_diff_std=np.maximum(tend.std, STD_FLOOR).tolist(),
+    )

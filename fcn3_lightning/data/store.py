@@ -1,0 +1,181 @@
+"""Reading ERA5 in the WeatherBench2 / ARCO Zarr layout, lazily, for any channel list.
+
+One Zarr store holds one array per variable with WB2 long names and dims ``(time, [level],
+latitude, longitude)``. :class:`WB2Store` maps a channel list onto those arrays and reads the
+requested times and an optional latitude/longitude tile straight from Zarr (xarray is used for
+the metadata only), returning float32 arrays in channel order with latitude 90N first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from fcn3_lightning.channels import parse_channel
+
+
+@dataclass(frozen=True)
+class _VariableRead:
+    """How to read one store variable: its array, which levels, and where they go in the output."""
+
+    name: str
+    array: zarr.Array
+    has_level: bool
+    level_index: tuple[int, ...]  # positions in the store's level axis
+    out_index: tuple[int, ...]  # positions in the output channel axis
+
+
+class WB2Store:
+    """A WB2-style Zarr store seen through a channel list.
+
+    Args:
+        path: the Zarr store.
+        channels: channel names (``z500``, ``t2m``, ...; see :mod:`fcn3_lightning.channels`).
+        step_hours: the model step; the store's cadence must divide it (hourly and 6-hourly stores
+            both serve a 6 h model).
+    """
+
+    def __init__(self, path: str | Path, channels: Sequence[str], *, step_hours: int = 6):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"data store {self.path} does not exist")
+        try:
+            ds = xr.open_zarr(self.path, consolidated=None, decode_timedelta=True)
+        except Exception as e:  # noqa: BLE001 - re-raised with the path, the user's first clue
+            raise ValueError(f"cannot open {self.path} as a Zarr store: {e}") from e
+        self.dataset = ds
+        for coord in ("time", "latitude", "longitude"):
+            if coord not in ds.coords:
+                raise ValueError(f"{self.path}: coordinate {coord!r} missing (WB2 layout has time, [level], latitude, longitude)")
+        self.channels = tuple(channels)
+        self.step_hours = int(step_hours)
+
+        self.times = ds["time"].values.astype("datetime64[ns]")
+        if self.times.size < 2:
+            raise ValueError(f"{self.path}: the time axis has {self.times.size} entries; need at least 2")
+        steps = np.diff(self.times)
+        if not np.all(steps == steps[0]):
+            bad = int(np.argmax(steps != steps[0]))
+            raise ValueError(
+                f"{self.path}: non-uniform time axis: step {steps[bad] / np.timedelta64(1, 'h'):g} h between "
+                f"{self.times[bad]} and {self.times[bad + 1]} differs from {steps[0] / np.timedelta64(1, 'h'):g} h"
+            )
+        cadence_h = steps[0] / np.timedelta64(1, "h")
+        if cadence_h <= 0 or self.step_hours % cadence_h != 0:
+            raise ValueError(f"{self.path}: store cadence {cadence_h:g} h does not divide the model step of {self.step_hours} h")
+        self.cadence_hours = float(cadence_h)
+        self.stride = int(round(self.step_hours / cadence_h))
+
+        lat = ds["latitude"].values.astype(np.float64)
+        if not (np.all(np.diff(lat) > 0) or np.all(np.diff(lat) < 0)):
+            raise ValueError(f"{self.path}: latitude is not strictly monotonic")
+        self.flip_lat = bool(lat[0] < lat[-1])  # the model wants 90N first
+        self.lat = lat[::-1].copy() if self.flip_lat else lat
+        self.lon = ds["longitude"].values.astype(np.float64)
+        if not np.all(np.diff(self.lon) > 0):
+            raise ValueError(f"{self.path}: longitude must be strictly ascending")
+
+        self._group = zarr.open_group(str(self.path), mode="r")
+        self._reads = self._plan(ds)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.lat.size, self.lon.size)
+
+    def _plan(self, ds: xr.Dataset) -> list[_VariableRead]:
+        by_var: dict[str, list[tuple[int, int | None]]] = {}
+        for i, name in enumerate(self.channels):
+            ch = parse_channel(name)
+            if ch.long_name not in ds.data_vars:
+                raise ValueError(
+                    f"{self.path}: variable {ch.long_name!r} (channel {name}) not in the store; "
+                    f"available variables: {sorted(map(str, ds.data_vars))}"
+                )
+            by_var.setdefault(ch.long_name, []).append((i, ch.level))
+        reads = []
+        for var, entries in by_var.items():
+            dims = ds[var].dims
+            has_level = "level" in dims
+            want = ("time", "level", "latitude", "longitude") if has_level else ("time", "latitude", "longitude")
+            if tuple(dims) != want:
+                raise ValueError(f"{self.path}: variable {var!r} has dims {dims}, expected {want}")
+            levels: list[int] = []
+            if has_level:
+                store_levels = [int(v) for v in ds["level"].values]
+                for i, lev in entries:
+                    if lev is None:
+                        raise ValueError(f"{self.path}: variable {var!r} has levels {store_levels}; channel {self.channels[i]} names none")
+                    if lev not in store_levels:
+                        raise ValueError(
+                            f"{self.path}: level {lev} hPa of {var!r} (channel {self.channels[i]}) not in the store; levels: {store_levels}"
+                        )
+                    levels.append(store_levels.index(lev))
+            else:
+                for i, lev in entries:
+                    if lev is not None:
+                        raise ValueError(f"{self.path}: variable {var!r} has no level axis but channel {self.channels[i]} names {lev} hPa")
+            reads.append(_VariableRead(var, self._group[var], has_level, tuple(levels), tuple(i for i, _ in entries)))
+        return reads
+
+    def time_index(self, when: str | np.datetime64) -> int:
+        """Index of an exact store time; a time outside the store raises, naming the store's span."""
+        t = np.datetime64(when, "ns")
+        if t < self.times[0] or t > self.times[-1]:
+            raise ValueError(f"{self.path}: time {t} is outside the store's time axis {self.times[0]} .. {self.times[-1]}")
+        i = int(np.searchsorted(self.times, t))
+        if self.times[i] != t:
+            raise ValueError(f"{self.path}: time {t} is not on the store's {self.cadence_hours:g}-hourly time axis")
+        return i
+
+    def index_range(self, start: str | np.datetime64, end: str | np.datetime64) -> tuple[int, int]:
+        """Store indices [i0, i1] of the times within ``start .. end`` (inclusive); both ends must lie in the store."""
+        t0, t1 = np.datetime64(start, "ns"), np.datetime64(end, "ns")
+        if t1 < t0:
+            raise ValueError(f"date range {start} .. {end} is empty")
+        if t0 < self.times[0] or t1 > self.times[-1]:
+            raise ValueError(
+                f"{self.path}: requested dates {start} .. {end} are outside the store's time axis {self.times[0]} .. {self.times[-1]}"
+            )
+        return int(np.searchsorted(self.times, t0)), int(np.searchsorted(self.times, t1, side="right")) - 1
+
+    def read(
+        self, time_index: Sequence[int], lat: slice = slice(None), lon: slice = slice(None), *, check_finite: bool = True
+    ) -> np.ndarray:
+        """Read ``(T, C, nlat_tile, nlon_tile)`` float32, latitude 90N first; ``lat``/``lon`` index that N-to-S grid."""
+        t_idx = np.asarray(time_index, dtype=np.int64)
+        nlat = self.lat.size
+        lat0, lat1, _ = lat.indices(nlat)
+        lon0, lon1, _ = lon.indices(self.lon.size)
+        store_lat = slice(nlat - lat1, nlat - lat0) if self.flip_lat else slice(lat0, lat1)
+        out = np.empty((t_idx.size, len(self.channels), lat1 - lat0, lon1 - lon0), dtype=np.float32)
+        for r in self._reads:
+            sel = (t_idx, list(r.level_index), store_lat, slice(lon0, lon1)) if r.has_level else (t_idx, store_lat, slice(lon0, lon1))
+            block = np.asarray(r.array.get_orthogonal_selection(sel), dtype=np.float32)
+            if not r.has_level:
+                block = block[:, None]
+            if self.flip_lat:
+                block = block[..., ::-1, :]
+            out[:, list(r.out_index)] = block
+        if check_finite and not np.isfinite(out).all():
+            t, c = np.argwhere(~np.isfinite(out))[0][:2]
+            raise ValueError(f"{self.path}: NaN/Inf in channel {self.channels[c]} at time {self.times[t_idx[t]]}")
+        return out
+
+    def read_static(self, variable: str, lat: slice = slice(None), lon: slice = slice(None)) -> np.ndarray:
+        """A static (latitude, longitude) variable, e.g. ``land_sea_mask``, latitude 90N first, float64."""
+        if variable not in self.dataset.data_vars:
+            raise ValueError(
+                f"{self.path}: static variable {variable!r} not in the store; variables: {sorted(map(str, self.dataset.data_vars))}"
+            )
+        da = self.dataset[variable]
+        if set(da.dims) != {"latitude", "longitude"}:
+            raise ValueError(f"{self.path}: static variable {variable!r} has dims {da.dims}, expected (latitude, longitude)")
+        values = da.transpose("latitude", "longitude").values.astype(np.float64)
+        if self.flip_lat:
+            values = values[::-1]
+        return np.ascontiguousarray(values[lat, lon])

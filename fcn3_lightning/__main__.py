@@ -41,6 +41,69 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def _channels(spec: str | None) -> list[str] | None:
+    """``fcn3`` (the 72 FCN3 channels), a comma-separated list, or ``@file`` with one name per line."""
+    from fcn3_lightning.channels import FCN3_CHANNELS
+
+    if spec is None:
+        return None
+    if spec == "fcn3":
+        return list(FCN3_CHANNELS)
+    if spec.startswith("@"):
+        return [line.strip() for line in Path(spec[1:]).read_text().splitlines() if line.strip()]
+    return [c.strip() for c in spec.split(",") if c.strip()]
+
+
+def _stats(args: argparse.Namespace) -> None:
+    from fcn3_lightning.channels import FCN3_CHANNELS
+    from fcn3_lightning.data.stats import compute_stats
+    from fcn3_lightning.data.store import WB2Store
+
+    channels = _channels(args.channels)
+    if args.data is None:
+        from fcn3_lightning.data.default_world import DEFAULT_WORLD_CHANNELS, DEFAULT_WORLD_SPLITS, ensure_default_world
+
+        path = ensure_default_world()
+        channels = channels or list(DEFAULT_WORLD_CHANNELS)
+        start, end = args.start or DEFAULT_WORLD_SPLITS["train"][0], args.end or DEFAULT_WORLD_SPLITS["train"][1]
+    else:
+        path = Path(args.data)
+        channels = channels or list(FCN3_CHANNELS)
+        if not (args.start and args.end):
+            raise ValueError("stats: --start and --end (the training range) are required with --data")
+        start, end = args.start, args.end
+    store = WB2Store(path, channels, step_hours=args.step_hours)
+    stats = compute_stats(store, start, end)
+    out = Path(args.out) if args.out else path.with_name(path.name + ".stats.json")
+    stats.save(out)
+    print(f"wrote statistics of {len(channels)} channels over {stats.source['start']} .. {stats.source['end']} to {out}")
+
+
+def _default_world(args: argparse.Namespace) -> None:
+    from fcn3_lightning.data.default_world import default_world_path, generate_default_world
+
+    path = Path(args.out) if args.out else default_world_path(seed=args.seed)
+    if path.exists() and not args.force:
+        print(f"{path} exists (use --force to regenerate)")
+        return
+    if path.exists():
+        import shutil
+
+        shutil.rmtree(path)
+    generate_default_world(path, seed=args.seed)
+    print(f"wrote {path}")
+
+
+def _era5_sample(args: argparse.Namespace) -> None:
+    from fcn3_lightning.data.era5_sample import convert_cfgrib_to_wb2, era5_sample_path
+
+    src = Path(args.src) if args.src else era5_sample_path()
+    if src is None:
+        raise ValueError("convert-era5: no source file given and the ERA5 sample was not found (set $FCN3_ERA5_SAMPLE)")
+    out = convert_cfgrib_to_wb2(src, args.out, member=None if args.member < 0 else args.member, overwrite=args.force)
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fcn3_lightning", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +118,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", help="output model file (.pt)")
     p.add_argument("--config", help="reference architecture config (config.json or a golden manifest.json)")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("stats", help="normalisation statistics of a WB2-style Zarr store over a training range")
+    p.add_argument("--data", help="the Zarr store (default: the embedded default world)")
+    p.add_argument("--channels", help="'fcn3' (default with --data), a comma-separated list, or @file")
+    p.add_argument("--start", help="first time of the training range (inclusive)")
+    p.add_argument("--end", help="last time of the training range (inclusive)")
+    p.add_argument("--step-hours", type=int, default=6, help="model step for the tendency statistics (default 6)")
+    p.add_argument("--out", help="stats file (default: <store>.stats.json next to the store)")
+    p.set_defaults(func=_stats)
+
+    p = sub.add_parser("default-world", help="generate the embedded default world (shallow-water dynamics) into the cache")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="store path (default: the cache location used by fit)")
+    p.add_argument("--force", action="store_true", help="regenerate even if the store exists")
+    p.set_defaults(func=_default_world)
+
+    p = sub.add_parser("convert-era5", help="convert a cfgrib-named ERA5 netCDF (e.g. the ERA5 sample) to a WB2-style Zarr store")
+    p.add_argument("out", help="output Zarr store")
+    p.add_argument("--src", help="netCDF file (default: the ERA5 sample, see $FCN3_ERA5_SAMPLE)")
+    p.add_argument("--member", type=int, default=0, help="ensemble member to keep (-1 keeps all as a 'number' dimension)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing store")
+    p.set_defaults(func=_era5_sample)
 
     args = parser.parse_args(argv)
     try:

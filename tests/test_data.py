@@ -85,6 +85,35 @@ def test_other_channel_lists_and_subsets(stores):
     np.testing.assert_array_equal(store.read([0, 1]), expected(chans, stores["ids"], [0, 6], 9, 16))
 
 
+def test_level_order_and_interleaved_channels(tmp_path, stores):
+    """Stores with levels sorted 1000..50 hPa and channel lists that interleave variables read the same values."""
+    rev, ids = make_store(tmp_path / "rev.zarr", FCN3_CHANNELS, n_times=4, descending_levels=True)
+    np.testing.assert_array_equal(WB2Store(rev, FCN3_CHANNELS).read([0, 2]), expected(FCN3_CHANNELS, ids, [0, 12], 9, 16))
+    mixed = ["z850", "t2m", "z500", "q50", "u1000", "q1000"]
+    for path in (rev, stores["desc"], stores["asc"]):
+        np.testing.assert_array_equal(WB2Store(path, mixed).read([1]), expected(mixed, ids, [6], 9, 16))
+
+
+def test_datamodule_normalises_on_device_and_names_nan(stores):
+    """The data module's loader returns physical values; its on-device hook normalises them and refuses NaN."""
+    from fcn3_lightning.data.datamodule import normalize_batch
+
+    chans = ["z500", "t2m"]
+    store = WB2Store(stores["desc"], chans)
+    norm = Normalizer(chans, np.array([1000.0, 2000.0]), np.array([2.0, 4.0]), np.ones(2))
+    raw = ForecastDataset(store, norm, "2000-01-01", "2000-01-03", 2, on_device=True)
+    cooked = ForecastDataset(store, norm, "2000-01-01", "2000-01-03", 2)
+    batch = torch.utils.data.default_collate([raw[0], raw[3]])
+    want = torch.utils.data.default_collate([cooked[0], cooked[3]])
+    out = normalize_batch(batch, norm, chans, 6)
+    for key in ("input", "target"):
+        torch.testing.assert_close(out[key], want[key])
+    batch = torch.utils.data.default_collate([raw[0], raw[3]])
+    batch["target"][1, 1, 1, 4, 4] = float("nan")  # sample 3 (input at +18 h), second target (+30 h), t2m
+    with pytest.raises(ValueError, match=r"NaN/Inf in the data: channel t2m at time 2000-01-02T06:00:00.000000000 \(sample 3\)"):
+        normalize_batch(batch, norm, chans, 6)
+
+
 def test_statics_follow_the_reference_recipe(stores):
     store = WB2Store(stores["asc"], FCN3_CHANNELS)
     st = static_fields(store, ["xzen", "xnoise0", "xoro", "xlsml", "xlsms"])
@@ -216,3 +245,44 @@ def test_stats_for_other_channels_or_grid_are_refused(stores, tmp_path):
     big = WB2Store(other, ["z500", "t2m"])
     with pytest.raises(ValueError, match="computed on grid .*'nlat': 9.* but the data grid is .*'nlat': 17"):
         stats.check_compatible(["z500"], big.lat, big.lon)
+
+
+def test_loader_batches_equal_samples_in_workers(stores):
+    """Batches read straight into (shared) buffers equal the stacked per-sample reads, with and without workers."""
+    from torch.utils.data import DataLoader
+
+    from fcn3_lightning.data.datamodule import collate_batch
+
+    chans = ["z500", "t850", "t2m"]
+    norm = Normalizer(chans, np.array([1.0, 2.0, 3.0]), np.array([2.0, 4.0, 8.0]), np.ones(3))
+    ds = ForecastDataset(WB2Store(stores["asc"], chans), norm, "2000-01-01", "2000-01-03T18", 2)
+    want = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    for workers in (0, 2):
+        batch = next(iter(DataLoader(ds, batch_size=4, num_workers=workers, collate_fn=collate_batch)))
+        for key in want:
+            assert torch.equal(batch[key], want[key]), (workers, key)
+
+
+def test_era5_sample_reads_through_the_same_path(tmp_path):
+    """The real ERA5 sample, converted to WB2 Zarr, reads through WB2Store/ForecastDataset as a direct xarray read."""
+    import xarray as xr
+
+    from fcn3_lightning.data.era5_sample import convert_cfgrib_to_wb2, era5_sample_path
+
+    src = era5_sample_path()
+    if src is None:
+        pytest.skip("ERA5 sample not found")
+    store_path = convert_cfgrib_to_wb2(src, tmp_path / "era5.zarr", member=0)
+    chans = ["z500", "z850", "t500", "t850"]
+    store = WB2Store(store_path, chans, step_hours=12)  # the sample is 12-hourly
+    ds = ForecastDataset(store, Normalizer(chans, np.zeros(4), np.ones(4), np.ones(4)), str(store.times[0]), str(store.times[-1]), 2)
+    direct = xr.open_dataset(src).isel(number=0)
+    for i in range(len(ds)):
+        sample = ds[i]
+        for k, when in enumerate(ds.times(i)):
+            got = sample["input"] if k == 0 else sample["target"][k - 1]
+            for c, name in enumerate(chans):
+                var, level = {"z": "z", "t": "t"}[name[0]], float(name[1:])
+                want = direct[var].sel(time=when, isobaricInhPa=level).transpose("latitude", "longitude").values.astype(np.float32)
+                np.testing.assert_array_equal(got[c].numpy(), want, err_msg=f"{name} at {when}")
+    assert direct.latitude.values[0] == 90.0  # the model's orientation, and the sample's

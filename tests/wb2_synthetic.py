@@ -33,6 +33,7 @@ def make_store(
     ascending_lat: bool = False,
     statics: bool = True,
     times: np.ndarray | None = None,
+    descending_levels: bool = False,
 ) -> tuple[Path, dict[str, int]]:
     """Write a WB2-layout store holding the variables/levels ``channels`` need; returns (path, var ids)."""
     if times is None:
@@ -44,7 +45,7 @@ def make_store(
     lon = np.arange(nlon) * 360.0 / nlon
     parsed = [parse_channel(c) for c in channels]
     var_ids = {name: i + 1 for i, name in enumerate(dict.fromkeys(c.long_name for c in parsed))}
-    levels = sorted({c.level for c in parsed if c.level is not None})
+    levels = sorted({c.level for c in parsed if c.level is not None}, reverse=descending_levels)
     data_vars = {}
     for long_name, vid in var_ids.items():
         chans = [c for c in parsed if c.long_name == long_name]

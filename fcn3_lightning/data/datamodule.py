@@ -15,12 +15,13 @@ tile). Static auxiliary fields (orography, land-sea mask) are the same for every
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from fcn3_lightning.channels import FCN3_AUX_CHANNELS, FCN3_CHANNELS, check_aux_channels
 from fcn3_lightning.data.statics import static_fields
@@ -43,10 +44,14 @@ class ForecastDataset(Dataset):
         lat: slice = slice(None),
         lon: slice = slice(None),
         init_every_hours: int | None = None,
+        on_device: bool = False,
     ):
         if n_targets < 0:
             raise ValueError(f"n_targets must be >= 0, got {n_targets}")
         self.store, self.normalizer, self.n_targets = store, normalizer, n_targets
+        # on_device: leave normalisation and the NaN check to the data module's on-device hook; the
+        # loader then does little beyond the Zarr read (bench/loader.py)
+        self.on_device = on_device
         self.lat, self.lon = lat, lon
         i0, i1 = store.index_range(start, end)
         last = i1 - n_targets * store.stride
@@ -71,17 +76,35 @@ class ForecastDataset(Dataset):
         return self.store.times[t]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"sample index {index} out of range for {len(self)} samples")
-        t_idx = self.starts[index] + self.store.stride * np.arange(self.n_targets + 1)
-        x = self.normalizer.normalize(self.store.read(t_idx, self.lat, self.lon))
-        zen = cos_zenith(self.store.times[t_idx], self._lat_deg, self._lon_deg).astype(np.float32)
+        batch = self.__getitems__([index])
+        return {k: v[0] for k, v in batch.items()}
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """A whole collated batch, read straight into one buffer (in shared memory inside a loader worker).
+
+        The DataLoader calls this instead of ``__getitem__`` per sample; reading into the batch
+        buffer saves the copy that stacking samples would cost (a 721x1440 sample is ~600 MB).
+        """
+        for i in indices:
+            if not 0 <= i < len(self):
+                raise IndexError(f"sample index {i} out of range for {len(self)} samples")
+        steps = self.n_targets + 1
+        h, w = self._lat_deg.size, self._lon_deg.size
+        buf = _empty((len(indices), steps, len(self.normalizer.channels), h, w))
+        zen = _empty((len(indices), steps, h, w))
+        for b, i in enumerate(indices):
+            t_idx = self.starts[i] + self.store.stride * np.arange(steps)
+            x = buf[b].numpy()
+            self.store.read(t_idx, self.lat, self.lon, check_finite=not self.on_device, out=x)
+            if not self.on_device:
+                self.normalizer.normalize(x, out=x)
+            zen[b] = torch.from_numpy(cos_zenith(self.store.times[t_idx], self._lat_deg, self._lon_deg))
         return {
-            "input": torch.from_numpy(x[0]),
-            "target": torch.from_numpy(np.ascontiguousarray(x[1:])),
-            "zenith": torch.from_numpy(zen),
-            "time": torch.tensor(self.store.times[t_idx[0]].astype(np.int64)),
-            "index": torch.tensor(index),
+            "input": buf[:, 0],
+            "target": buf[:, 1:],
+            "zenith": zen,
+            "time": torch.from_numpy(self.store.times[self.starts[list(indices)]].astype(np.int64)),
+            "index": torch.as_tensor(list(indices), dtype=torch.int64),
         }
 
 
@@ -187,9 +210,21 @@ class WB2DataModule(L.LightningDataModule):
                 raise ValueError(f"no {split}_range configured for {self.store.path}")
             n = self.hparams.train_rollout if split == "train" else self.hparams.valid_rollout
             self.datasets[split] = ForecastDataset(
-                self.store, self.normalizer, rng[0], rng[1], n, lat=self.lat, lon=self.lon, init_every_hours=self.hparams.init_every_hours
+                self.store,
+                self.normalizer,
+                rng[0],
+                rng[1],
+                n,
+                lat=self.lat,
+                lon=self.lon,
+                init_every_hours=self.hparams.init_every_hours,
+                on_device=True,
             )
         return self.datasets[split]
+
+    def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
+        """Normalise on the device (cheap there; the loader stays at the raw Zarr read rate) and refuse NaN/Inf."""
+        return normalize_batch(batch, self.normalizer, self.channels, self.hparams.step_hours)
 
     def setup(self, stage: str | None = None) -> None:
         splits = {"fit": ["train", "valid"], "validate": ["valid"], "test": ["test"], "predict": ["test"]}.get(stage or "fit", [])
@@ -207,6 +242,7 @@ class WB2DataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             drop_last=shuffle,
             generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
+            collate_fn=collate_batch,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -217,3 +253,35 @@ class WB2DataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+
+def normalize_batch(
+    batch: dict[str, torch.Tensor], normalizer: Normalizer, channels: list[str], step_hours: int
+) -> dict[str, torch.Tensor]:
+    """Normalise ``input`` and ``target`` of a collated batch of physical values; NaN/Inf raise, naming channel and time."""
+    x = batch["input"]
+    offset = torch.as_tensor(normalizer.offset, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    inv_scale = torch.as_tensor(1.0 / normalizer.scale, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    for key, steps in (("input", 0), ("target", 1)):
+        v = batch[key]
+        if not torch.isfinite(v).all():
+            b, *rest = (int(i) for i in torch.nonzero(~torch.isfinite(v))[0])
+            k, c = (rest[0] + steps, rest[1]) if key == "target" else (0, rest[0])
+            when = np.datetime64(int(batch["time"][b]), "ns") + np.timedelta64(k * step_hours, "h")
+            raise ValueError(f"NaN/Inf in the data: channel {channels[c]} at time {when} (sample {int(batch['index'][b])})")
+        batch[key] = (v - offset) * inv_scale
+    return batch
+
+
+def collate_batch(batch: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Pass through batches built by :meth:`ForecastDataset.__getitems__`; collate lists of samples as usual."""
+    return batch if isinstance(batch, dict) else default_collate(batch)
+
+
+def _empty(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 tensor; allocated in shared memory inside a loader worker (as default_collate
+    does), so the batch crosses to the main process without another copy."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.float32)
+    storage = torch.empty(0, dtype=torch.float32)._typed_storage()._new_shared(int(np.prod(shape)), device="cpu")
+    return torch.empty(0, dtype=torch.float32).new(storage).view(shape)

@@ -109,10 +109,14 @@ class Normalizer:
     scale: np.ndarray
     time_diff_std: np.ndarray
 
-    def normalize(self, x: np.ndarray, axis: int = -3) -> np.ndarray:
+    def normalize(self, x: np.ndarray, axis: int = -3, *, out: np.ndarray | None = None) -> np.ndarray:
+        """Normalise along the channel ``axis``; ``out=x`` works in place (the loader's hot path)."""
         shape = [1] * x.ndim
         shape[axis] = -1
-        return ((x - self.offset.reshape(shape)) / self.scale.reshape(shape)).astype(x.dtype, copy=False)
+        offset = self.offset.reshape(shape).astype(x.dtype)
+        inv_scale = (1.0 / self.scale).reshape(shape).astype(x.dtype)
+        out = np.subtract(x, offset, out=out)
+        return np.multiply(out, inv_scale, out=out)
 
     def denormalize(self, x: torch.Tensor | np.ndarray, axis: int = -3) -> torch.Tensor | np.ndarray:
         shape = [1] * x.ndim

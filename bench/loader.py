@@ -1,0 +1,123 @@
+"""Benchmark: data-module throughput on a local 721x1440 WB2-style store with FCN3's 72 channels.
+
+    python bench/loader.py                      # writes the store once (about 5 GB), then measures
+    python bench/loader.py --workers 0 1 2      # loader settings to compare
+
+Prints samples/s of the raw Zarr read of exactly the chunks a sample needs (input + one target,
+every variable, in one process) next to the data module's loader (read into the flipped, channel-
+ordered output + cos zenith + worker transfer; normalisation runs on the device), per worker setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+import zarr
+from torch.utils.data import DataLoader
+
+from fcn3_lightning.channels import FCN3_CHANNELS, FCN3_LEVELS, parse_channel
+from fcn3_lightning.data import ForecastDataset, WB2Store, compute_stats
+from fcn3_lightning.data.datamodule import collate_batch
+
+NLAT, NLON = 721, 1440
+
+
+def write_store(path: Path, n_times: int) -> None:
+    """A WB2-layout store, ascending latitude like WB2's ERA5, smooth fields (so they compress like real ones)."""
+    lat = np.linspace(-90, 90, NLAT)
+    lon = np.arange(NLON) * 0.25
+    rng = np.random.default_rng(0)
+    phase = rng.uniform(0, 2 * np.pi, size=8)
+    variables = dict.fromkeys(parse_channel(c).long_name for c in FCN3_CHANNELS)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".bench-"))
+    try:
+        for t in range(n_times):
+            base = np.cos(np.deg2rad(lat))[:, None] * np.sin(np.deg2rad(lon)[None, :] * 3 + phase[t % 8] + t * 0.1)
+            data = {}
+            for k, var in enumerate(variables):
+                field = (base * (k + 1) + 0.01 * rng.standard_normal((NLAT, NLON))).astype(np.float32)
+                if parse_channel(next(c for c in FCN3_CHANNELS if parse_channel(c).long_name == var)).level is None:
+                    data[var] = (("time", "latitude", "longitude"), field[None])
+                else:
+                    data[var] = (("time", "level", "latitude", "longitude"), np.repeat(field[None, None], len(FCN3_LEVELS), axis=1))
+            ds = xr.Dataset(
+                data,
+                coords={
+                    "time": [np.datetime64("2020-01-01", "ns") + np.timedelta64(6 * t, "h")],
+                    "level": np.array(FCN3_LEVELS),
+                    "latitude": lat,
+                    "longitude": lon,
+                },
+            )
+            # hourly time units: appending with xarray's default (units of the first write) would truncate the 6 h steps
+            kw = {"append_dim": "time"} if t else {"mode": "w", "encoding": {"time": {"units": "hours since 2000-01-01", "dtype": "int64"}}}
+            ds.to_zarr(tmp, zarr_format=2, consolidated=True, **kw)
+            print(f"\rwriting {path}: {t + 1}/{n_times} times", end="", flush=True)
+        print()
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def raw_rate(path: Path, samples: list[int]) -> float:
+    """Samples/s of reading the chunks of (input, target) for every variable straight from Zarr."""
+    group = zarr.open_group(str(path), mode="r")
+    names = list(dict.fromkeys(parse_channel(c).long_name for c in FCN3_CHANNELS))
+    arrays = [group[n] for n in names]
+    t0 = time.perf_counter()
+    for s in samples:
+        for a in arrays:
+            a[s : s + 2]
+    return len(samples) / (time.perf_counter() - t0)
+
+
+def loader_rate(dataset: ForecastDataset, workers: int) -> float:
+    """Samples/s of the data loader in steady state (worker start-up excluded)."""
+    loader = DataLoader(dataset, batch_size=1, num_workers=workers, prefetch_factor=2 if workers else None, collate_fn=collate_batch)
+    it = iter(loader)
+    next(it)
+    t0 = time.perf_counter()
+    n = sum(1 for _ in it)
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "fcn3_loader_bench"))
+    p.add_argument("--times", type=int, default=16, help="time steps in the store (each about 300 MB)")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    args = p.parse_args()
+
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"era5_like_{NLAT}x{NLON}_{args.times}.zarr"
+    if not path.exists():
+        write_store(path, args.times)
+    store = WB2Store(path, FCN3_CHANNELS)
+    stats_path = root / "stats.json"
+    if not stats_path.exists():
+        compute_stats(store, str(store.times[0]), str(store.times[3]), progress=False).save(stats_path)
+    from fcn3_lightning.data.stats import ChannelStats
+
+    normalizer = ChannelStats.load(stats_path).normalizer(FCN3_CHANNELS)
+    # as the data module builds it: normalisation and the NaN screen run on the device after transfer
+    dataset = ForecastDataset(store, normalizer, str(store.times[0]), str(store.times[-1]), n_targets=1, on_device=True)
+    sample_mb = 2 * 72 * NLAT * NLON * 4 / 2**20
+    print(f"store {path}: {args.times} times, 72 channels, {NLAT}x{NLON}; one sample = input + 1 target = {sample_mb:.0f} MB")
+
+    raw_rate(path, list(range(len(dataset))))  # warm the page cache so both runs read the same way
+    raw = raw_rate(path, list(range(len(dataset))))
+    print(f"raw Zarr read of the same chunks (1 process): {raw:6.2f} samples/s  ({raw * sample_mb:.0f} MB/s)")
+    for w in args.workers:
+        rate = loader_rate(dataset, w)
+        print(f"data loader, num_workers={w}:               {rate:6.2f} samples/s  ({100 * rate / raw:5.1f}% of raw)")
+
+
+if __name__ == "__main__":
+    main()

@@ -28,6 +28,7 @@ from fcn3_lightning.data.statics import static_fields
 from fcn3_lightning.data.stats import ChannelStats, Normalizer, compute_stats
 from fcn3_lightning.data.store import WB2Store
 from fcn3_lightning.data.zenith import cos_zenith
+from fcn3_lightning.training.sampler import EpochShuffleSampler
 
 
 class ForecastDataset(Dataset):
@@ -233,15 +234,16 @@ class WB2DataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         workers = self.hparams.num_workers
+        dataset = self.dataset(split)
         return DataLoader(
-            self.dataset(split),
+            dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
+            # the order depends on (seed, epoch) only: a resumed run replays the uninterrupted run's order
+            sampler=EpochShuffleSampler(len(dataset), self.hparams.seed) if shuffle else None,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=shuffle,
-            generator=torch.Generator().manual_seed(self.hparams.seed) if shuffle else None,
             collate_fn=collate_batch,
         )
 

@@ -1,6 +1,6 @@
 """Benchmark: data-module throughput on a local 721x1440 WB2-style store with FCN3's 72 channels.
 
-    python bench/loader.py                      # writes the store once (about 5 GB), then measures
+    python bench/loader.py                      # writes the store once (24 times, about 7 GB), then measures
     python bench/loader.py --workers 0 1 2      # loader settings to compare
 
 Prints samples/s of the raw Zarr read of exactly the chunks a sample needs (input + one target,
@@ -90,7 +90,7 @@ def loader_rate(dataset: ForecastDataset, workers: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "fcn3_loader_bench"))
-    p.add_argument("--times", type=int, default=16, help="time steps in the store (each about 300 MB)")
+    p.add_argument("--times", type=int, default=24, help="time steps in the store (each about 300 MB)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     args = p.parse_args()
 

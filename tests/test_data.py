@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -263,15 +265,22 @@ def test_loader_batches_equal_samples_in_workers(stores):
             assert torch.equal(batch[key], want[key]), (workers, key)
 
 
-def test_era5_sample_reads_through_the_same_path(tmp_path):
+ERA5_SOURCES = {
+    "repo-2-members": Path(__file__).parent / "data" / "era5_sample" / "era5-levels-members-2.nc",
+    "shared-full": Path(__file__).resolve().parents[2] / "shared" / "data" / "era5-levels-members.nc",
+}
+
+
+@pytest.mark.parametrize("source", sorted(ERA5_SOURCES))
+def test_era5_sample_reads_through_the_same_path(tmp_path, source):
     """The real ERA5 sample, converted to WB2 Zarr, reads through WB2Store/ForecastDataset as a direct xarray read."""
     import xarray as xr
 
-    from fcn3_lightning.data.era5_sample import convert_cfgrib_to_wb2, era5_sample_path
+    from fcn3_lightning.data.era5_sample import convert_cfgrib_to_wb2
 
-    src = era5_sample_path()
-    if src is None:
-        pytest.skip("ERA5 sample not found")
+    src = ERA5_SOURCES[source]
+    if not src.is_file():
+        pytest.skip(f"{src} not present (the shared folder exists only beside a developer checkout)")
     store_path = convert_cfgrib_to_wb2(src, tmp_path / "era5.zarr", member=0)
     chans = ["z500", "z850", "t500", "t850"]
     store = WB2Store(store_path, chans, step_hours=12)  # the sample is 12-hourly

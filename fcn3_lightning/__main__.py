@@ -104,7 +104,16 @@ def _era5_sample(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        from fcn3_lightning.cli import run_cli
+
+        run_cli(argv)
+        return 0
     parser = argparse.ArgumentParser(prog="python -m fcn3_lightning", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 

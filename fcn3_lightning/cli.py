@@ -1,0 +1,74 @@
+"""``python -m fcn3_lightning fit|validate|test|predict``: LightningCLI over FCN3Module and WB2DataModule.
+
+Defaults (``configs/base.yaml`` is read first): the embedded default world, a small FCN3, MLflow
+tracking in a local SQLite store, the best checkpoint by validation CRPS plus the last one, written
+atomically. Stage configs layer on top: ``fit --config configs/stage1.yaml``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import MLFlowLogger
+
+from fcn3_lightning.data.datamodule import WB2DataModule
+from fcn3_lightning.training.module import FCN3Module
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+BASE_CONFIG = CONFIGS / "base.yaml"
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}." if prefix or k else ""))
+    else:
+        out[prefix.rstrip(".")] = d
+    return out
+
+
+class MLflowConfig(SaveConfigCallback):
+    """Logs the resolved config to MLflow: as ``config.yaml`` artifact and as flattened parameters."""
+
+    def __init__(self, parser: LightningArgumentParser, config: Any, **kwargs: Any):
+        super().__init__(parser, config, save_to_log_dir=False, **kwargs)
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        text = self.parser.dump(self.config, skip_none=False)
+        params = {k: str(v)[:500] for k, v in _flatten(self.config.as_dict()).items() if k != "config"}
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                logger.experiment.log_text(logger.run_id, text, "config.yaml")
+                logger.log_hyperparams(params)
+
+
+class FCN3CLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--mlflow_tracking_uri", type=str | None, default=None, help="MLflow tracking URI (default: sqlite:///mlruns.db)"
+        )
+
+    def before_instantiate_classes(self) -> None:
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        uri = cfg.get("mlflow_tracking_uri")
+        logger = cfg.trainer.get("logger")
+        if uri and isinstance(logger, dict) and "MLFlowLogger" in str(logger.get("class_path", "")):
+            logger["init_args"]["tracking_uri"] = uri
+
+
+def run_cli(args: list[str] | None = None) -> FCN3CLI:
+    # MLflow records CPU/GPU/memory of the run alongside the metrics (needs psutil)
+    os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
+    return FCN3CLI(
+        FCN3Module,
+        WB2DataModule,
+        save_config_callback=MLflowConfig,
+        parser_kwargs={cmd: {"default_config_files": [str(BASE_CONFIG)]} for cmd in ("fit", "validate", "test", "predict")},
+        args=None if args == sys.argv[1:] else args,  # LightningCLI warns when both are given
+    )

@@ -1,0 +1,100 @@
+"""Ensemble rollouts: members folded into the batch, auxiliary inputs assembled, AR(1) noise between steps.
+
+Plain torch; used by training, validation and inference alike, so that all three step the model
+the same way (reference section 4.3): fresh stationary noise per (sample, member) at the initial
+time, an AR(1) step of the noise before every later step, the cos zenith of each step's own valid
+time, and the prediction fed back as the next input (no teacher forcing, no detach).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fcn3_lightning.data.statics import STATIC_AUX
+from fcn3_lightning.model.fcn3 import FCN3
+from fcn3_lightning.model.noise import NoiseStreams, SphericalDiffusionNoise
+
+
+class EnsembleForecaster(nn.Module):
+    """Wraps the network with the noise process and the assembly of its auxiliary inputs.
+
+    Args:
+        net: the FCN3 network; its ``aux_channel_names`` say which inputs to assemble and in which order.
+        noise: noise process on the data grid, one channel per ``xnoise*`` auxiliary channel.
+    """
+
+    def __init__(self, net: FCN3, noise: SphericalDiffusionNoise | None = None):
+        super().__init__()
+        self.net = net
+        names = net.aux_channel_names
+        n_noise = len(net.noise_channel_names)
+        if n_noise and noise is None:
+            noise = SphericalDiffusionNoise(net.inp_shape, n_channels=n_noise)
+        if noise is not None and noise.n_channels != n_noise:
+            raise ValueError(
+                f"the noise process has {noise.n_channels} channels but the network expects {n_noise} ({net.noise_channel_names})"
+            )
+        self.noise = noise
+        unknown = [a for a in names if a != "xzen" and not a.startswith("xnoise") and a not in STATIC_AUX]
+        if unknown:
+            raise ValueError(f"no source for auxiliary channels {unknown}")
+        self.static_names = [a for a in names if a in STATIC_AUX]
+
+    def aux_inputs(self, zenith: torch.Tensor, noise: torch.Tensor | None, static: torch.Tensor | None, n_members: int) -> torch.Tensor:
+        """Auxiliary channels ``(B * M, A, H, W)`` in the network's order.
+
+        ``zenith`` (B, H, W) for this step, ``noise`` (B * M, N, H, W), ``static`` (S, H, W).
+        """
+        bm = zenith.shape[0] * n_members
+        parts: list[torch.Tensor] = []
+        i_noise = i_static = 0
+        for name in self.net.aux_channel_names:
+            if name == "xzen":
+                parts.append(zenith.repeat_interleave(n_members, dim=0)[:, None])
+            elif name.startswith("xnoise"):
+                parts.append(noise[:, i_noise : i_noise + 1])
+                i_noise += 1
+            else:
+                parts.append(static[i_static][None, None].expand(bm, 1, *static.shape[-2:]))
+                i_static += 1
+        if not parts:
+            return zenith.new_zeros((bm, 0, *zenith.shape[-2:]))
+        return torch.cat([p.to(zenith.dtype) for p in parts], dim=1)
+
+    def rollout(
+        self,
+        x0: torch.Tensor,
+        zenith: torch.Tensor,
+        static: torch.Tensor | None,
+        streams: NoiseStreams | None,
+        n_steps: int,
+        n_members: int,
+    ) -> torch.Tensor:
+        """Predict ``n_steps`` 6 h steps for ``n_members`` members: ``(B, M, n_steps, C, H, W)``.
+
+        ``x0`` (B, C, H, W) normalised initial state, ``zenith`` (B, >= n_steps, H, W) the cos zenith
+        of the input time of each step (the IC, then each target time but the last).
+        """
+        b = x0.shape[0]
+        if zenith.shape[1] < n_steps:
+            raise ValueError(f"zenith holds {zenith.shape[1]} steps, the rollout needs {n_steps}")
+        x = x0.repeat_interleave(n_members, dim=0)
+        state = None
+        if self.noise is not None:
+            if streams is None or streams.n_streams != b * n_members:
+                raise ValueError(f"need one noise stream per (sample, member): {b} x {n_members}")
+            with torch.no_grad():
+                state = self.noise.stationary(streams)
+        preds = []
+        for s in range(n_steps):
+            noise = None
+            if state is not None:
+                with torch.no_grad():
+                    if s > 0:
+                        state = self.noise.ar1_step(state, streams)
+                    noise = self.noise.to_grid(state)
+            aux = self.aux_inputs(zenith[:, s], noise, static, n_members)
+            x = self.net(torch.cat([x, aux.to(x.dtype)], dim=1))
+            preds.append(x)
+        return torch.stack(preds, dim=1).unflatten(0, (b, n_members))

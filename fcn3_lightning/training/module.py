@@ -1,0 +1,227 @@
+"""The LightningModule: FCN3's ensemble training recipe (reference sections 2.8, 3 and 4).
+
+What is predicted (the network, its channels and grid) comes from the data module and the ``net``
+settings; this module owns *how* it is trained: members folded into the batch with their own noise,
+autoregressive rollouts with backpropagation through every step, the CRPS loss, the optimiser and
+the schedule, and the validation scores.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from fcn3_lightning.losses import CRPS_KINDS, EnsembleCRPSLoss, channel_weights, check_ensemble_size, crps_ensemble, quadrature_weights
+from fcn3_lightning.model.build import model_kwargs
+from fcn3_lightning.model.fcn3 import FCN3
+from fcn3_lightning.model.noise import NoiseStreams, SphericalDiffusionNoise
+from fcn3_lightning.training.forecaster import EnsembleForecaster
+from fcn3_lightning.training.weights import load_initial_weights
+
+#: channels logged individually by default when the channel list is long (those WB2 headlines that exist)
+HEADLINE_CHANNELS = ("z500", "t850", "q700", "u850", "v850", "t2m", "u10m", "msl", "tcwv")
+
+
+class FCN3Module(L.LightningModule):
+    """Trains FCN3 as an ensemble model.
+
+    Args:
+        net: FCN3 architecture settings (sizes, depth, ...; see :class:`fcn3_lightning.model.FCN3`). The
+            channel lists and the grid come from the data module.
+        ensemble_size: members per sample during training (folded into the batch).
+        valid_ensemble_size: members during validation and testing (default: ``ensemble_size``).
+        crps: "cdf" (standard CRPS; stage 1) or "fair" (almost-fair CRPS with ``alpha``; later stages).
+        alpha: almost-fair CRPS parameter (1 = fair).
+        spectral_weight: relative weight of the spectral CRPS (0.1 in FCN3).
+        spectral_normalization: "release" (what FCN3 was trained with) or "head" (the reference code today).
+        multistep_weighting: "intended" (every step weighted alike, each term with its own weights) or
+            "reference" (the reference's permuted weights, section 3.5; for bit-faithful reproduction).
+        channel_weighting: "auto" (reference) or "constant".
+        noise_seed: base seed of the latent noise streams.
+        antithetic: centred noise pairs (members 2k, 2k+1 share a draw with opposite signs; fine-tuning).
+        noise_length_scales_km, noise_sigma, noise_lambd: the noise process (defaults: FCN3's).
+        lr, betas, eps, weight_decay: Adam (FCN3: 0.9/0.95, no weight decay).
+        scheduler: None, ``{"name": "plateau", "factor": 0.8, "patience": 5}`` or
+            ``{"name": "step", "step_size": 4, "gamma": 0.5}`` (stepped per epoch).
+        init_from: weights to start from (weights only): a checkpoint of this project, a model file from
+            ``convert``, or a reference-layout (Makani) state dict / checkpoint.
+        log_channels: channels whose scores are logged per lead time (default: all if <= 9, else headlines).
+    """
+
+    def __init__(
+        self,
+        net: dict[str, Any] | None = None,
+        ensemble_size: int = 4,
+        valid_ensemble_size: int | None = None,
+        crps: str = "fair",
+        alpha: float = 1.0,
+        spectral_weight: float = 0.1,
+        spectral_normalization: str = "release",
+        multistep_weighting: str = "intended",
+        channel_weighting: str = "auto",
+        noise_seed: int = 333,
+        antithetic: bool = False,
+        noise_length_scales_km: list[float] | None = None,
+        noise_sigma: float = 1.0,
+        noise_lambd: float = 1.0,
+        lr: float = 5e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        scheduler: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        log_channels: list[str] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net_kwargs = model_kwargs(dict(net or {}))
+        for key in ("channel_names", "aux_channel_names", "inp_shape"):
+            if key in self.net_kwargs:
+                raise ValueError(f"model.net.{key} comes from the data module (data.channels / data.aux_channels / the store's grid)")
+        if crps not in (*CRPS_KINDS, "skillspread"):
+            raise ValueError(f"unknown CRPS kind {crps!r}; model.crps must be one of {CRPS_KINDS} ('skillspread' = 'fair')")
+        check_ensemble_size(ensemble_size, crps)
+        check_ensemble_size(valid_ensemble_size or ensemble_size, "fair")
+        if antithetic and ensemble_size % 2:
+            raise ValueError(f"antithetic noise pairs members: ensemble_size must be even, got {ensemble_size}")
+        if scheduler is not None and scheduler.get("name") not in ("plateau", "step"):
+            raise ValueError(f"model.scheduler.name must be 'plateau' or 'step', got {scheduler.get('name')!r}")
+        self.forecaster: EnsembleForecaster | None = None
+        self.loss_fn: EnsembleCRPSLoss | None = None
+
+    # --- building -----------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """Build the network for the data module's channels and grid (and load ``init_from``)."""
+        if self.forecaster is not None:
+            return
+        dm = self.trainer.datamodule
+        if dm is None:
+            raise ValueError("FCN3Module needs a data module (it defines the channels and the grid)")
+        self.build(dm.channels, dm.aux_channels, dm.store.shape, dm.normalizer)
+        self.register_buffer("static", dm.static, persistent=False)
+
+    def build(self, channels: list[str], aux_channels: list[str], shape: tuple[int, int], normalizer: Any) -> None:
+        hp = self.hparams
+        net = FCN3(inp_shape=shape, channel_names=channels, aux_channel_names=aux_channels, **self.net_kwargs)
+        noise = None
+        if net.noise_channel_names:
+            noise = SphericalDiffusionNoise(
+                shape,
+                n_channels=len(net.noise_channel_names),
+                length_scales_km=hp.noise_length_scales_km,
+                sigma=hp.noise_sigma,
+                lambd=hp.noise_lambd,
+            )
+        self.forecaster = EnsembleForecaster(net, noise)
+        if hp.init_from:
+            load_initial_weights(net, hp.init_from)
+        weights = channel_weights(channels, normalizer.scale, normalizer.time_diff_std, mode=hp.channel_weighting)
+        self.loss_fn = EnsembleCRPSLoss(
+            shape,
+            weights,
+            kind=hp.crps,
+            alpha=hp.alpha,
+            spectral_weight=hp.spectral_weight,
+            spectral_normalization=hp.spectral_normalization,
+            multistep_weighting=hp.multistep_weighting,
+        )
+        self.register_buffer("quadrature", quadrature_weights(*shape, dtype=torch.float32), persistent=False)
+        self.channels = list(channels)
+        self.normalizer = normalizer
+        self.register_buffer("scale", torch.as_tensor(normalizer.scale, dtype=torch.float32), persistent=False)
+        logged = hp.log_channels or (channels if len(channels) <= 9 else [c for c in HEADLINE_CHANNELS if c in channels])
+        missing = [c for c in logged if c not in channels]
+        if missing:
+            raise ValueError(f"model.log_channels {missing} are not in the data's channel list")
+        self.log_channels = list(logged)
+
+    # --- stepping -----------------------------------------------------------------------------------
+
+    def _streams(self, batch: dict[str, torch.Tensor], n_members: int, key: int, antithetic: bool) -> NoiseStreams | None:
+        if self.forecaster.noise is None:
+            return None
+        # one reproducible stream per (sample, member) and step: resuming replays exactly the same noise
+        seed = int(np.random.SeedSequence([self.hparams.noise_seed, key]).generate_state(1, dtype=np.uint64)[0] >> 1)
+        return NoiseStreams(seed, batch["index"].tolist(), n_members, antithetic=antithetic)
+
+    def forward_rollout(
+        self, batch: dict[str, torch.Tensor], n_members: int, n_steps: int, key: int, antithetic: bool = False
+    ) -> torch.Tensor:
+        streams = self._streams(batch, n_members, key, antithetic)
+        return self.forecaster.rollout(batch["input"], batch["zenith"], self.static, streams, n_steps, n_members)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        n_steps = batch["target"].shape[1]
+        key = 2 * self.global_step + 1  # odd keys: training; even keys are used by validation
+        pred = self.forward_rollout(batch, self.hparams.ensemble_size, n_steps, key, self.hparams.antithetic)
+        loss, details = self.loss_fn(pred, batch["target"])
+        b = batch["input"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=b)
+        self.log("train/crps", details["spatial_crps"].mean(), batch_size=b)
+        return loss
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], split: str) -> None:
+        n_steps = batch["target"].shape[1]
+        members = self.hparams.valid_ensemble_size or self.hparams.ensemble_size
+        pred = self.forward_rollout(batch, members, n_steps, key=0)
+        target = batch["target"]
+        b = target.shape[0]
+        loss, _ = self.loss_fn(pred[:, :, :1], target[:, :1])  # as in the reference: the loss at the first lead time
+        q = self.quadrature
+        # area-weighted fair CRPS (normalised units) per lead and channel; persistence's CRPS is its MAE
+        crps = (crps_ensemble(pred, target, member_dim=1, kind="fair") * q).sum((-2, -1)).mean(0)  # (S, C)
+        persistence = ((batch["input"][:, None] - target).abs() * q).sum((-2, -1)).mean(0)  # (S, C)
+        mean = pred.mean(1)
+        rmse = ((mean - target) ** 2 * q).sum((-2, -1)).mean(0).sqrt()
+        spread = (pred.var(1) * q).sum((-2, -1)).mean(0).sqrt()
+        self.log(f"{split}/loss", loss, batch_size=b, sync_dist=True)
+        self.log(f"{split}/crps", crps[0].mean(), batch_size=b, sync_dist=True, prog_bar=split == "val")
+        self.log(f"{split}/persistence_mae", persistence[0].mean(), batch_size=b, sync_dist=True)
+        step_h = self.trainer.datamodule.hparams.step_hours if self.trainer.datamodule is not None else 6
+        scale = self.scale
+        for s in range(n_steps):
+            lead = f"{(s + 1) * step_h}h"
+            self.log(f"{split}/crps_lead{lead}", crps[s].mean(), batch_size=b, sync_dist=True)
+            for c in self.log_channels:
+                i = self.channels.index(c)
+                # physical units for the per-channel scores
+                self.log(f"{split}/crps/{c}/{lead}", crps[s, i] * scale[i], batch_size=b, sync_dist=True)
+                self.log(f"{split}/rmse/{c}/{lead}", rmse[s, i] * scale[i], batch_size=b, sync_dist=True)
+                self.log(f"{split}/spread/{c}/{lead}", spread[s, i] * scale[i], batch_size=b, sync_dist=True)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        m = self.trainer.callback_metrics
+        if "val/crps" in m and not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            self.print(
+                f"epoch {self.current_epoch}: validation ensemble CRPS at the first lead time {float(m['val/crps']):.4f} "
+                f"vs persistence MAE {float(m['val/persistence_mae']):.4f} (normalised units, mean over channels)"
+            )
+
+    # --- optimisation -------------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        opt = torch.optim.Adam(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay)
+        if not hp.scheduler:
+            return opt
+        cfg = dict(hp.scheduler)
+        name = cfg.pop("name")
+        if name == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", **{"factor": 0.8, "patience": 5, **cfg})
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val/loss", "interval": "epoch"}}
+        sched = torch.optim.lr_scheduler.StepLR(opt, **{"step_size": 4, "gamma": 0.5, **cfg})
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    @property
+    def net(self) -> FCN3:
+        return self.forecaster.net

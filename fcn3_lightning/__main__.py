@@ -107,6 +107,21 @@ def _era5_sample(args: argparse.Namespace) -> None:
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
+def _curriculum(argv: list[str]) -> int:
+    """``curriculum [--stages a.yaml b.yaml ...] [fit options for every stage]``."""
+    from fcn3_lightning.cli import run_curriculum
+
+    stages = None
+    if argv[:1] == ["--stages"]:
+        argv = argv[1:]
+        stages = []
+        while argv and not argv[0].startswith("--"):
+            stages.append(argv.pop(0))
+    for best in run_curriculum(stages, argv):
+        print(f"curriculum: {best}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in LIGHTNING_COMMANDS:
@@ -114,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
 
         run_cli(argv)
         return 0
+    if argv and argv[0] == "curriculum":
+        return _curriculum(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m fcn3_lightning", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -58,8 +58,14 @@ class FCN3CLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         uri = cfg.get("mlflow_tracking_uri")
         logger = cfg.trainer.get("logger")
-        if uri and isinstance(logger, dict) and "MLFlowLogger" in str(logger.get("class_path", "")):
+        if uri and logger is not None and "MLFlowLogger" in str(logger.get("class_path", "")):
             logger["init_args"]["tracking_uri"] = uri
+        # checkpoints live in <default_root_dir>/checkpoints unless a config says otherwise, so that
+        # `--ckpt_path last` finds them from a new process and each curriculum stage keeps its own
+        root = cfg.trainer.get("default_root_dir") or "."
+        for cb in cfg.trainer.get("callbacks") or []:
+            if "ModelCheckpoint" in str(cb.get("class_path", "")) and not cb["init_args"].get("dirpath"):
+                cb["init_args"]["dirpath"] = str(Path(root) / "checkpoints")
 
 
 def run_cli(args: list[str] | None = None) -> FCN3CLI:
@@ -72,3 +78,26 @@ def run_cli(args: list[str] | None = None) -> FCN3CLI:
         parser_kwargs={cmd: {"default_config_files": [str(BASE_CONFIG)]} for cmd in ("fit", "validate", "test", "predict")},
         args=None if args == sys.argv[1:] else args,  # LightningCLI warns when both are given
     )
+
+
+STAGES = [CONFIGS / "stage1.yaml", CONFIGS / "stage2.yaml", CONFIGS / "finetune.yaml"]
+
+
+def run_curriculum(stages: list[str] | None = None, extra: list[str] | None = None) -> list[str]:
+    """Run ``fit`` stage after stage, each starting from the previous stage's best weights (weights only).
+
+    ``extra`` arguments apply to every stage (e.g. ``--trainer.max_epochs 1``). Returns the best checkpoints.
+    """
+    stages = stages or [str(p) for p in STAGES]
+    best: list[str] = []
+    for i, stage in enumerate(stages):
+        args = ["fit", "--config", str(stage), *(extra or [])]
+        if best:
+            args += ["--model.init_from", best[-1]]
+        print(f"curriculum: stage {i + 1}/{len(stages)}: {stage}" + (f" (from {best[-1]})" if best else ""), flush=True)
+        cli = run_cli(args)
+        ckpt = cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
+        if not ckpt:
+            raise RuntimeError(f"curriculum: stage {stage} wrote no checkpoint to hand on")
+        best.append(ckpt)
+    return best

@@ -124,3 +124,24 @@ def test_init_from_names_what_does_not_fit(golden_dir, tmp_path):
 def test_bad_configs_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FCN3Module(**kwargs)
+
+
+def test_init_from_a_lightning_checkpoint_and_a_model_file(tmp_path):
+    """Stage hand-off: the network weights of a checkpoint of this project load exactly (and nothing else)."""
+    from fcn3_lightning.model.build import save_model
+
+    src = _module()
+    ckpt = {"state_dict": {f"forecaster.net.{k}": v for k, v in src.net.state_dict().items()}, "optimizer_states": [{}], "global_step": 7}
+    torch.save(ckpt, tmp_path / "stage1.ckpt")
+    dst = FCN3(inp_shape=(17, 32), channel_names=CHANNELS, aux_channel_names=AUX, **SMALL_NET)
+    assert load_initial_weights(dst, tmp_path / "stage1.ckpt") == "ours"
+    for k, v in src.net.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
+    save_model(src.net, dict(inp_shape=(17, 32), channel_names=CHANNELS, aux_channel_names=AUX, **SMALL_NET), tmp_path / "m.pt")
+    other = FCN3(inp_shape=(17, 32), channel_names=CHANNELS, aux_channel_names=AUX, **SMALL_NET)
+    load_initial_weights(other, tmp_path / "m.pt")
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in src.net.state_dict().items())
+    # a checkpoint for another channel list is refused, naming the tensors
+    wrong = FCN3(inp_shape=(17, 32), channel_names=["u500", "v500", "z500"], aux_channel_names=AUX, **SMALL_NET)
+    with pytest.raises(ValueError, match="does not fit the network"):
+        load_initial_weights(wrong, tmp_path / "stage1.ckpt")

@@ -127,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in LIGHTNING_COMMANDS:
         from fcn3_lightning.cli import run_cli
 
-        run_cli(argv)
+        try:
+            run_cli(argv)
+        except (ValueError, FileNotFoundError) as e:  # configuration errors: the message, not a traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     if argv and argv[0] == "curriculum":
         return _curriculum(argv[1:])

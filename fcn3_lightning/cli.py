@@ -34,18 +34,47 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 class MLflowConfig(SaveConfigCallback):
-    """Logs the resolved config to MLflow: as ``config.yaml`` artifact and as flattened parameters."""
+    """The MLflow side of a run: the resolved config (``config.yaml`` artifact and flattened params), system
+    metrics (CPU, memory, GPU) while the run lasts, and the run id in every checkpoint so a resumed fit logs
+    into the same run."""
 
     def __init__(self, parser: LightningArgumentParser, config: Any, **kwargs: Any):
         super().__init__(parser, config, save_to_log_dir=False, **kwargs)
+        self._monitor: Any = None
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         text = self.parser.dump(self.config, skip_none=False)
-        params = {k: str(v)[:500] for k, v in _flatten(self.config.as_dict()).items() if k != "config"}
+        # ckpt_path is how this process started, not part of the experiment (and changes when a fit resumes)
+        skip = ("_", "config", "ckpt_path")
+        params = {k: str(v)[:500] for k, v in _flatten(self.config.as_dict()).items() if not k.startswith(skip)}
         for logger in trainer.loggers:
             if isinstance(logger, MLFlowLogger):
                 logger.experiment.log_text(logger.run_id, text, "config.yaml")
-                logger.log_hyperparams(params)
+                logged = logger.experiment.get_run(logger.run_id).data.params  # a resumed run has them already
+                logger.log_hyperparams({k: v for k, v in params.items() if k not in logged})
+                self._start_system_metrics(logger)
+
+    def _start_system_metrics(self, logger: MLFlowLogger) -> None:
+        # MLflow only starts its monitor inside mlflow.start_run(); Lightning creates runs through the client
+        if self._monitor is not None or os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() == "false":
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        interval = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", 10))
+        self._monitor = SystemMetricsMonitor(
+            logger.run_id, sampling_interval=interval, resume_logging=True, tracking_uri=logger._tracking_uri
+        )
+        self._monitor.start()
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, MLFlowLogger):
+                checkpoint["mlflow_run_id"] = logger.run_id
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
 
 
 class FCN3CLI(LightningCLI):
@@ -63,9 +92,22 @@ class FCN3CLI(LightningCLI):
         # checkpoints live in <default_root_dir>/checkpoints unless a config says otherwise, so that
         # `--ckpt_path last` finds them from a new process and each curriculum stage keeps its own
         root = cfg.trainer.get("default_root_dir") or "."
+        ckpt_dir = None
         for cb in cfg.trainer.get("callbacks") or []:
-            if "ModelCheckpoint" in str(cb.get("class_path", "")) and not cb["init_args"].get("dirpath"):
-                cb["init_args"]["dirpath"] = str(Path(root) / "checkpoints")
+            if "ModelCheckpoint" in str(cb.get("class_path", "")):
+                if not cb["init_args"].get("dirpath"):
+                    cb["init_args"]["dirpath"] = str(Path(root) / "checkpoints")
+                ckpt_dir = Path(cb["init_args"]["dirpath"])
+        # a resumed fit continues its MLflow run (the run id travels in the checkpoint)
+        ckpt = cfg.get("ckpt_path")
+        if self.subcommand == "fit" and ckpt and logger is not None and "MLFlowLogger" in str(logger.get("class_path", "")):
+            path = ckpt_dir / "last.ckpt" if ckpt == "last" and ckpt_dir is not None else Path(ckpt)
+            if path.is_file() and not logger["init_args"].get("run_id"):
+                import torch
+
+                run_id = torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("mlflow_run_id")
+                if run_id:
+                    logger["init_args"]["run_id"] = run_id
 
 
 def run_cli(args: list[str] | None = None) -> FCN3CLI:

@@ -84,7 +84,11 @@ class FCN3Module(L.LightningModule):
         if crps not in (*CRPS_KINDS, "skillspread"):
             raise ValueError(f"unknown CRPS kind {crps!r}; model.crps must be one of {CRPS_KINDS} ('skillspread' = 'fair')")
         check_ensemble_size(ensemble_size, crps)
-        check_ensemble_size(valid_ensemble_size or ensemble_size, "fair")
+        if (valid_ensemble_size or ensemble_size) < 2:
+            raise ValueError(
+                "validation scores use the fair CRPS and the ensemble spread: model.valid_ensemble_size "
+                f"(default: model.ensemble_size) must be >= 2, got {valid_ensemble_size or ensemble_size}"
+            )
         if antithetic and ensemble_size % 2:
             raise ValueError(f"antithetic noise pairs members: ensemble_size must be even, got {ensemble_size}")
         if scheduler is not None and scheduler.get("name") not in ("plateau", "step"):
@@ -202,8 +206,9 @@ class FCN3Module(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         m = self.trainer.callback_metrics
         if "val/crps" in m and not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            when = f"epoch {self.current_epoch}" if self.trainer.state.fn == "fit" else "validation"
             self.print(
-                f"epoch {self.current_epoch}: validation ensemble CRPS at the first lead time {float(m['val/crps']):.4f} "
+                f"{when}: validation ensemble CRPS at the first lead time {float(m['val/crps']):.4f} "
                 f"vs persistence MAE {float(m['val/persistence_mae']):.4f} (normalised units, mean over channels)"
             )
 

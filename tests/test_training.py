@@ -145,3 +145,15 @@ def test_init_from_a_lightning_checkpoint_and_a_model_file(tmp_path):
     wrong = FCN3(inp_shape=(17, 32), channel_names=["u500", "v500", "z500"], aux_channel_names=AUX, **SMALL_NET)
     with pytest.raises(ValueError, match="does not fit the network"):
         load_initial_weights(wrong, tmp_path / "stage1.ckpt")
+
+
+def test_predict_step_returns_physical_units():
+    m = _module(ensemble_size=2)
+    m.normalizer = Normalizer(CHANNELS, np.array([10.0, 0.0, 0.0, 5000.0]), np.array([5.0, 10.0, 10.0, 100.0]), np.ones(4))
+    batch = {"input": torch.zeros(1, 4, 17, 32), "target": torch.zeros(1, 2, 4, 17, 32), "zenith": torch.zeros(1, 3, 17, 32),
+             "time": torch.tensor([0]), "index": torch.tensor([0])}  # fmt: skip
+    with torch.no_grad():
+        out = m.predict_step(batch, 0)
+        norm = m.forward_rollout(batch, 2, 2, key=0)
+    assert out["prediction"].shape == (1, 2, 2, 4, 17, 32)
+    torch.testing.assert_close(out["prediction"][:, :, :, 3], norm[:, :, :, 3] * 100.0 + 5000.0)

@@ -256,6 +256,9 @@ class WB2DataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
 
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
 
 def normalize_batch(
     batch: dict[str, torch.Tensor], normalizer: Normalizer, channels: list[str], step_hours: int

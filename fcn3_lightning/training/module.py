@@ -203,6 +203,13 @@ class FCN3Module(L.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Ensemble forecasts in physical units: ``prediction`` (B, M, S, C, H, W) for the batch's initial ``time``."""
+        n_steps = batch["target"].shape[1]
+        members = self.hparams.valid_ensemble_size or self.hparams.ensemble_size
+        pred = self.forward_rollout(batch, members, n_steps, key=0)
+        return {"time": batch["time"], "prediction": self.normalizer.denormalize(pred, axis=-3)}
+
     def on_validation_epoch_end(self) -> None:
         m = self.trainer.callback_metrics
         if "val/crps" in m and not self.trainer.sanity_checking and self.trainer.is_global_zero:

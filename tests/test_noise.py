@@ -144,6 +144,7 @@ def test_pointwise_std_is_one_per_channel() -> None:
     #    mid-latitudes (std ~0.87 at 45 degrees for 6400 km). The tropics are where "std ~ 1" holds.
     tropics = latitudes_deg(nlat).abs() <= 30.0
     std_tropics = var_by_lat[:, tropics].mean(-1).sqrt()
+    print(f"\npointwise std per channel (|lat| <= 30): {[round(v, 3) for v in std_tropics.tolist()]}")
     assert torch.all((std_tropics - 1.0).abs() < 0.1), f"tropical std per channel {std_tropics.tolist()}"
 
     # 2) Everywhere, including the poles, the variance matches the exact expectation of the spec's
@@ -179,6 +180,7 @@ def test_ar1_lag1_autocorrelation_is_exp_minus_lambda() -> None:
             next_sq += (w * cur**2).sum((0, 2, 3))
             prev = cur
     lag1 = cross / torch.sqrt(prev_sq * next_sq)
+    print(f"\nAR(1) lag-1 autocorrelation per channel: {[round(v, 4) for v in lag1.tolist()]} (e^-1 = {math.exp(-1):.4f})")
     assert torch.all((lag1 - math.exp(-1.0)).abs() < 0.05), f"lag-1 autocorrelation per channel {lag1.tolist()}"
     # The AR(1) step keeps the stationary variance (innovation scale consistent with the fresh draw):
     # compare the area-mean variance of the stepped states with the exact stationary expectation.
@@ -211,6 +213,9 @@ def test_correlation_length_grows_with_length_scale() -> None:
     # Correlation one grid step apart increases strictly with L, for every channel: even the
     # sub-grid channels differ through the decay of their spectra within the truncation.
     lag1 = corr[:, 1]
+    print(
+        f"\nneighbour correlation per channel: {[round(v, 3) for v in lag1.tolist()]}; e^-1/2 lengths (km): {[round(v) for v in lengths]}"
+    )
     assert torch.all(lag1[1:] > lag1[:-1]), f"lag-1 correlations {lag1.tolist()}"
     # The e-folding length grows with L once L reaches ~2/3 of the grid spacing; below that it is
     # pinned at the truncation floor (~150 km here for both 50 and 100 km).
@@ -254,6 +259,7 @@ def test_different_members_and_samples_are_uncorrelated() -> None:
         corr([(s, (m + 1) % n_members, (s + 1) % n_samples, m) for s in samples for m in members]),
     ]
     r = torch.stack(r_members + r_samples + r_cross)
+    print(f"\nmax |r| between streams: {r.abs().max():.4f} (members {torch.stack(r_members).abs().max():.4f})")
     assert r.abs().max() < 0.05, f"max |r| = {r.abs().max():.4f} (members {torch.stack(r_members).abs().max():.4f})"
     # Sanity check of the statistic itself: a stream is perfectly correlated with itself.
     torch.testing.assert_close(corr([(0, 0, 0, 0)]), torch.ones(8, dtype=torch.float64))

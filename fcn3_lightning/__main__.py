@@ -86,10 +86,7 @@ def _default_world(args: argparse.Namespace) -> None:
     if path.exists() and not args.force:
         print(f"{path} exists (use --force to regenerate)")
         return
-    if path.exists():
-        import shutil
-
-        shutil.rmtree(path)
+    # generate_default_world swaps the finished store in by renames: the old one stays until then
     generate_default_world(path, seed=args.seed)
     print(f"wrote {path}")
 

@@ -186,7 +186,9 @@ def test_mlflow_has_params_metrics_and_artifacts(run_a, tmp_path, monkeypatch):
     assert params["data.channels"] == str(CHANNELS) and params["trainer.max_epochs"] == str(EPOCHS)
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert steps == list(range(EPOCHS * BATCHES)), steps  # every step (log_every_n_steps 1)
-    for key in ("val/crps", "val/crps_lead6h", "val/crps_lead12h", "val/crps/z500/6h", "val/rmse/u500/12h", "val/spread/tcwv/6h"):
+    scores = ("val/crps/z500/6h", "val/ensemble_mean_rmse/u500/12h", "val/ensemble_spread/tcwv/6h")
+    scores += ("val/spread_skill_ratio/v500/6h", "val/bias/z500/12h")
+    for key in ("val/crps", "val/crps_lead6h", "val/crps_lead12h", *scores):
         assert len(client.get_metric_history(run.info.run_id, key)) == EPOCHS, key
 
     def walk(path: str | None = None) -> list[str]:

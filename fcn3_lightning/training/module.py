@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from fcn3_lightning.losses import CRPS_KINDS, EnsembleCRPSLoss, channel_weights, check_ensemble_size, crps_ensemble, quadrature_weights
+from fcn3_lightning.metrics.suite import DEFAULT_SCORES, PROVIDERS, ValidationScores, lead_label
 from fcn3_lightning.model.build import model_kwargs
 from fcn3_lightning.model.fcn3 import FCN3
 from fcn3_lightning.model.noise import NoiseStreams, SphericalDiffusionNoise
@@ -48,7 +49,11 @@ class FCN3Module(L.LightningModule):
             ``{"name": "step", "step_size": 4, "gamma": 0.5}`` (stepped per epoch).
         init_from: weights to start from (weights only): a checkpoint of this project, a model file from
             ``convert``, or a reference-layout (Makani) state dict / checkpoint.
-        log_channels: channels whose scores are logged per lead time (default: all if <= 9, else headlines).
+        log_channels: headline channels whose WeatherBench2 scores are logged per lead time (default: all if
+            <= 9, else the headline variables present).
+        val_scores: which WB2 scores to log for them, in physical units (names of
+            :data:`fcn3_lightning.metrics.suite.PROVIDERS`; default crps, ensemble_mean_rmse, ensemble_spread,
+            spread_skill_ratio, bias). Logged as ``val/{score}/{channel}/{lead}``.
     """
 
     def __init__(
@@ -74,6 +79,7 @@ class FCN3Module(L.LightningModule):
         scheduler: dict[str, Any] | None = None,
         init_from: str | None = None,
         log_channels: list[str] | None = None,
+        val_scores: list[str] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -91,6 +97,9 @@ class FCN3Module(L.LightningModule):
             )
         if antithetic and ensemble_size % 2:
             raise ValueError(f"antithetic noise pairs members: ensemble_size must be even, got {ensemble_size}")
+        unknown = [v for v in val_scores or () if v not in PROVIDERS]
+        if unknown:
+            raise ValueError(f"model.val_scores: unknown scores {unknown}; choose from {sorted(PROVIDERS)}")
         if scheduler is not None and scheduler.get("name") not in ("plateau", "step"):
             raise ValueError(f"model.scheduler.name must be 'plateau' or 'step', got {scheduler.get('name')!r}")
         self.forecaster: EnsembleForecaster | None = None
@@ -107,6 +116,19 @@ class FCN3Module(L.LightningModule):
             raise ValueError("FCN3Module needs a data module (it defines the channels and the grid)")
         self.build(dm.channels, dm.aux_channels, dm.store.shape, dm.normalizer)
         self.register_buffer("static", dm.static, persistent=False)
+        lead_hours = [(s + 1) * dm.hparams.step_hours for s in range(dm.hparams.valid_rollout)]
+        h, w = dm.store.shape
+        tile = (dm.lat, dm.lon)
+        sharded = (dm.lat.indices(h)[:2], dm.lon.indices(w)[:2]) != ((0, h), (0, w))
+        self.scores = ValidationScores(
+            dm.store.lat,
+            dm.store.lon,
+            self.log_channels,
+            lead_hours,
+            self.hparams.val_scores or DEFAULT_SCORES,
+            tile=tile if sharded else None,
+            spatial_group=getattr(self.trainer.strategy, "spatial_group", None),
+        )
 
     def build(self, channels: list[str], aux_channels: list[str], shape: tuple[int, int], normalizer: Any) -> None:
         hp = self.hparams
@@ -137,11 +159,14 @@ class FCN3Module(L.LightningModule):
         self.channels = list(channels)
         self.normalizer = normalizer
         self.register_buffer("scale", torch.as_tensor(normalizer.scale, dtype=torch.float32), persistent=False)
+        self.register_buffer("offset", torch.as_tensor(normalizer.offset, dtype=torch.float32), persistent=False)
         logged = hp.log_channels or (channels if len(channels) <= 9 else [c for c in HEADLINE_CHANNELS if c in channels])
         missing = [c for c in logged if c not in channels]
         if missing:
             raise ValueError(f"model.log_channels {missing} are not in the data's channel list")
         self.log_channels = list(logged)
+        self.log_index = [channels.index(c) for c in self.log_channels]
+        self.scores: ValidationScores | None = None
 
     # --- stepping -----------------------------------------------------------------------------------
 
@@ -179,23 +204,23 @@ class FCN3Module(L.LightningModule):
         # area-weighted fair CRPS (normalised units) per lead and channel; persistence's CRPS is its MAE
         crps = (crps_ensemble(pred, target, member_dim=1, kind="fair") * q).sum((-2, -1)).mean(0)  # (S, C)
         persistence = ((batch["input"][:, None] - target).abs() * q).sum((-2, -1)).mean(0)  # (S, C)
-        mean = pred.mean(1)
-        rmse = ((mean - target) ** 2 * q).sum((-2, -1)).mean(0).sqrt()
-        spread = (pred.var(1) * q).sum((-2, -1)).mean(0).sqrt()
         self.log(f"{split}/loss", loss, batch_size=b, sync_dist=True)
         self.log(f"{split}/crps", crps[0].mean(), batch_size=b, sync_dist=True, prog_bar=split == "val")
         self.log(f"{split}/persistence_mae", persistence[0].mean(), batch_size=b, sync_dist=True)
-        step_h = self.trainer.datamodule.hparams.step_hours if self.trainer.datamodule is not None else 6
-        scale = self.scale
-        for s in range(n_steps):
-            lead = f"{(s + 1) * step_h}h"
-            self.log(f"{split}/crps_lead{lead}", crps[s].mean(), batch_size=b, sync_dist=True)
-            for c in self.log_channels:
-                i = self.channels.index(c)
-                # physical units for the per-channel scores
-                self.log(f"{split}/crps/{c}/{lead}", crps[s, i] * scale[i], batch_size=b, sync_dist=True)
-                self.log(f"{split}/rmse/{c}/{lead}", rmse[s, i] * scale[i], batch_size=b, sync_dist=True)
-                self.log(f"{split}/spread/{c}/{lead}", spread[s, i] * scale[i], batch_size=b, sync_dist=True)
+        for s, hours in enumerate(self.scores.lead_hours):
+            self.log(f"{split}/crps_lead{lead_label(hours)}", crps[s].mean(), batch_size=b, sync_dist=True)
+        # WeatherBench2 scores of the headline channels in physical units, accumulated over the epoch
+        idx = self.log_index
+        shape = (len(idx), 1, 1)
+        scale, offset = self.scale[idx].reshape(shape), self.offset[idx].reshape(shape)
+        self.scores.update(pred[:, :, :, idx] * scale + offset, target[:, :, idx] * scale + offset)
+
+    def _log_scores(self, split: str) -> None:
+        if self.scores is None or not self.scores.updated:
+            return
+        values = self.scores.compute()  # already synced over the processes
+        self.log_dict({f"{split}/{k}": v for k, v in values.items()}, sync_dist=False, rank_zero_only=False)
+        self.scores.reset()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "val")
@@ -210,7 +235,17 @@ class FCN3Module(L.LightningModule):
         pred = self.forward_rollout(batch, members, n_steps, key=0)
         return {"time": batch["time"], "prediction": self.normalizer.denormalize(pred, axis=-3)}
 
+    def on_validation_epoch_start(self) -> None:
+        self.scores.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.scores.reset()
+
+    def on_test_epoch_end(self) -> None:
+        self._log_scores("test")
+
     def on_validation_epoch_end(self) -> None:
+        self._log_scores("val")
         m = self.trainer.callback_metrics
         if "val/crps" in m and not self.trainer.sanity_checking and self.trainer.is_global_zero:
             when = f"epoch {self.current_epoch}" if self.trainer.state.fn == "fit" else "validation"

@@ -1,0 +1,75 @@
+"""Deterministic scores with WeatherBench2's definitions: MSE, RMSE, bias, MAE and ACC.
+
+For an ensemble, score the member mean (``pred.mean(1)``), as WB2's ``ensemble_mean_deterministic``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from fcn3_lightning.metrics.base import GriddedMetric
+
+
+class DeterministicScores(GriddedMetric):
+    """``mse`` = mean_t <(f-o)^2>, ``rmse`` = sqrt(mse) (after the time mean: the leaderboard RMSE),
+    ``rmse_sqrt_before_time_avg`` = mean_t sqrt<(f-o)^2>, ``bias`` = mean_t <f-o>, ``mae`` = mean_t <|f-o|>.
+
+    ``update(pred, target)`` with both ``(batch, lead, channel, lat, lon)``; ``compute()`` returns
+    ``(region, lead, channel)`` tensors.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._add_states("se", "err", "ae", "sqrt_se")
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        f, o = self._check_pair(pred, target)
+        e = f - o
+        se = self._spatial_mean(e * e)
+        self._accumulate(f.shape[0], se=se, err=self._spatial_mean(e), ae=self._spatial_mean(e.abs()), sqrt_se=se.sqrt())
+
+    def compute(self) -> dict[str, Tensor]:
+        mse = self._mean("se")
+        return {
+            "mse": mse,
+            "rmse": mse.sqrt(),
+            "rmse_sqrt_before_time_avg": self._mean("sqrt_se"),
+            "bias": self._mean("err"),
+            "mae": self._mean("ae"),
+        }
+
+
+class ACC(GriddedMetric):
+    """Anomaly correlation coefficient: per forecast the uncentred <f'o'> / sqrt(<f'^2><o'^2>) with
+    f' = f - c, o' = o - c and c the climatology at the valid time, then the mean over forecasts.
+
+    ``update(pred, target, climatology)``, all ``(batch, lead, channel, lat, lon)``; see
+    :class:`~fcn3_lightning.metrics.climatology.Climatology` for looking up ``c`` at the valid times.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._add_states("acc")
+
+    def update(self, pred: Tensor, target: Tensor, climatology: Tensor) -> None:
+        f, o = self._check_pair(pred, target)
+        if not isinstance(climatology, Tensor):
+            raise TypeError(f"ACC: climatology must be a torch.Tensor, got {type(climatology).__name__}")
+        if climatology.ndim == 5 and climatology.shape[1] != target.shape[1]:
+            raise ValueError(
+                f"ACC: the climatology has {climatology.shape[1]} lead times but the forecast has {target.shape[1]} "
+                f"(lead_hours={self.lead_hours}); give the climatology at every valid time"
+            )
+        self._check("climatology", climatology, ensemble=False)
+        if climatology.shape != target.shape:
+            raise ValueError(f"ACC: climatology {tuple(climatology.shape)} and target {tuple(target.shape)} differ")
+        c = climatology.to(self.compute_dtype)
+        fa, oa = f - c, o - c
+        num = self._spatial_mean(fa * oa)
+        den = (self._spatial_mean(fa * fa) * self._spatial_mean(oa * oa)).sqrt()
+        self._accumulate(f.shape[0], acc=num / den)
+
+    def compute(self) -> dict[str, Tensor]:
+        return {"acc": self._mean("acc")}

@@ -168,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="overwrite an existing store")
     p.set_defaults(func=_era5_sample)
 
+    from fcn3_lightning.eval.leaderboard import add_cli as add_leaderboard_cli
+
+    add_leaderboard_cli(sub)
+
     args = parser.parse_args(argv)
     try:
         args.func(args)

@@ -101,7 +101,7 @@ def _era5_sample(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
 
 
 def _curriculum(argv: list[str]) -> int:
@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_era5_sample)
 
     from fcn3_lightning.eval.leaderboard import add_cli as add_leaderboard_cli
+    from fcn3_lightning.inference import add_cli as add_predict_cli
+
+    add_predict_cli(sub)
 
     add_leaderboard_cli(sub)
 

@@ -8,12 +8,24 @@ time, and the prediction fed back as the next input (no teacher forcing, no deta
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
 import torch
 from torch import nn
 
 from fcn3_lightning.data.statics import STATIC_AUX
 from fcn3_lightning.model.fcn3 import FCN3
 from fcn3_lightning.model.noise import NoiseStreams, SphericalDiffusionNoise
+
+
+def keyed_streams(noise_seed: int, key: int, sample_ids: Sequence[int], n_members: int, antithetic: bool = False) -> NoiseStreams:
+    """The noise streams of one use of the model: ``key`` says which (0: validation and inference, odd: training steps).
+
+    One reproducible stream per (sample, member) and step, so a resumed run replays exactly the same noise.
+    """
+    seed = int(np.random.SeedSequence([noise_seed, key]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return NoiseStreams(seed, list(sample_ids), n_members, antithetic=antithetic)
 
 
 class EnsembleForecaster(nn.Module):
@@ -76,17 +88,54 @@ class EnsembleForecaster(nn.Module):
         ``x0`` (B, C, H, W) normalised initial state, ``zenith`` (B, >= n_steps, H, W) the cos zenith
         of the input time of each step (the IC, then each target time but the last).
         """
+        return torch.stack(list(self.steps(x0, zenith, static, streams, n_steps, n_members)), dim=2)
+
+    def steps(
+        self,
+        x0: torch.Tensor,
+        zenith: torch.Tensor | Callable[[int], torch.Tensor],
+        static: torch.Tensor | None,
+        streams: NoiseStreams | None,
+        n_steps: int,
+        n_members: int,
+    ) -> Iterator[torch.Tensor]:
+        """The rollout one step at a time: yields ``(B, M, C, H, W)`` for step 1, 2, ... ``n_steps``.
+
+        What :meth:`rollout` stacks; inference writes each step away as it comes, so memory does not
+        grow with the lead time. ``zenith`` is either ``(B, >= n_steps, H, W)`` or a function of the
+        step index ``s`` (0 = the initial time) returning ``(B, H, W)``, so that a long forecast never
+        holds the cos zenith of all its steps.
+        """
         b = x0.shape[0]
-        if zenith.shape[1] < n_steps:
-            raise ValueError(f"zenith holds {zenith.shape[1]} steps, the rollout needs {n_steps}")
-        x = x0.repeat_interleave(n_members, dim=0)
-        state = None
+        if isinstance(zenith, torch.Tensor):
+            if zenith.shape[1] < n_steps:
+                raise ValueError(f"zenith holds {zenith.shape[1]} steps, the rollout needs {n_steps}")
+            table = zenith
+
+            def zenith(s: int) -> torch.Tensor:
+                return table[:, s]
+
         if self.noise is not None:
             if streams is None or streams.n_streams != b * n_members:
                 raise ValueError(f"need one noise stream per (sample, member): {b} x {n_members}")
+        # checked here, not inside the generator: a bad call fails when it is made, not at the first step
+        return self._steps(x0, zenith, static, streams, n_steps, n_members)
+
+    def _steps(
+        self,
+        x0: torch.Tensor,
+        zenith: Callable[[int], torch.Tensor],
+        static: torch.Tensor | None,
+        streams: NoiseStreams | None,
+        n_steps: int,
+        n_members: int,
+    ) -> Iterator[torch.Tensor]:
+        b = x0.shape[0]
+        x = x0.repeat_interleave(n_members, dim=0)
+        state = None
+        if self.noise is not None:
             with torch.no_grad():
                 state = self.noise.stationary(streams)
-        preds = []
         for s in range(n_steps):
             noise = None
             if state is not None:
@@ -94,7 +143,6 @@ class EnsembleForecaster(nn.Module):
                     if s > 0:
                         state = self.noise.ar1_step(state, streams)
                     noise = self.noise.to_grid(state)
-            aux = self.aux_inputs(zenith[:, s], noise, static, n_members)
+            aux = self.aux_inputs(zenith(s), noise, static, n_members)
             x = self.net(torch.cat([x, aux.to(x.dtype)], dim=1))
-            preds.append(x)
-        return torch.stack(preds, dim=1).unflatten(0, (b, n_members))
+            yield x.unflatten(0, (b, n_members))

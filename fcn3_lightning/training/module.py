@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 
 from fcn3_lightning.losses import CRPS_KINDS, EnsembleCRPSLoss, channel_weights, check_ensemble_size, crps_ensemble, quadrature_weights
@@ -19,7 +18,7 @@ from fcn3_lightning.metrics.suite import DEFAULT_SCORES, PROVIDERS, ValidationSc
 from fcn3_lightning.model.build import model_kwargs
 from fcn3_lightning.model.fcn3 import FCN3
 from fcn3_lightning.model.noise import NoiseStreams, SphericalDiffusionNoise
-from fcn3_lightning.training.forecaster import EnsembleForecaster
+from fcn3_lightning.training.forecaster import EnsembleForecaster, keyed_streams
 from fcn3_lightning.training.weights import load_initial_weights
 
 #: channels logged individually by default when the channel list is long (those WB2 headlines that exist)
@@ -174,8 +173,7 @@ class FCN3Module(L.LightningModule):
         if self.forecaster.noise is None:
             return None
         # one reproducible stream per (sample, member) and step: resuming replays exactly the same noise
-        seed = int(np.random.SeedSequence([self.hparams.noise_seed, key]).generate_state(1, dtype=np.uint64)[0] >> 1)
-        return NoiseStreams(seed, batch["index"].tolist(), n_members, antithetic=antithetic)
+        return keyed_streams(self.hparams.noise_seed, key, batch["index"].tolist(), n_members, antithetic)
 
     def forward_rollout(
         self, batch: dict[str, torch.Tensor], n_members: int, n_steps: int, key: int, antithetic: bool = False

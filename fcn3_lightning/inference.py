@@ -1,0 +1,738 @@
+"""Ensemble inference: forecasts from a checkpoint, streamed step by step into a WeatherBench2 forecast Zarr.
+
+``python -m fcn3_lightning predict --checkpoint best.ckpt --init-times 2002-07-01T00 --members 4 --steps 40``
+
+For each initial time the initial condition is read from the data store and normalised, the
+ensemble is rolled forward one 6 h step at a time (:meth:`EnsembleForecaster.steps`: fresh
+stationary noise at the initial time, an AR(1) noise step before every later step, the cos zenith
+of each step's input time), and every step is denormalised and written to the output at once, so
+memory does not depend on the number of steps or initial times.
+
+The noise is that of validation (key 0 of :func:`keyed_streams`, the checkpoint's noise seed) with
+the initial time itself as the sample id (:func:`noise_sample_id`): a forecast depends only on its
+initial time, never on which other initial times are in the run, so a resumed run writes exactly
+what an uninterrupted one would have.
+
+Output layout (WeatherBench2 "by init" forecast): one array per variable with WB2 long names, dims
+``(time, number, prediction_timedelta, [level], latitude, longitude)``, float32, physical units,
+latitude in the data store's order, one chunk per (initial time, member, step).
+
+Atomic and resumable: the store is built as ``<output>.partial`` and renamed to ``<output>`` when every
+initial time is done, so ``<output>`` is never half-written. ``<output>.partial/fcn3_predict.json``
+records the run's arguments and the finished initial times (rewritten atomically after each); a
+rerun of the same command skips those and recomputes only the unfinished ones. A rerun with other
+arguments is refused, naming what differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # the heavy imports (torch, torch-harmonics, zarr) wait until a command runs
+    import torch
+
+    from fcn3_lightning.data.stats import Normalizer
+    from fcn3_lightning.data.store import WB2Store
+    from fcn3_lightning.model.noise import NoiseStreams
+    from fcn3_lightning.training.forecaster import EnsembleForecaster
+
+FORMAT = "fcn3_lightning.forecast/v1"
+PROGRESS_FILE = "fcn3_predict.json"
+PARTIAL_SUFFIX = ".partial"
+#: validation's noise key: inference draws exactly the noise that validation draws for the same sample id
+NOISE_KEY = 0
+#: FCN3Module's default noise seed, for model files and reference checkpoints (which carry none)
+DEFAULT_NOISE_SEED = 333
+DEFAULT_MEMBERS = 4
+_SAMPLE_ID_EPOCH = np.datetime64("1900-01-01T00:00:00", "s")
+
+#: units of WeatherBench2 variables (ERA5 conventions), used where the data store has none
+WB2_UNITS: dict[str, str] = {
+    "geopotential": "m**2 s**-2",
+    "temperature": "K",
+    "u_component_of_wind": "m s**-1",
+    "v_component_of_wind": "m s**-1",
+    "specific_humidity": "kg kg**-1",
+    "relative_humidity": "%",
+    "vertical_velocity": "Pa s**-1",
+    "10m_u_component_of_wind": "m s**-1",
+    "10m_v_component_of_wind": "m s**-1",
+    "100m_u_component_of_wind": "m s**-1",
+    "100m_v_component_of_wind": "m s**-1",
+    "2m_temperature": "K",
+    "2m_dewpoint_temperature": "K",
+    "mean_sea_level_pressure": "Pa",
+    "surface_pressure": "Pa",
+    "total_column_water_vapour": "kg m**-2",
+    "sea_surface_temperature": "K",
+    "total_precipitation": "m",
+    "total_precipitation_6hr": "m",
+}
+
+
+def noise_sample_id(init_time: np.datetime64 | str) -> int:
+    """The noise streams' sample id of a forecast: its initial time in whole seconds since 1900-01-01T00 UTC."""
+    seconds = int((np.datetime64(init_time, "s") - _SAMPLE_ID_EPOCH) / np.timedelta64(1, "s"))
+    if seconds < 0:
+        raise ValueError(f"initial time {init_time} is before 1900-01-01: it has no noise sample id")
+    return seconds
+
+
+def _iso(t: np.datetime64) -> str:
+    return str(np.datetime64(t, "s"))
+
+
+# --- the predictor -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Predictor:
+    """A network ready to forecast from a data store: weights, normaliser, static inputs and noise settings.
+
+    Build it with :func:`load_predictor`; :meth:`forecast` streams one initial time's ensemble.
+    """
+
+    forecaster: EnsembleForecaster
+    store: WB2Store
+    normalizer: Normalizer
+    static: torch.Tensor
+    noise_seed: int
+    device: torch.device
+    default_members: int = DEFAULT_MEMBERS
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def channels(self) -> list[str]:
+        return list(self.store.channels)
+
+    @property
+    def step_hours(self) -> int:
+        return self.store.step_hours
+
+    def initial_state(self, init_time: np.datetime64) -> torch.Tensor:
+        """The normalised initial condition ``(1, C, H, W)`` on the device (90N first)."""
+        import torch
+
+        i = self.store.time_index(init_time)
+        x = self.store.read([i])  # refuses NaN/Inf, naming the channel and time
+        self.normalizer.normalize(x, out=x)  # float32 on the CPU, as the data loader does
+        return torch.from_numpy(x).to(self.device)
+
+    def zenith(self, init_time: np.datetime64, step: int) -> torch.Tensor:
+        """cos zenith ``(1, H, W)`` at the input time of ``step`` (0 = the initial time)."""
+        import torch
+
+        from fcn3_lightning.data.zenith import cos_zenith
+
+        t = np.datetime64(init_time, "ns") + step * np.timedelta64(self.step_hours, "h")
+        return torch.from_numpy(cos_zenith(np.array([t]), self.store.lat, self.store.lon)).to(self.device, torch.float32)
+
+    def streams(self, init_time: np.datetime64, members: int) -> NoiseStreams | None:
+        """Validation's noise streams for this initial time's ``members`` (None for a network without noise)."""
+        from fcn3_lightning.training.forecaster import keyed_streams
+
+        if self.forecaster.noise is None:
+            return None
+        return keyed_streams(self.noise_seed, NOISE_KEY, [noise_sample_id(init_time)], members)
+
+    def forecast(
+        self, init_time: np.datetime64, members: int, steps: int, batch_members: int | None = None
+    ) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Yield ``(first member, step index, values)`` with values ``(m, C, H, W)`` float32 in physical units (90N first).
+
+        ``batch_members`` members run at once (default: all); each member draws from its own noise
+        stream, so the split changes only how much memory a step takes.
+        """
+        import torch
+
+        batch_members = batch_members or members
+        x0 = self.initial_state(init_time)
+        all_streams = self.streams(init_time, members)
+        for m0 in range(0, members, batch_members):
+            m1 = min(members, m0 + batch_members)
+            streams = None if all_streams is None else _member_subset(all_streams, m0, m1)
+            rollout = self.forecaster.steps(x0, lambda s: self.zenith(init_time, s), self.static, streams, steps, m1 - m0)
+            for s in range(steps):
+                # inference mode around each step only: a `with` spanning the yield would leak into the caller
+                with torch.inference_mode():
+                    y = self.normalizer.denormalize(next(rollout), axis=-3)[0]  # as FCN3Module.predict_step
+                    y = y.float().cpu().numpy()
+                yield m0, s, y
+
+
+def _member_subset(streams: NoiseStreams, m0: int, m1: int) -> NoiseStreams:
+    """Members ``m0 .. m1 - 1`` of a one-sample ``NoiseStreams``, sharing their generators (each is used by one batch only)."""
+    import copy
+
+    sub = copy.copy(streams)
+    sub._generators = streams._generators[m0:m1]
+    sub._signs = streams._signs[m0:m1]
+    sub.n_members = m1 - m0
+    return sub
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _torch_load(path: Path) -> Any:
+    import torch
+
+    try:  # mmap: only the metadata is read here; the weights are loaded once, into the network
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a clear message instead of an unpickling traceback
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+
+
+def load_predictor(
+    checkpoint: str | Path,
+    *,
+    data_path: str | Path | None = None,
+    stats_path: str | Path | None = None,
+    config: str | Path | None = None,
+    device: str | None = None,
+    noise_seed: int | None = None,
+) -> Predictor:
+    """Build a :class:`Predictor` from a checkpoint.
+
+    Args:
+        checkpoint: a Lightning checkpoint of this project (network settings, noise settings and data
+            settings come from its hyperparameters), a model file from ``convert``/``save_model``, a
+            reference (Makani) checkpoint with ``config``, or a reference model package directory.
+        data_path: the WB2 store to read initial conditions from; default: the checkpoint's training
+            store (the default world for a model file or reference checkpoint).
+        stats_path: normalisation statistics; default: the checkpoint's (``stats_path``, else the
+            training store's ``.stats.json``), else ``<data store>.stats.json``.
+        config: reference architecture (``config.json`` or a golden ``manifest.json``) for reference checkpoints.
+        device: "cpu", "cuda", ... (default: CUDA if available).
+        noise_seed: base seed of the noise (default: the checkpoint's ``noise_seed``, else 333).
+    """
+    import torch
+
+    from fcn3_lightning.channels import FCN3_AUX_CHANNELS, FCN3_CHANNELS
+    from fcn3_lightning.data.statics import static_fields
+    from fcn3_lightning.data.stats import ChannelStats, compute_stats
+    from fcn3_lightning.data.store import WB2Store
+    from fcn3_lightning.model.build import FORMAT as MODEL_FORMAT
+    from fcn3_lightning.model.build import model_kwargs
+    from fcn3_lightning.model.convert import reference_config_to_kwargs
+    from fcn3_lightning.model.fcn3 import FCN3
+    from fcn3_lightning.model.noise import SphericalDiffusionNoise
+    from fcn3_lightning.training.forecaster import EnsembleForecaster
+    from fcn3_lightning.training.weights import load_initial_weights
+
+    path = Path(checkpoint)
+    if path.is_dir():  # a reference model package: config.json + training_checkpoints/best_ckpt_mp0.tar
+        config = config or path / "config.json"
+        path = path / "training_checkpoints" / "best_ckpt_mp0.tar"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    blob = _torch_load(path)
+    if not isinstance(blob, dict):
+        raise ValueError(f"{path} is not a checkpoint, model file or state dict")
+
+    noise: dict[str, Any] = {}
+    members = DEFAULT_MEMBERS
+    step_hours, train_store, train_stats, world_seed = 6, None, None, 0
+    if "hyper_parameters" in blob and "state_dict" in blob:  # a Lightning checkpoint of this project
+        hp = blob["hyper_parameters"]
+        dm = blob.get("datamodule_hyper_parameters")
+        if dm is None:
+            raise ValueError(f"{path}: the checkpoint holds no data settings (datamodule_hyper_parameters); use a model file instead")
+        kind = "lightning"
+        net_kwargs = model_kwargs(dict(hp.get("net") or {}))
+        world_seed = int(dm.get("seed") or 0)
+        train_store = dm.get("data_path")
+        if train_store is None:
+            from fcn3_lightning.data.default_world import DEFAULT_WORLD_CHANNELS
+
+            channels = list(dm.get("channels") or DEFAULT_WORLD_CHANNELS)
+        else:
+            channels = list(dm.get("channels") or FCN3_CHANNELS)
+        aux = list(FCN3_AUX_CHANNELS if dm.get("aux_channels") is None else dm["aux_channels"])
+        step_hours = int(dm.get("step_hours") or 6)
+        train_stats = dm.get("stats_path")
+        noise = {
+            "length_scales_km": hp.get("noise_length_scales_km"),
+            "sigma": hp.get("noise_sigma", 1.0),
+            "lambd": hp.get("noise_lambd", 1.0),
+        }
+        members = int(hp.get("valid_ensemble_size") or hp.get("ensemble_size") or DEFAULT_MEMBERS)
+        seed = hp.get("noise_seed", DEFAULT_NOISE_SEED)
+    else:
+        if blob.get("format") == MODEL_FORMAT:
+            kind, net_kwargs = "model", dict(blob["config"])
+        elif config is not None:
+            config = Path(config)
+            if not config.is_file():
+                raise FileNotFoundError(f"reference config {config} does not exist")
+            kind, net_kwargs = "reference", reference_config_to_kwargs(json.loads(config.read_text()))
+        else:
+            raise ValueError(
+                f"{path} is neither a checkpoint of this project nor a model file: for a reference (Makani) checkpoint "
+                "pass its architecture with --config config.json, or convert it first (python -m fcn3_lightning convert)"
+            )
+        seed = DEFAULT_NOISE_SEED
+        channels = aux = None
+    del blob  # the weights are loaded into the network below; do not hold a second copy
+
+    # the data store: the one asked for, else the training store (the default world when there was none)
+    explicit_data = data_path is not None
+    if data_path is None:
+        if train_store is None:
+            from fcn3_lightning.data.default_world import ensure_default_world
+
+            data_path = ensure_default_world(seed=world_seed)
+        else:
+            data_path = train_store
+    if kind != "lightning":  # the network carries its channels and grid
+        net = FCN3(**net_kwargs)
+        channels, aux = list(net.layout.names), list(net.aux_channel_names)
+    try:
+        store = WB2Store(data_path, channels, step_hours=step_hours)
+    except ValueError as e:
+        raise ValueError(f"the checkpoint's channels {channels} do not fit the data store: {e}") from e
+    if kind == "lightning":
+        net = FCN3(inp_shape=store.shape, channel_names=channels, aux_channel_names=aux, **net_kwargs)
+    elif tuple(net.inp_shape) != store.shape:
+        raise ValueError(f"the network's grid {tuple(net.inp_shape)} differs from the data store's {store.shape} ({store.path})")
+
+    # the normaliser the network was trained with: the checkpoint's statistics where they can be found
+    candidates = [Path(stats_path)] if stats_path else []
+    if not stats_path:
+        if train_stats:
+            candidates.append(Path(train_stats))
+        if kind == "lightning":
+            from fcn3_lightning.data.default_world import default_world_path
+
+            train_path = Path(train_store) if train_store is not None else default_world_path(world_seed)
+            candidates.append(train_path.with_name(train_path.name + ".stats.json"))
+        candidates.append(store.path.with_name(store.path.name + ".stats.json"))
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        if kind == "lightning" and train_store is None and not explicit_data and not stats_path:
+            from fcn3_lightning.data.default_world import DEFAULT_WORLD_SPLITS
+
+            found = candidates[-1]  # the default world computes its statistics once, as the data module does
+            compute_stats(store, *(dm.get("train_range") or DEFAULT_WORLD_SPLITS["train"])).save(found)
+        else:
+            raise FileNotFoundError(
+                f"no normalisation statistics found (looked for {', '.join(map(str, dict.fromkeys(candidates)))}); "
+                "pass --stats (written by: python -m fcn3_lightning stats)"
+            )
+    stats = ChannelStats.load(found)
+    stats.check_compatible(channels, store.lat, store.lon, where=str(found))
+    normalizer = stats.normalizer(channels)
+
+    noise_process = None
+    if net.noise_channel_names:
+        noise_process = SphericalDiffusionNoise(store.shape, n_channels=len(net.noise_channel_names), **noise)
+    forecaster = EnsembleForecaster(net, noise_process)
+    try:
+        layout = load_initial_weights(net, path)
+    except ValueError as e:
+        raise ValueError(f"the weights in {path} do not fit the network for these channels on the {store.shape} grid: {e}") from e
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    forecaster.to(dev).eval()
+    static = torch.from_numpy(static_fields(store, aux)).to(dev)
+    return Predictor(
+        forecaster=forecaster,
+        store=store,
+        normalizer=normalizer,
+        static=static,
+        noise_seed=int(seed if noise_seed is None else noise_seed),
+        device=dev,
+        default_members=members,
+        source={"checkpoint": str(path.resolve()), "kind": kind, "layout": layout, "stats": str(found.resolve())},
+    )
+
+
+# --- initial times ------------------------------------------------------------------------------------
+
+
+def init_times_in_range(store: WB2Store, start: str, end: str, every_hours: int) -> np.ndarray:
+    """The store times in ``start .. end`` (inclusive) every ``every_hours`` hours counted from ``start``."""
+    if every_hours <= 0:
+        raise ValueError(f"--init-every-hours must be positive, got {every_hours}")
+    i0, i1 = store.index_range(start, end)
+    times = store.times[i0 : i1 + 1]
+    times = times[((times - np.datetime64(start, "ns")) / np.timedelta64(1, "h")) % every_hours == 0]
+    if times.size == 0:
+        raise ValueError(f"no store time in {start} .. {end} lies on a {every_hours}-hourly cadence from {start}")
+    return times
+
+
+def lead_days_to_steps(lead_days: float, step_hours: int) -> int:
+    """Number of model steps of a lead time in days (which must be a whole number of steps)."""
+    steps = lead_days * 24 / step_hours
+    if lead_days <= 0 or abs(steps - round(steps)) > 1e-9:
+        raise ValueError(f"--lead-days {lead_days:g} is not a positive whole number of {step_hours} h steps")
+    return int(round(steps))
+
+
+def _check_init_times(store: WB2Store, init_times: Sequence[str | np.datetime64]) -> np.ndarray:
+    if len(init_times) == 0:
+        raise ValueError("no initial times given")
+    times = np.array([np.datetime64(t, "ns") for t in init_times])
+    for t in times:
+        try:
+            store.time_index(t)
+        except ValueError as e:
+            raise ValueError(f"initial time {_iso(t)} has no initial condition in the data store: {e}") from e
+        noise_sample_id(t)
+    uniq, counts = np.unique(times, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(f"initial times given more than once: {[_iso(t) for t in uniq[counts > 1]]}")
+    return uniq  # sorted: the output's time axis ascends
+
+
+def _check_count(name: str, value: int, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (high is not None and value > high):
+        limit = f">= {low}" if high is None else f"in {low} .. {high}"
+        raise ValueError(f"{name} must be a whole number {limit}, got {value!r}")
+    return int(value)
+
+
+# --- the output store ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Variable:
+    """One output array: its WB2 name and the channel of each of its levels (-1 where the channel list lacks one)."""
+
+    name: str
+    channel_index: tuple[int, ...]
+    has_level: bool
+
+
+def _output_variables(channels: Sequence[str]) -> tuple[list[_Variable], list[int]]:
+    from fcn3_lightning.channels import parse_channel
+
+    parsed = [parse_channel(c) for c in channels]
+    levels = sorted({c.level for c in parsed if c.level is not None})  # WB2 order: ascending hPa
+    by_name: dict[str, dict[int | None, int]] = {}
+    for i, c in enumerate(parsed):
+        by_name.setdefault(c.long_name, {})[c.level] = i
+    out = []
+    for name, entries in by_name.items():
+        if None in entries:
+            out.append(_Variable(name, (entries[None],), False))
+        else:
+            out.append(_Variable(name, tuple(entries.get(lev, -1) for lev in levels), True))
+    return out, levels
+
+
+def _attrs(source: Any, name: str, default: dict[str, Any]) -> dict[str, Any]:
+    """Descriptive attributes of ``name`` in the data store, else ``default``."""
+    have = dict(source[name].attrs) if name in source.variables else {}
+    keep = {k: v for k, v in have.items() if k in ("units", "long_name", "standard_name")}
+    return {**default, **keep}
+
+
+def _create_store(path: Path, predictor: Predictor, times: np.ndarray, members: int, steps: int, arguments: dict[str, Any]) -> None:
+    """An empty forecast store (coordinates, attributes, NaN-filled arrays chunked by (init, member, step))."""
+    import xarray as xr
+    import zarr
+
+    store, src = predictor.store, predictor.store.dataset
+    variables, levels = _output_variables(predictor.channels)
+    lead = (np.arange(1, steps + 1) * np.timedelta64(predictor.step_hours, "h")).astype("timedelta64[ns]")
+    coords: dict[str, Any] = {
+        "time": ("time", times.astype("datetime64[ns]"), {"long_name": "initial time"}),
+        "number": ("number", np.arange(members, dtype=np.int64), {"long_name": "ensemble member"}),
+        "prediction_timedelta": ("prediction_timedelta", lead, {"long_name": "lead time"}),
+        # the store's own latitude order (the model works 90N first; writes flip back)
+        "latitude": ("latitude", src["latitude"].values, _attrs(src, "latitude", {"units": "degrees_north", "long_name": "latitude"})),
+        "longitude": ("longitude", src["longitude"].values, _attrs(src, "longitude", {"units": "degrees_east", "long_name": "longitude"})),
+    }
+    if levels:
+        coords["level"] = ("level", np.array(levels, dtype=np.int64), _attrs(src, "level", {"units": "hPa", "long_name": "pressure level"}))
+    attrs = {
+        "title": "FCN3 ensemble forecast",
+        "source": "fcn3_lightning.inference (python -m fcn3_lightning predict)",
+        "fcn3_lightning_predict": json.dumps(arguments),
+    }
+    xr.Dataset(coords=coords, attrs=attrs).to_zarr(path, mode="w-", zarr_format=2, consolidated=False)
+    group = zarr.open_group(str(path), mode="r+")
+    h, w = store.shape
+    for v in variables:
+        dims = ["time", "number", "prediction_timedelta", *(["level"] if v.has_level else []), "latitude", "longitude"]
+        shape = (times.size, members, steps, *((len(levels),) if v.has_level else ()), h, w)
+        default = {"units": WB2_UNITS[v.name]} if v.name in WB2_UNITS else {}
+        default["long_name"] = v.name.replace("_", " ")
+        group.create_array(
+            v.name,
+            shape=shape,
+            chunks=(1, 1, 1, *shape[3:]),
+            dtype="float32",
+            fill_value=np.nan,
+            attributes={**_attrs(src, v.name, default), "_ARRAY_DIMENSIONS": dims},
+        )
+    zarr.consolidate_metadata(str(path))
+
+
+class _Writer:
+    """Writes one (member batch, step) of one initial time into every output array."""
+
+    def __init__(self, path: Path, channels: Sequence[str], flip_lat: bool):
+        import zarr
+
+        group = zarr.open_group(str(path), mode="r+")
+        variables, _ = _output_variables(channels)
+        self.arrays = [(v, group[v.name]) for v in variables]
+        self.flip_lat = flip_lat
+
+    def write(self, i: int, m0: int, s: int, values: np.ndarray) -> None:
+        """``values`` (m, C, H, W), latitude 90N first."""
+        if self.flip_lat:
+            values = values[..., ::-1, :]
+        m1 = m0 + values.shape[0]
+        for v, arr in self.arrays:
+            if v.has_level:
+                idx = np.asarray(v.channel_index)
+                block = values[:, np.maximum(idx, 0)]  # a copy: fancy indexing
+                block[:, idx < 0] = np.nan
+            else:
+                block = np.ascontiguousarray(values[:, v.channel_index[0]])
+            arr[i, m0:m1, s] = block
+
+
+def _read_progress(path: Path) -> dict[str, Any] | None:
+    f = path / PROGRESS_FILE
+    if not f.is_file():
+        return None
+    blob = json.loads(f.read_text())
+    return blob if blob.get("format") == FORMAT else None
+
+
+def _write_progress(path: Path, arguments: dict[str, Any], complete: list[str], run: dict[str, Any]) -> None:
+    from fcn3_lightning.io import atomic_path
+
+    # atomically: a kill leaves the previous list, never a torn one
+    with atomic_path(path / PROGRESS_FILE) as tmp:
+        tmp.write_text(json.dumps({"format": FORMAT, "arguments": arguments, "complete": complete, "run": run}, indent=1))
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    out = []
+    for k in sorted(set(old) | set(new)):
+        if old.get(k) != new.get(k):
+            a, b = (_short(x.get(k)) for x in (old, new))
+            out.append(f"{k}: {a} there, {b} now")
+    return out
+
+
+def _short(v: Any) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _written_by_predict(path: Path) -> bool:
+    try:
+        return "fcn3_lightning_predict" in json.loads((path / ".zattrs").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def predict(
+    predictor: Predictor,
+    init_times: Sequence[str | np.datetime64],
+    output: str | Path,
+    *,
+    members: int | None = None,
+    steps: int = 40,
+    batch_members: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    callback: Callable[[np.datetime64, int, int], None] | None = None,
+) -> Path:
+    """Forecast every initial time and write the WB2 forecast store ``output``; returns its path.
+
+    Args:
+        predictor: from :func:`load_predictor`.
+        init_times: initial times (each must be a time of the data store).
+        output: the Zarr store to write (built as ``<output>.partial``, renamed when complete).
+        members: ensemble size (default: the checkpoint's validation ensemble size).
+        steps: number of 6 h steps (lead times step, 2 step, ...).
+        batch_members: members run at once (default: all); lower it to save memory.
+        overwrite: replace an existing ``output`` (kept until the new one is complete) or a ``.partial``
+            store of another run.
+        progress: show a progress bar.
+        callback: called after every write with (initial time, first member, step index).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    members = _check_count("members", predictor.default_members if members is None else members, 1)
+    steps = _check_count("steps", steps, 1)
+    batch_members = _check_count("batch_members", members if batch_members is None else batch_members, 1, members)
+    times = _check_init_times(predictor.store, init_times)
+    output = Path(output)
+    partial = output.with_name(output.name + PARTIAL_SUFFIX)
+    arguments = {
+        "format": FORMAT,
+        "checkpoint_sha256": _sha256(Path(predictor.source["checkpoint"])),
+        "data": str(predictor.store.path.resolve()),
+        "stats_sha256": _sha256(Path(predictor.source["stats"])),
+        "channels": predictor.channels,
+        "init_times": [_iso(t) for t in times],
+        "members": members,
+        "steps": steps,
+        "step_hours": predictor.step_hours,
+        "noise_seed": predictor.noise_seed,
+        "noise_key": NOISE_KEY,
+    }
+    run = {**predictor.source, "device": str(predictor.device), "batch_members": batch_members, "torch": torch.__version__}
+
+    if output.exists() and not overwrite:
+        done = _read_progress(output)
+        if done is None:
+            raise ValueError(f"{output} exists and is not a forecast written by predict; choose another --output or pass --overwrite")
+        diff = _differences(done["arguments"], arguments)
+        if diff:
+            raise ValueError(
+                f"{output} holds a forecast with other arguments ({'; '.join(diff)}); choose another --output or pass --overwrite"
+            )
+        print(f"{output} is complete already: nothing to do", file=sys.stderr)
+        return output
+
+    complete: set[str] = set()
+    if partial.exists():
+        prev = _read_progress(partial)
+        if prev is None and not _written_by_predict(partial):
+            raise ValueError(f"{partial} exists and was not written by predict; move it out of the way")
+        diff = [] if prev is None else _differences(prev["arguments"], arguments)
+        if diff and not overwrite:
+            raise ValueError(
+                f"{partial} holds an unfinished forecast with other arguments ({'; '.join(diff)}); rerun with those "
+                "arguments to finish it, or pass --overwrite to start over"
+            )
+        if prev is None or diff:  # killed while being created, or replaced on request: nothing to keep
+            shutil.rmtree(partial)
+        else:
+            complete = set(prev["complete"]) & set(arguments["init_times"])
+            for stale in partial.glob(f".{PROGRESS_FILE}.*.tmp"):  # a progress rewrite cut short by a kill
+                stale.unlink()
+    if not partial.exists():
+        _create_store(partial, predictor, times, members, steps, arguments)
+        _write_progress(partial, arguments, [], run)
+    elif complete:
+        print(f"resuming {partial}: {len(complete)} of {times.size} initial times are finished", file=sys.stderr)
+
+    todo = [i for i, t in enumerate(times) if _iso(t) not in complete]
+    writer = _Writer(partial, predictor.channels, predictor.store.flip_lat)
+    n_batches = -(-members // batch_members)
+    bar = tqdm(total=len(todo) * n_batches * steps, desc="predict", unit="step", disable=not progress)
+    try:
+        for i in todo:
+            t = times[i]
+            bar.set_postfix_str(_iso(t))
+            for m0, s, values in predictor.forecast(t, members, steps, batch_members):
+                writer.write(i, m0, s, values)  # at once: memory does not grow with the steps
+                bar.update(1)
+                if callback is not None:
+                    callback(t, m0, s)
+            complete.add(_iso(t))
+            _write_progress(partial, arguments, [x for x in arguments["init_times"] if x in complete], run)
+    except BaseException:
+        bar.close()
+        print(
+            f"predict stopped: {len(complete)} of {times.size} initial times are finished in {partial}; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        raise
+    bar.close()
+    _swap_in(partial, output)
+    return output
+
+
+def _swap_in(partial: Path, output: Path) -> None:
+    """Rename the finished store to ``output``; an old ``output`` stays until then, and is removed after."""
+    old = output.with_name(output.name + ".old")
+    if output.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(output, old)
+    os.replace(partial, output)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+# --- command line -------------------------------------------------------------------------------------
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``predict`` on an argparse sub-command parser (``func`` runs it)."""
+    p = subparsers.add_parser(
+        "predict",
+        help="ensemble forecasts from a checkpoint into a WeatherBench2 forecast Zarr",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--checkpoint", required=True, help="a checkpoint of this project, a model file, or a reference checkpoint/package")
+    p.add_argument("--config", help="reference architecture (config.json / manifest.json) for a reference checkpoint file")
+    p.add_argument("--data-path", help="WB2 store with the initial conditions (default: the checkpoint's training store / default world)")
+    p.add_argument("--stats", help="normalisation statistics (default: the checkpoint's, else <store>.stats.json)")
+    when = p.add_mutually_exclusive_group(required=True)
+    when.add_argument("--init-times", nargs="+", metavar="TIME", help="initial times, e.g. 2002-07-01T00 2002-07-02T12")
+    when.add_argument("--init-range", nargs=2, metavar=("START", "END"), help="every store time in START .. END (inclusive) ...")
+    p.add_argument("--init-every-hours", type=int, default=12, help="... every this many hours from START (default 12)")
+    p.add_argument("--members", type=int, help="ensemble size (default: the checkpoint's validation ensemble size, else 4)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="number of 6 h steps (default 40: 10 days)")
+    length.add_argument("--lead-days", type=float, help="forecast length in days (a whole number of steps; e.g. 60)")
+    p.add_argument("--output", default="forecast.zarr", help="output Zarr store (default forecast.zarr)")
+    p.add_argument("--seed", type=int, help="noise seed (default: the checkpoint's noise_seed, else 333)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--batch-members", type=int, help="members run at once (default: all; lower saves memory)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output, or a .partial store of another run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_cli)
+    return p
+
+
+def run_cli(args: argparse.Namespace) -> None:
+    """``predict``: the argparse entry point."""
+    # cheap checks before the (slow) model load
+    if args.members is not None:
+        _check_count("--members", args.members, 1)
+    if args.steps is not None:
+        _check_count("--steps", args.steps, 1)
+    if args.batch_members is not None:
+        _check_count("--batch-members", args.batch_members, 1, args.members)
+    predictor = load_predictor(
+        args.checkpoint, data_path=args.data_path, stats_path=args.stats, config=args.config, device=args.device, noise_seed=args.seed
+    )
+    if args.init_times:
+        times = args.init_times
+    else:
+        times = init_times_in_range(predictor.store, args.init_range[0], args.init_range[1], args.init_every_hours)
+    steps = lead_days_to_steps(args.lead_days, predictor.step_hours) if args.lead_days is not None else (args.steps or 40)
+    members = args.members or predictor.default_members
+    out = predict(
+        predictor,
+        times,
+        args.output,
+        members=members,
+        steps=steps,
+        batch_members=args.batch_members,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(f"wrote {out}: {len(times)} initial times x {members} members x {steps} steps of {predictor.step_hours} h")

@@ -168,11 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="overwrite an existing store")
     p.set_defaults(func=_era5_sample)
 
+    from fcn3_lightning.eval.cli import add_cli as add_evaluate_cli
     from fcn3_lightning.eval.leaderboard import add_cli as add_leaderboard_cli
     from fcn3_lightning.inference import add_cli as add_predict_cli
 
     add_predict_cli(sub)
 
+    add_evaluate_cli(sub)
     add_leaderboard_cli(sub)
 
     args = parser.parse_args(argv)

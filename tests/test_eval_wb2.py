@@ -1,0 +1,513 @@
+"""The evaluation harness (``python -m fcn3_lightning evaluate``) reproduces WeatherBench2's own numbers.
+
+The harness runs on the reference fixture (tests/data/wb2_fixture_5p625: forecast_det.zarr and forecast_ens.zarr
+as two runs, with the fixture's climatology.zarr), and every record of the fixture's reference files is read back
+from the written CSVs and compared with the README's per-record tolerances. Record counts are asserted, so nothing
+is skipped silently. Also: the climatology computation against an independent numpy implementation of WB2's
+definition, SEEPS' pieces, the netCDF layout, atomic outputs and the error cases.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+from fcn3_lightning.eval.cli import main as cli_main
+from fcn3_lightning.eval.climatology import compute_climatology, weighted_quantile, window_weights
+from fcn3_lightning.eval.harness import Options, evaluate
+from fcn3_lightning.eval.seeps import scoring_matrix
+
+from fcn3_lightning.metrics import REGIONS
+
+FIXTURE = Path(__file__).parent / "data" / "wb2_fixture_5p625"
+KEYS = ["eval", "variable", "metric", "region", "level", "lead_time_hours"]
+DEBIASED = ["debiased_ensemble_mean_mse", "debiased_ensemble_mean_rmse", "spread_skill_ratio_debiased"]
+SPECTRA = ("geopotential", "2m_temperature")  # all levels of geopotential, as the reference
+EXPECTED_ROWS = {"det": 8256, "ens": 26112, "per_init_sample": 3288, "rank_histogram": 450, "spectra": 26400}
+RUN_SECONDS: dict[str, float] = {}
+
+
+def _read(path: Path) -> pd.DataFrame:
+    df = pd.read_csv(path)
+    if "level" in df:
+        df["level"] = df["level"].fillna(-1).astype(int)
+    return df
+
+
+def _reference(name: str) -> pd.DataFrame:
+    df = _read(FIXTURE / f"{name}.csv.gz")
+    assert len(df) == EXPECTED_ROWS[name], f"{name}.csv.gz has {len(df)} rows"
+    return df
+
+
+def _run(kind: str, out: Path, **kw) -> dict:
+    t0 = time.perf_counter()
+    meta = evaluate(
+        FIXTURE / f"forecast_{kind}.zarr",
+        FIXTURE / "obs.zarr",
+        out,
+        FIXTURE / "climatology.zarr",
+        Options(spectra=SPECTRA, progress=False, **kw),
+    )
+    RUN_SECONDS[kind] = time.perf_counter() - t0
+    return meta
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("wb2_eval")
+    out = {}
+    for kind in ("det", "ens"):
+        out[kind] = base / kind
+        _run(kind, out[kind])
+    return out
+
+
+def _tolerance(merged: pd.DataFrame) -> np.ndarray:
+    """The fixture README's per-record rule (as tests/test_metrics_wb2.py)."""
+    ref = merged["value_ref"].abs().to_numpy()
+    tol = 5e-5 * ref
+    debiased = merged["metric"].isin(DEBIASED).to_numpy()
+    tol[debiased] = 1e-3 * ref[debiased]
+    bias = (merged["metric"] == "bias").to_numpy()
+    tol[bias] += 1e-3 * merged["mae_ref"].abs().to_numpy()[bias]
+    return tol
+
+
+def _compare(ref: pd.DataFrame, ours: pd.DataFrame, keys: list[str], what: str) -> float:
+    ref = ref.rename(columns={"value": "value_ref"})
+    mae = ref[ref["metric"] == "mae"].drop(columns="metric").rename(columns={"value_ref": "mae_ref"})
+    ref = ref.merge(mae, on=[k for k in keys if k != "metric"], how="left")
+    merged = ref.merge(ours, on=keys, how="left", validate="one_to_one", indicator=True)
+    missing = merged["_merge"] != "both"
+    assert not missing.any(), f"{what}: {missing.sum()} reference records not written by the harness:\n{merged[missing].head()}"
+    assert len(merged) == len(ref)
+    a, r = merged["value"].to_numpy(), merged["value_ref"].to_numpy()
+    both_nan = np.isnan(a) & np.isnan(r)
+    diff = np.where(both_nan, 0.0, np.abs(a - r))
+    tol = _tolerance(merged)
+    bad = ~(diff <= tol) & ~both_nan
+    rel = diff / np.maximum(np.abs(r), 1e-300)
+    worst = np.nanmax(np.where(both_nan, 0, diff / tol))
+    print(f"{what}: {len(merged)} records, max relative difference {np.nanmax(rel):.2e}, max |diff|/tolerance {worst:.3f}")
+    for (ev, metric), g in merged.assign(rel=rel).groupby(["eval", "metric"]):
+        print(f"  {ev:36s} {metric:42s} {len(g):5d} records, max rel diff {g['rel'].max():.2e}")
+    assert not bad.any(), (
+        f"{what}: {bad.sum()} records outside tolerance; worst:\n{merged.assign(rel=rel)[bad].sort_values('rel').tail(10)}"
+    )
+    return float(np.nanmax(rel))
+
+
+def test_det_and_ens_scores_match_reference(runs):
+    """Every record of det.csv.gz and ens.csv.gz, incl. seeps_24hr, 10m_wind_vector and both baselines."""
+    ours = pd.concat([_read(runs["det"] / "scores.csv"), _read(runs["ens"] / "scores.csv")], ignore_index=True)
+    assert list(pd.read_csv(runs["det"] / "scores.csv", nrows=0).columns) == KEYS + ["value"]
+    det, ens = _reference("det"), _reference("ens")
+    _compare(det, _read(runs["det"] / "scores.csv"), KEYS, "det.csv.gz vs the deterministic run")
+    _compare(ens, _read(runs["ens"] / "scores.csv"), KEYS, "ens.csv.gz vs the ensemble run")
+    # the baselines do not depend on the forecast: the ensemble run's climatology baseline is the same
+    clim = det[det["eval"] == "climatology_baseline_deterministic"]
+    _compare(clim, _read(runs["ens"] / "scores.csv"), KEYS, "det.csv.gz climatology baseline vs the ensemble run")
+    # every region and both special variables were compared
+    assert set(ours["region"]) == set(REGIONS)
+    assert {"seeps_24hr", "acc"} <= set(ours["metric"])
+    assert "10m_wind_vector" in set(ours["variable"])
+
+
+def test_persistence_baseline_rows(runs):
+    """Not in the fixture: check persistence against its definition (truth at init) for one record, and crps = mae."""
+    df = _read(runs["det"] / "scores.csv")
+    p = df[df["eval"] == "persistence_baseline"]
+    assert set(p["metric"]) == {"mse", "rmse", "rmse_sqrt_before_time_avg", "bias", "mae", "acc", "seeps_24hr", "crps"}
+    crps = p[p["metric"] == "crps"].drop(columns="metric").set_index(KEYS[:2] + KEYS[3:])["value"]
+    mae = p[p["metric"] == "mae"].drop(columns="metric").set_index(KEYS[:2] + KEYS[3:])["value"]
+    pd.testing.assert_series_equal(crps.sort_index(), mae.sort_index())
+    obs = xr.open_zarr(FIXTURE / "obs.zarr")
+    det = xr.open_zarr(FIXTURE / "forecast_det.zarr", decode_timedelta=True)
+    inits = det["time"].values
+    lead = det["prediction_timedelta"].values[1]
+    o = obs["2m_temperature"].sel(time=inits + lead).values.astype(np.float64)
+    f = obs["2m_temperature"].sel(time=inits).values.astype(np.float64)
+    w = np.cos(np.deg2rad(obs["latitude"].values))[:, None] * np.ones(obs.sizes["longitude"])
+    mse = np.mean([(w * (f[i] - o[i]) ** 2).sum() / w.sum() for i in range(len(inits))])
+    row = p[(p["variable"] == "2m_temperature") & (p["metric"] == "mse") & (p["region"] == "global") & (p["lead_time_hours"] == 48)]
+    np.testing.assert_allclose(row["value"].item(), mse, rtol=1e-6)  # float32 work
+
+
+def test_per_init_matches_reference(runs):
+    ref = _reference("per_init_sample")
+    keys = [*KEYS, "init_time"]
+    ours = pd.concat([_read(runs["det"] / "per_init.csv"), _read(runs["ens"] / "per_init.csv")], ignore_index=True)
+    _compare(ref, ours, keys, "per_init_sample.csv.gz")
+    assert set(ours["region"]) == {"global"}
+
+
+def test_rank_histogram_matches_reference(runs):
+    ref = _reference("rank_histogram").rename(columns={"value": "value_ref"})
+    ours = _read(runs["ens"] / "rank_histogram.csv")
+    keys = ["eval", "variable", "metric", "level", "lead_time_hours", "bin"]
+    merged = ref.merge(ours, on=keys, how="left", validate="one_to_one")
+    assert merged["value"].notna().all() and len(merged) == 450
+    tol = np.where(merged["variable"] == "total_precipitation_24hr", 0.03, 5e-3)
+    diff = (merged["value"] - merged["value_ref"]).abs()
+    other = diff[merged["variable"] != "total_precipitation_24hr"].max()
+    print(f"rank_histogram.csv.gz: 450 records, max |diff| {diff.max():.2e} (precipitation), {other:.2e} (others)")
+    assert (diff <= tol).all(), merged[diff > tol].head()
+
+
+def test_spectra_match_reference(runs):
+    ref = _reference("spectra").rename(columns={"value": "value_ref"})
+    ours = pd.concat([_read(runs["det"] / "spectra.csv"), _read(runs["ens"] / "spectra.csv")], ignore_index=True)
+    ours = ours.drop_duplicates(
+        subset=["dataset", "variable", "level", "lead_time_hours", "latitude", "zonal_wavenumber"]
+    )  # obs: both runs
+    for df in (ref, ours):
+        df["lead_time_hours"] = df["lead_time_hours"].fillna(-1).astype(int)
+    keys = ["eval", "dataset", "variable", "level", "lead_time_hours", "latitude", "zonal_wavenumber"]
+    merged = ref.merge(ours, on=keys, how="left", validate="one_to_one")
+    assert merged["value"].notna().all() and len(merged) == 26400
+    s0 = merged.merge(merged[merged["zonal_wavenumber"] == 0][keys[:-1] + ["value_ref"]].rename(columns={"value_ref": "s0"}), on=keys[:-1])[
+        "s0"
+    ].to_numpy()
+    s = merged["value_ref"].to_numpy()
+    diff = np.abs(merged["value"].to_numpy() - s)
+    tol = 5e-5 * s + 1e-6 * np.sqrt(s * s0)
+    print(f"spectra.csv.gz: 26400 records, max |diff|/tolerance {np.max(diff / tol):.3f}, max relative {np.max(diff / s):.2e}")
+    assert (diff <= tol).all()
+
+
+def test_netcdf_layout_and_meta(runs):
+    meta = json.loads((runs["ens"] / "meta.json").read_text())
+    assert meta["evals"] == [
+        "ensemble_mean_deterministic",
+        "probabilistic",
+        "ensemble_experimental",
+        "persistence_baseline",
+        "climatology_baseline_deterministic",
+        "probabilistic_climatology_baseline",
+    ]
+    assert meta["members"] == 4 and len(meta["inits"]) == 4 and meta["probabilistic_climatology_years"] == [2017, 2018, 2019]
+    scores = _read(runs["ens"] / "scores.csv")
+    for ev in meta["evals"]:
+        ds = xr.open_dataset(runs["ens"] / f"{ev}.nc")
+        assert ds["geopotential"].dims == ("metric", "region", "lead_time", "level")
+        assert ds["2m_temperature"].dims == ("metric", "region", "lead_time")
+        assert np.issubdtype(ds["lead_time"].dtype, np.timedelta64)
+        row = scores[
+            (scores["eval"] == ev) & (scores["variable"] == "geopotential") & (scores["level"] == 500) & (scores["region"] == "europe")
+        ]
+        row = row[row["lead_time_hours"] == 48].iloc[0]
+        v = ds["geopotential"].sel(metric=row["metric"], region="europe", level=500, lead_time=np.timedelta64(48, "h")).item()
+        np.testing.assert_equal(v, row["value"])
+    assert sorted(p.name for p in runs["ens"].iterdir()) == sorted(meta["files"])  # no temporary files left
+
+
+def test_runtime(runs):
+    print(f"harness runtimes: {RUN_SECONDS}")
+    assert sum(RUN_SECONDS.values()) < 60
+
+
+def test_float64_work_meets_tolerances(tmp_path):
+    """The runs above use the default float32 work (as WB2); float64 work meets the tolerances too, more closely."""
+    for kind in ("det", "ens"):
+        _run(kind, tmp_path / kind, dtype="float64")
+        worst = _compare(_reference(kind), _read(tmp_path / kind / "scores.csv"), KEYS, f"{kind}.csv.gz (float64 work)")
+        assert worst < 2e-4
+
+
+# --- climatology --------------------------------------------------------------------------------------------
+
+
+def _numpy_climatology(times: pd.DatetimeIndex, x: np.ndarray, hour: int, window: int = 61) -> np.ndarray:
+    """WB2's stack-years / fill day 366 / wrap-pad / weighted rolling mean, written out with numpy loops."""
+    half = window // 2
+    w = np.concatenate([np.linspace(0, 1, half + 1), np.linspace(1, 0, half + 1)[1:]])
+    years = sorted(set(times.year))
+    rows = np.full((len(years), 366, *x.shape[1:]), np.nan)
+    for i, t in enumerate(times):
+        if t.hour == hour:
+            rows[years.index(t.year), t.day_of_year - 1] = x[i]
+    for yi, y in enumerate(years):
+        if not calendar.isleap(y):
+            rows[yi, 365] = rows[yi, 364]
+    padded = np.concatenate([rows[:, -half:], rows, rows[:, :half]], axis=1)
+    out = np.empty((366, *x.shape[1:]))
+    for d in range(366):
+        win = padded[:, d : d + window]  # (year, window, ...)
+        ww = np.broadcast_to(w.reshape(1, -1, *([1] * (x.ndim - 1))), win.shape)
+        ok = np.isfinite(win)
+        out[d] = np.where(ok, win * ww, 0).sum((0, 1)) / np.where(ok, ww, 0).sum((0, 1))
+    return out
+
+
+def test_climatology_matches_independent_numpy():
+    rng = np.random.default_rng(0)
+    times = pd.date_range("2019-01-01", "2020-12-31T18", freq="6h")
+    times = times[rng.random(times.size) > 0.05]  # some missing times
+    doy = times.day_of_year.to_numpy()
+    x = (np.sin(2 * np.pi * doy / 366)[:, None, None] * 10 + rng.normal(size=(times.size, 2, 3))).astype(np.float32)
+    x[rng.random(x.shape) < 0.01] = np.nan  # and some NaN points
+    obs = xr.Dataset(
+        {"t": (("time", "latitude", "longitude"), x)}, coords={"time": times, "latitude": [-10.0, 10.0], "longitude": [0.0, 120.0, 240.0]}
+    )
+    clim = compute_climatology(obs)
+    assert clim["t"].dims == ("hour", "dayofyear", "latitude", "longitude") and clim.sizes["dayofyear"] == 366
+    for hour in (0, 18):
+        ref = _numpy_climatology(times, x.astype(np.float64), hour)
+        np.testing.assert_allclose(clim["t"].sel(hour=hour).values, ref.astype(np.float32), rtol=2e-6, atol=1e-6)
+    w = window_weights(61)
+    assert w[0] == w[-1] == 0 and np.argmax(w) == 30 and np.isclose(w.mean(), 1)
+
+
+def test_weighted_quantile_is_xarrays():
+    rng = np.random.default_rng(1)
+    data = rng.gamma(0.7, size=(40, 5))
+    data[rng.random(data.shape) < 0.2] = np.nan
+    weights = rng.random(40)
+    ours = weighted_quantile(data, weights, 2 / 3)
+    ref = xr.DataArray(data, dims=("s", "p")).weighted(xr.DataArray(weights, dims="s")).quantile(2 / 3, dim="s").values
+    np.testing.assert_allclose(ours, ref, rtol=1e-12)
+
+
+def test_seeps_scoring_matrix():
+    s = scoring_matrix(np.array([[0.05, 0.5, 0.9]]))
+    assert np.isnan(s[:, :, 0, 0]).all() and np.isnan(s[:, :, 0, 2]).all()
+    p = np.float32(0.5)
+    np.testing.assert_allclose(
+        s[:, :, 0, 1], 0.5 * np.array([[0, 1 / (1 - p), 4 / (1 - p)], [1 / p, 0, 3 / (1 - p)], [1 / p + 3 / (2 + p), 3 / (2 + p), 0]])
+    )
+
+
+def test_computed_climatology_run(tmp_path):
+    """Without --climatology the harness computes WB2's climatology from the truth (here: four Januaries) and runs."""
+    meta = evaluate(
+        FIXTURE / "forecast_det.zarr",
+        FIXTURE / "obs.zarr",
+        tmp_path,
+        None,
+        Options(progress=False, regions=["global", "tropics"], spectra=()),
+    )
+    assert "computed from the truth" in meta["climatology"] and meta["seeps"]
+    df = _read(tmp_path / "scores.csv")
+    assert df["value"].notna().all()
+    assert set(df["eval"]) == {
+        "deterministic",
+        "persistence_baseline",
+        "climatology_baseline_deterministic",
+        "probabilistic_climatology_baseline",
+    }
+
+
+# --- errors and outputs -------------------------------------------------------------------------------------
+
+
+def _small(kind: str = "det") -> tuple[xr.Dataset, xr.Dataset, xr.Dataset]:
+    fc = xr.open_zarr(FIXTURE / f"forecast_{kind}.zarr", decode_timedelta=True)[["2m_temperature", "geopotential"]].load()
+    obs = xr.open_zarr(FIXTURE / "obs.zarr")[["2m_temperature", "geopotential", "land_sea_mask"]].load()
+    clim = xr.open_zarr(FIXTURE / "climatology.zarr")[["2m_temperature", "geopotential"]].load()
+    return fc.drop_encoding(), obs.drop_encoding(), clim.drop_encoding()
+
+
+def _cli(tmp_path: Path, fc, obs, clim, *extra: str) -> tuple[int, str]:
+    paths = {}
+    for name, ds in (("fc", fc), ("obs", obs), ("clim", clim)):
+        if ds is not None:
+            paths[name] = tmp_path / f"{name}.zarr"
+            ds.to_zarr(paths[name], mode="w")
+    args = ["--forecast", str(paths["fc"]), "--obs", str(paths["obs"]), "--out", str(tmp_path / "out"), "--no-progress", *extra]
+    if "clim" in paths:
+        args += ["--climatology", str(paths["clim"])]
+    return cli_main(args), str(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "case, match",
+    [
+        ("missing_valid", r"2 valid times .* missing from the truth .*2020-01-05T00:00:00, 2020-01-05T12:00:00"),
+        ("grid", r"grids differ in longitude"),
+        ("no_lead", r"no 'prediction_timedelta' dimension"),
+        ("nan", r"forecast has NaN .* in 'geopotential/700' at init 2020-01-01T12:00:00, lead 48 h"),
+        ("nan_obs", r"truth has NaN .* '2m_temperature'"),
+        ("clim_var", r"climatology .* lacks the variable 'geopotential'"),
+        ("obs_var", r"'geopotential' is in the forecast .* but not in the truth"),
+        ("obs_level", r"'geopotential' lacks the levels \[850\]"),
+    ],
+)
+def test_errors(tmp_path, capsys, case, match):
+    fc, obs, clim = _small()
+    if case == "missing_valid":
+        obs = obs.sel(time=obs["time"] < np.datetime64("2020-01-05"))
+    elif case == "grid":
+        obs = obs.assign_coords(longitude=obs["longitude"] + 1.0)
+    elif case == "no_lead":
+        fc = fc.isel(prediction_timedelta=0, drop=True)
+    elif case == "nan":
+        fc["geopotential"][1, 1, 1, 5, 5] = np.nan
+    elif case == "nan_obs":
+        obs["2m_temperature"][-1, 3, 3] = np.nan
+    elif case == "clim_var":
+        clim = clim.drop_vars("geopotential")
+    elif case == "obs_var":
+        obs = obs.drop_vars("geopotential")
+    elif case == "obs_level":
+        obs = obs.sel(level=[500, 700])
+    rc, out = _cli(tmp_path, fc, obs, clim)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert pd.Series([err]).str.contains(match, regex=True).item(), err
+    assert not Path(out).exists() or not any(Path(out).iterdir())  # nothing written
+
+
+def test_skipna(tmp_path):
+    """--skipna: NaN points are left out of the spatial means (weights renormalised), here checked against numpy."""
+    fc, obs, clim = _small()
+    fc["2m_temperature"][:, :, :4, :] = np.nan  # the 4 southernmost rows of every forecast
+    rc, out = _cli(tmp_path, fc, obs, clim, "--skipna", "--regions", "global,tropics", "--no-baselines", "--spectra", "none")
+    assert rc == 0
+    df = _read(Path(out) / "scores.csv")
+    got = df.query("variable == '2m_temperature' and metric == 'mse' and region == 'global' and lead_time_hours == 24")["value"].item()
+    f = fc["2m_temperature"].isel(prediction_timedelta=0).values.astype(np.float64)
+    o = obs["2m_temperature"].sel(time=fc["time"].values + fc["prediction_timedelta"].values[0]).values.astype(np.float64)
+    w = np.cos(np.deg2rad(fc["latitude"].values))[:, None] * np.ones(fc.sizes["longitude"])
+    ok = np.isfinite(f)
+    want = np.mean([(np.where(ok[i], w * (f[i] - o[i]) ** 2, 0)).sum() / np.where(ok[i], w, 0).sum() for i in range(f.shape[0])])
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    assert df["value"].notna().all()
+
+
+def test_failure_keeps_previous_outputs(tmp_path, monkeypatch):
+    """A run that fails while writing leaves the folder as the previous run left it (no partial or temporary files)."""
+    fc, obs, clim = _small()
+    rc, out = _cli(tmp_path, fc, obs, clim, "--regions", "global", "--spectra", "none")
+    assert rc == 0
+    before = {p.name: p.read_bytes() for p in Path(out).iterdir()}
+    import fcn3_lightning.eval.results as results
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(results, "write_netcdf", boom)
+    monkeypatch.setattr("fcn3_lightning.eval.harness.write_netcdf", boom)
+    with pytest.raises(OSError, match="disk full"):
+        evaluate(
+            tmp_path / "fc.zarr",
+            tmp_path / "obs.zarr",
+            out,
+            tmp_path / "clim.zarr",
+            Options(progress=False, regions=["tropics"], spectra=()),
+        )
+    after = {p.name: p.read_bytes() for p in Path(out).iterdir()}
+    assert after == before
+
+
+def test_ensemble_block_split_is_exact(tmp_path):
+    """Tiny blocks (one init, one lead and one variable group at a time) give the same numbers as one block.
+
+    Except where the rank histogram breaks ties at random: the draws follow the blocks (within its tolerance)."""
+    fc, obs, clim = _small("ens")
+    opts = dict(progress=False, regions=["global", "europe", "global_land"], spectra=("geopotential",), dtype="float64")
+    a = evaluate(fc, obs, tmp_path / "a", clim, Options(**opts))
+    b = evaluate(fc, obs, tmp_path / "b", clim, Options(block_mb=0.05, **opts))
+    assert a["blocks"] == 1 and b["blocks"] > 10
+    for name in ("scores.csv", "per_init.csv", "rank_histogram.csv", "spectra.csv"):
+        x, y = pd.read_csv(tmp_path / "a" / name), pd.read_csv(tmp_path / "b" / name)
+        pd.testing.assert_frame_equal(x.drop(columns="value"), y.drop(columns="value"))
+        tol = dict(rtol=0, atol=2e-3) if name == "rank_histogram.csv" else dict(rtol=1e-9, atol=1e-12)  # summation order only
+        np.testing.assert_allclose(x["value"], y["value"], err_msg=name, **tol)
+
+
+# --- the fused updates ------------------------------------------------------------------------------------
+
+
+def test_sorting_network_sorts():
+    from fcn3_lightning.eval.fast import sorting_network
+
+    rng = np.random.default_rng(2)
+    for m in range(2, 21):
+        x = [row for row in rng.integers(0, 4, size=(m, 200))]  # many ties
+        for a, b in sorting_network(m):
+            x[a], x[b] = np.minimum(x[a], x[b]), np.maximum(x[a], x[b])
+        np.testing.assert_array_equal(np.stack(x), np.sort(np.stack(x), axis=0), err_msg=f"M={m}")
+
+
+@pytest.mark.parametrize("members", [2, 5, 20])
+def test_fused_updates_equal_the_classes(members):
+    """Every state the fused kernels accumulate equals what the classes' own update() accumulates."""
+    import torch
+    from fcn3_lightning.eval.fast import FusedUpdates
+
+    from fcn3_lightning.metrics import ACC, CRPS, DeterministicScores, EnergyScore, RankHistogram, SpreadSkill
+
+    g = torch.Generator().manual_seed(members)
+    lat, lon = np.linspace(-80, 80, 9), np.arange(16) * 22.5
+    lsm = np.random.default_rng(0).random((9, 16))
+    kw = dict(regions=["global", "tropics", "europe", "global_land"], land_sea_mask=lsm)
+    x = torch.randn(2, members, 3, 4, 9, 16, generator=g, dtype=torch.float32) * 3 + 100
+    x[:, :, :, 0] = x[:, :, :, 0].round()  # ties with the truth for the rank histogram
+    o = (torch.randn(2, 3, 4, 9, 16, generator=g) * 3 + 100).float()
+    o[:, :, 0] = o[:, :, 0].round()
+    c = o + torch.randn(2, 3, 4, 9, 16, generator=g).float()
+    chans, leads = ["a", "b", "c", "d"], [6, 12, 18]
+    fused = FusedUpdates("off")
+    for cls, args in ((CRPS, {}), (SpreadSkill, {}), (EnergyScore, {}), (RankHistogram, {"n_members": members, "seed": 3})):
+        a, b = cls(lat, lon, chans, leads, **kw, **args), cls(lat, lon, chans, leads, **kw, **args)
+        # ties are broken at random (by different draws): the rank histogram is compared on data without ties
+        xx, oo = (x + 0.25, o) if cls is RankHistogram else (x, o)
+        a.update(xx, oo)
+        a.update(xx[:1], oo[:1])
+        key = {CRPS: "crps", SpreadSkill: "ss", EnergyScore: "es", RankHistogram: "rank"}[cls]
+        fused.ensemble(xx, oo, **{key: b})
+        fused.ensemble(xx[:1], oo[:1], **{key: b})
+        for name in a._defaults:
+            torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-12, atol=1e-12, msg=f"{cls.__name__}.{name}")
+    s1, s2 = DeterministicScores(lat, lon, chans, leads, **kw), DeterministicScores(lat, lon, chans, leads, **kw)
+    a1, a2 = ACC(lat, lon, chans, leads, **kw), ACC(lat, lon, chans, leads, **kw)
+    s1.update(x[:, 0], o)
+    a1.update(x[:, 0], o, c)
+    fused.deterministic(x[:, 0], o, s2, a2, c)
+    for m1, m2 in ((s1, s2), (a1, a2)):
+        for name in m1._defaults:
+            torch.testing.assert_close(getattr(m2, name), getattr(m1, name), rtol=1e-12, atol=1e-12, msg=f"{type(m1).__name__}.{name}")
+
+
+def test_fused_rank_histogram_breaks_ties_uniformly():
+    """Where every member equals the truth, the rank is uniform over 0 ... M (as WB2's random tie-breaking)."""
+    import torch
+    from fcn3_lightning.eval.fast import FusedUpdates
+
+    from fcn3_lightning.metrics import RankHistogram
+
+    lat, lon = np.linspace(-89, 89, 90), np.arange(180) * 2.0
+    o = torch.randn(1, 1, 2, 90, 180)
+    x = o.unsqueeze(1).repeat(1, 5, 1, 1, 1, 1)
+    x[:, :2, :, 1] -= 1.0  # channel 1: two members below, three tied
+    rank = RankHistogram(lat, lon, ["a", "b"], [6], regions=["global", "europe"], n_members=5)
+    FusedUpdates("off").ensemble(x, o, rank=rank)
+    h = rank.compute()["rank_histogram_latweighted_spatial_mean"][:, 0]  # (R, C, K)
+    np.testing.assert_allclose(h[0, 0].numpy(), 1 / 6, atol=0.02)  # global: 16200 points
+    np.testing.assert_allclose(h[0, 1, 2:].numpy(), 1 / 4, atol=0.03)
+    np.testing.assert_allclose(h.sum(-1).numpy(), 1.0, rtol=1e-12)
+    assert float(h[:, 1, :2].abs().max()) == 0.0
+
+
+@pytest.mark.skipif(
+    not __import__("os").environ.get("FCN3_TEST_COMPILE"), reason="set FCN3_TEST_COMPILE=1: torch.compile takes ~1 min on 2 cores"
+)
+def test_compiled_kernels_equal_eager():
+    import torch
+    from fcn3_lightning.eval.fast import crps_spread_weights, deterministic_kernel, ensemble_kernel, sorting_network
+
+    x = torch.randn(10, 3 * 5 * 12 * 24)
+    o = torch.randn(3 * 5 * 12 * 24)
+    args = (x, o, torch.float64, sorting_network(10), crps_spread_weights(10), True)
+    for got, want in zip(torch.compile(ensemble_kernel, dynamic=True)(*args), ensemble_kernel(*args), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(
+        torch.compile(deterministic_kernel, dynamic=True)(o, x[0], x[1], torch.float64), deterministic_kernel(o, x[0], x[1], torch.float64)
+    )

@@ -1,1 +1,12 @@
-"""WeatherBench2-compatible evaluation (installed as ``fcn3_lightning.eval``)."""
+"""WeatherBench2-compatible evaluation (installed as ``fcn3_lightning.eval``): ``python -m fcn3_lightning evaluate``.
+
+* :mod:`.harness`: the evaluation loop (:func:`~.harness.evaluate`), evals, blocks, outputs;
+* :mod:`.cli`: the ``evaluate`` command (``add_cli``);
+* :mod:`.data`: opening the stores lazily, grid checks, reading blocks of channels;
+* :mod:`.climatology`: WB2 climatologies from a Zarr store or computed from the truth (WB2's definition);
+* :mod:`.baselines`: persistence, climatology and probabilistic-climatology forecasts;
+* :mod:`.derived`: wind speed and the wind-vector scores; :mod:`.seeps`: SEEPS as a metric class;
+* :mod:`.fast`: fused (optionally compiled) updates of the metric classes; :mod:`.adapters`: NaN-skipping and
+  per-initialisation variants of the metric classes;
+* :mod:`.results`: CSV / netCDF / meta.json writers (atomic).
+"""

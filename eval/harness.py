@@ -25,6 +25,7 @@ per-init value makes the time mean NaN.
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 import resource
 import sys
@@ -112,6 +113,16 @@ class Options:
     read_threads: int = 4
     compile: str = "auto"  # torch.compile the fused metric kernels: auto (when the data are large), on, off
     tune_malloc: bool = True  # glibc: keep freed block-sized buffers for reuse (see _keep_freed_memory)
+    memory_mb: float = 2500.0  # with tune_malloc: give freed memory back to the system above this resident size
+
+
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - glibc only
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def _keep_freed_memory() -> None:
@@ -119,14 +130,31 @@ def _keep_freed_memory() -> None:
 
     Every block allocates and frees the same few 10-100 MB temporaries; glibc maps each one anew (its mmap
     threshold stops adapting at 32 MB) and the kernel zero-fills every page on first touch, which doubled the
-    scoring time. Process-wide and permanent (the CLI process ends with the run); a no-op off glibc.
+    scoring time. Few arenas, so that buffers freed by another thread are reused; :func:`_release_memory` hands
+    fragmented free memory back when the process grows past its budget. Process-wide and permanent (the CLI
+    process ends with the run); a no-op off glibc.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
+    libc = _libc()
+    if libc is not None:
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _release_memory(limit_mb: float) -> None:
+    """malloc_trim when the resident size passes ``limit_mb`` (glibc keeps freed, fragmented heap pages)."""
+    if _rss_mb() > limit_mb:
+        libc = _libc()
+        if libc is not None:
+            libc.malloc_trim(0)
 
 
 def warn(msg: str, notes: list[str]) -> None:
@@ -845,7 +873,9 @@ class Evaluation:
             }
         sets: dict[tuple[int, int], dict[str, Any]] = {}
         load_s = wait_s = score_s = 0.0
-        bar = tqdm(total=len(self.blocks), desc=f"evaluate {self.name}", unit="block", disable=not self.opt.progress, file=sys.stderr)
+        # progress over the inits, once per channel group (the outer loop)
+        bar = tqdm(total=len(self.inits), unit="init", disable=not self.opt.progress, file=sys.stderr)
+        shown_group = -1
         with ThreadPoolExecutor(max_workers=self.opt.read_threads) as self._pool, ThreadPoolExecutor(max_workers=1) as loader:
             fut = loader.submit(self._load, self.blocks[0])
             try:
@@ -862,11 +892,15 @@ class Evaluation:
                             sets[b.key] = self._metric_set(b)
                     self._score(sets[b.key], blk)
                     del blk
+                    if self.opt.tune_malloc:
+                        _release_memory(self.opt.memory_mb)
                     score_s += time.perf_counter() - t0
-                    bar.set_postfix_str(
-                        f"init {_iso(self.inits[b.inits[0]])} vars {self.groups[b.group].channels[0].variable}...", refresh=False
-                    )
-                    bar.update(1)
+                    if b.group != shown_group:
+                        shown_group = b.group
+                        names = list(dict.fromkeys(c.variable for c in self.groups[b.group].channels))
+                        bar.reset(total=len(self.inits))
+                        bar.set_description(f"evaluate {self.name} [{b.group + 1}/{len(self.groups)}: {', '.join(names)[:60]}]")
+                    bar.update(b.inits.size * b.leads.size / len(self.leads))
             except BaseException:
                 fut.cancel()
                 raise

@@ -334,6 +334,7 @@ def _cli(tmp_path: Path, fc, obs, clim, *extra: str) -> tuple[int, str]:
         ("no_lead", r"no 'prediction_timedelta' dimension"),
         ("nan", r"forecast has NaN .* in 'geopotential/700' at init 2020-01-01T12:00:00, lead 48 h"),
         ("nan_obs", r"truth has NaN .* '2m_temperature'"),
+        ("nan_clim", r"climatology has NaN .* 'geopotential/500'"),
         ("clim_var", r"climatology .* lacks the variable 'geopotential'"),
         ("obs_var", r"'geopotential' is in the forecast .* but not in the truth"),
         ("obs_level", r"'geopotential' lacks the levels \[850\]"),
@@ -351,6 +352,8 @@ def test_errors(tmp_path, capsys, case, match):
         fc["geopotential"][1, 1, 1, 5, 5] = np.nan
     elif case == "nan_obs":
         obs["2m_temperature"][-1, 3, 3] = np.nan
+    elif case == "nan_clim":
+        clim["geopotential"][:, :, 0] = np.nan
     elif case == "clim_var":
         clim = clim.drop_vars("geopotential")
     elif case == "obs_var":
@@ -379,6 +382,32 @@ def test_skipna(tmp_path):
     want = np.mean([(np.where(ok[i], w * (f[i] - o[i]) ** 2, 0)).sum() / np.where(ok[i], w, 0).sum() for i in range(f.shape[0])])
     np.testing.assert_allclose(got, want, rtol=1e-10)
     assert df["value"].notna().all()
+
+
+def test_skipna_ensemble(tmp_path):
+    """--skipna with an ensemble: a NaN member point drops out of every ensemble score; rank histograms still sum to 1."""
+    fc, obs, clim = _small("ens")
+    fc["2m_temperature"][0, 2, :, 10, 10] = np.nan
+    meta = evaluate(fc, obs, tmp_path, clim, Options(progress=False, skipna=True, regions=["global", "tropics"], spectra=()))
+    df = _read(tmp_path / "scores.csv")
+    assert df["value"].notna().all() and meta["forecast_kind"] == "ensemble"
+    rank = _read(tmp_path / "rank_histogram.csv")
+    sums = rank.groupby(["variable", "metric", "level", "lead_time_hours"])["value"].sum()
+    np.testing.assert_allclose(sums.to_numpy(), 1.0, rtol=1e-12)
+
+
+def test_cli_registration():
+    """add_cli registers ``evaluate`` on a subparsers object, as python -m fcn3_lightning wires it."""
+    import argparse
+
+    from fcn3_lightning.eval.cli import add_cli, run
+
+    parser = argparse.ArgumentParser()
+    add_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(
+        ["evaluate", "--forecast", "f.zarr", "--obs", "o.zarr", "--out", "x", "--regions", "global,europe", "--no-baselines"]
+    )
+    assert args.func is run and args.regions == ["global", "europe"] and args.no_baselines and args.dtype == "float32"
 
 
 def test_failure_keeps_previous_outputs(tmp_path, monkeypatch):

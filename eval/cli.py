@@ -121,6 +121,12 @@ def options_from_args(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The ``evaluate`` command: errors are ``ValueError``/``FileNotFoundError`` with a message naming the culprit."""
+    import os
+    from pathlib import Path
+
+    # inductor caches the compiled metric kernels in /tmp by default, which reboots wipe: keep them with our other
+    # caches so that only the first evaluation on a machine pays the ~30 s compilation (an explicit setting wins)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "fcn3_lightning" / "inductor"))
     from fcn3_lightning.eval.harness import evaluate
 
     meta = evaluate(args.forecast, args.obs, args.out, args.climatology, options_from_args(args))

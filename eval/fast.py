@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -149,6 +150,8 @@ class FusedUpdates:
         self.warn = warn or (lambda msg: print(f"WARNING: {msg}", file=sys.stderr))
         self._compiled: dict[str, Any] = {}
         self._failed = False
+        self._background: threading.Thread | None = None
+        self._background_error: BaseException | None = None
 
     def _can_compile(self, device: torch.device) -> bool:
         if self.mode == "off" or self._failed:
@@ -157,21 +160,58 @@ class FusedUpdates:
             return True
         return device.type == "cuda" or shutil.which("g++") is not None or shutil.which("c++") is not None
 
+    def compile_in_background(self, jobs: list[tuple[str, Callable[..., Any], tuple[Any, ...]]], device: torch.device) -> None:
+        """Compile the kernels on small example inputs ``(name, kernel, args)`` in a background thread.
+
+        Until it is done every kernel runs eagerly (the first compilation takes ~30 s on 2 cores, in which the
+        other core keeps scoring); then the compiled kernels take over. No two compilations run at once: the
+        main thread compiles (a variant not in ``jobs``) only after the background thread has finished.
+        """
+        if not jobs or not self._can_compile(device):
+            return
+
+        def work() -> None:
+            try:
+                for name, fn, args in jobs:
+                    if name not in self._compiled:
+                        self._compiled[name] = torch.compile(fn, dynamic=True)
+                    self._compiled[name](*args)
+            except Exception as err:  # noqa: BLE001 - reported (and eager used) by the main thread
+                self._background_error = err
+
+        self._background = threading.Thread(target=work, name="compile-metric-kernels", daemon=True)
+        self._background.start()
+
+    def wait(self) -> None:
+        """Wait for a background compilation (so that nothing compiles after the run)."""
+        if self._background is not None:
+            self._background.join()
+
     def _run(self, name: str, fn: Callable[..., Any], device: torch.device, *args: Any) -> Any:
         if not self._can_compile(device):
             return fn(*args)
+        if self._background is not None:
+            if self._background.is_alive():
+                return fn(*args)
+            self._background = None
+            if self._background_error is not None:
+                self._give_up(self._background_error)
+                return fn(*args)
         if name not in self._compiled:
             self._compiled[name] = torch.compile(fn, dynamic=True)
         try:
             return self._compiled[name](*args)
         except Exception as err:  # noqa: BLE001 - any compiler failure: fall back to the same function, eagerly
-            if self.mode == "on":
-                raise
-            self._failed = True
-            self.warn(
-                f"torch.compile of the metric kernels failed ({type(err).__name__}: {str(err).splitlines()[0][:200]}); running them eagerly"
-            )
+            self._give_up(err)
             return fn(*args)
+
+    def _give_up(self, err: BaseException) -> None:
+        """Compilation failed: raise (``compile="on"``) or warn and run eagerly from now on."""
+        if self.mode == "on":
+            raise err
+        self._failed = True
+        first = str(err).splitlines()[0][:200] if str(err) else ""
+        self.warn(f"torch.compile of the metric kernels failed ({type(err).__name__}: {first}); running them eagerly")
 
     def _smean(self, metric: Any, x: Tensor, weights: str = "weights") -> Tensor:
         """``metric._spatial_mean`` in the dtype of ``x`` (float32 work), returned in the metric's dtype."""
@@ -270,13 +310,16 @@ class FusedUpdates:
             for name, weights in (("latweighted", rank.weights), ("unweighted", rank.uniform_weights)):
                 sums[name] = torch.einsum("nhk,rh->nrk", counts, weights[..., 0]).reshape(*lead, -1, k)  # (B, L, C, R, K)
         else:
-            idx = (torch.arange(n, device=device).unsqueeze(1) * k + r.reshape(n, h * w)).reshape(-1)
-            for name, weights in (("latweighted", rank.weights), ("unweighted", rank.uniform_weights)):
-                per_region = []
-                for wr in weights:  # (h, w) of one region
-                    wt = wr.reshape(1, h * w).expand(n, h * w).reshape(-1)
-                    per_region.append(torch.bincount(idx, weights=wt, minlength=n * k).reshape(*lead, k).to(rank.compute_dtype))
-                sums[name] = torch.stack(per_region, -2)
+            # one-hot (n, k, points) x weights (points, 2R): one GEMM instead of a weighted bincount per region
+            bins = torch.arange(k, device=device, dtype=r.dtype).view(1, k, 1)
+            dtype = self.work_dtype or rank.compute_dtype
+            both = torch.cat([rank.weights, rank.uniform_weights]).reshape(-1, h * w).T.to(dtype)  # (points, 2R)
+            flat, step = r.reshape(n, 1, h * w), max(1, (1 << 24) // (k * h * w))  # one-hot chunks of <= 16 M entries
+            per = torch.cat([torch.matmul((flat[i : i + step] == bins).to(dtype), both) for i in range(0, n, step)])
+            per = per.to(rank.compute_dtype)  # (n, k, 2R)
+            nreg = rank.weights.shape[0]
+            for i, name in enumerate(("latweighted", "unweighted")):
+                sums[name] = per[..., i * nreg : (i + 1) * nreg].transpose(1, 2).reshape(*lead, nreg, k)
         if rank.sharded:
             for out in sums.values():
                 torch.distributed.all_reduce(out, group=rank.spatial_group)
@@ -308,3 +351,11 @@ class FusedUpdates:
         if acc is not None:
             acc._accumulate(pred.shape[0], acc=sm[3] / (sm[4] * sm[5]).sqrt())
         return finite
+
+    def wind_vector(self, metric: Any, fu: Tensor, fv: Tensor, ou: Tensor, ov: Tensor) -> None:
+        """``WindVectorScores.update(fu, fv, ou, ov)`` with the squared error summed in the work dtype."""
+        self._validate([metric], fu, ou, ensemble=False)
+        dtype = self.work_dtype or metric.compute_dtype
+        du, dv = fu.to(dtype) - ou.to(dtype), fv.to(dtype) - ov.to(dtype)
+        se = self._smean(metric, du * du + dv * dv)
+        metric._accumulate(fu.shape[0], se=se, sqrt_se=se.sqrt())

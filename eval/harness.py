@@ -15,11 +15,16 @@ spectra of the forecast and of the truth (each distinct valid time once). Determ
 rmse_sqrt_before_time_avg, bias, mae, acc (climatology at the valid time), seeps_24hr (total_precipitation_24hr,
 :mod:`.seeps`), and mse/rmse/rmse_sqrt_before_time_avg of the wind vectors (:mod:`.derived`).
 
-NaN: by default any non-finite value in a block is an error naming the variable and time. With ``skipna``, a
-grid point where the truth or the forecast (any member) is not finite is dropped from that field's spatial means
-(per eval: the pair scored), the region's area weights renormalised over the remaining points (WB2's NaN-skipping
-spatial average); a field without any valid point in a region gives NaN there for that init, and a NaN
-per-init value makes the time mean NaN.
+Speed: the pointwise work of the metric classes' updates is fused into one kernel per block (:mod:`.fast`,
+compiled with ``torch.compile`` for large data), in float32 by default (WB2 computes in the data's float32; the
+fixture's tolerances hold), while the metric states, i.e. the sums over initialisations, stay float64.
+
+NaN: by default any non-finite value in the forecast, the truth or the climatology is an error naming the variable
+and time (a non-finite input makes a per-init score non-finite; only then is the block searched, so the data are
+not scanned twice). With ``skipna``, a grid point where the truth or the forecast (any member) is not finite is
+dropped from that field's spatial means (per eval: the pair scored), the region's area weights renormalised over
+the remaining points (WB2's NaN-skipping spatial average); a field without any valid point in a region gives NaN
+there for that init, and a NaN per-init value makes the time mean NaN.
 """
 
 from __future__ import annotations
@@ -45,7 +50,14 @@ from fcn3_lightning.eval.baselines import BASELINE_EVALS, BASELINES, ProbClimPla
 from fcn3_lightning.eval.climatology import _LRU, SEEPS_VARIABLE, ObsClimatology, ZarrClimatology, targets_of
 from fcn3_lightning.eval.data import Channel, SourcePlan, align_grid, ascending_latitude, level_value, open_store
 from fcn3_lightning.eval.derived import WINDS, WindVectorScores, wind_of
-from fcn3_lightning.eval.fast import FusedUpdates
+from fcn3_lightning.eval.fast import (
+    MAX_NETWORK_MEMBERS,
+    FusedUpdates,
+    crps_spread_weights,
+    deterministic_kernel,
+    ensemble_kernel,
+    sorting_network,
+)
 from fcn3_lightning.eval.results import (
     PER_INIT_COLUMNS,
     RANK_COLUMNS,
@@ -113,7 +125,7 @@ class Options:
     read_threads: int = 4
     compile: str = "auto"  # torch.compile the fused metric kernels: auto (when the data are large), on, off
     tune_malloc: bool = True  # glibc: keep freed block-sized buffers for reuse (see _keep_freed_memory)
-    memory_mb: float = 2500.0  # with tune_malloc: give freed memory back to the system above this resident size
+    memory_mb: float = 2600.0  # with tune_malloc: give freed memory back to the system above this resident size
 
 
 def _libc() -> Any:
@@ -130,15 +142,14 @@ def _keep_freed_memory() -> None:
 
     Every block allocates and frees the same few 10-100 MB temporaries; glibc maps each one anew (its mmap
     threshold stops adapting at 32 MB) and the kernel zero-fills every page on first touch, which doubled the
-    scoring time. Few arenas, so that buffers freed by another thread are reused; :func:`_release_memory` hands
-    fragmented free memory back when the process grows past its budget. Process-wide and permanent (the CLI
-    process ends with the run); a no-op off glibc.
+    scoring time. The heap then fragments over the run (buffers are freed by other threads than the ones that
+    allocated them): :func:`_release_memory` hands free pages back whenever the process grows past its budget.
+    Process-wide and permanent (the CLI process ends with the run); a no-op off glibc.
     """
     libc = _libc()
     if libc is not None:
         libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 1 << 31)  # M_TRIM_THRESHOLD
-        libc.mallopt(-8, 2)  # M_ARENA_MAX
 
 
 def _rss_mb() -> float:
@@ -258,6 +269,44 @@ class Evaluation:
         self._plan_groups()
         self._plan_blocks()
         self.fused = FusedUpdates(self._compile_mode(), lambda msg: warn(msg, self.notes), self.work_dtype)
+
+    def _compile_jobs(self) -> list[tuple[str, Any, tuple[Any, ...]]]:
+        """The kernel variants this run calls, on small example inputs (for the background compilation)."""
+        if self.opt.skipna:
+            return []
+
+        def dtype_of(ds: xr.Dataset) -> torch.dtype:
+            names = [v for v in dict.fromkeys(c.variable for c in self.channels) if v in ds.data_vars]
+            return torch.from_numpy(np.zeros(0, dtype=np.result_type(*[ds[v].dtype for v in names] or [np.float32]))).dtype
+
+        fc, obs = dtype_of(self.fc), dtype_of(self.obs)
+        clim = dtype_of(self.clim.ds) if isinstance(self.clim, ZarrClimatology) else obs
+        n, w = 64, self.work_dtype
+
+        def ens(m: int, x: torch.dtype, rank: bool) -> tuple[str, Any, tuple[Any, ...]]:
+            pairs = sorting_network(m) if m <= MAX_NETWORK_MEMBERS else []
+            return (
+                "ensemble",
+                ensemble_kernel,
+                (torch.ones(m, n, dtype=x), torch.ones(n, dtype=obs), w, pairs, crps_spread_weights(m), rank),
+            )
+
+        def det(f: torch.dtype, c: torch.dtype | None) -> tuple[str, Any, tuple[Any, ...]]:
+            return (
+                "deterministic",
+                deterministic_kernel,
+                (torch.ones(n, dtype=f), torch.ones(n, dtype=obs), None if c is None else torch.ones(n, dtype=c), w),
+            )
+
+        jobs = [ens(self.members, fc, True)] if self.ensemble else []
+        jobs.append(det(fc, clim))
+        if "persistence" in self.baselines:
+            jobs.append(det(obs, clim))
+        if "climatology" in self.baselines:
+            jobs.append(det(clim, None))
+        if self.pclim is not None:
+            jobs.append(ens(len(self.pclim.years), obs, False))
+        return jobs
 
     def _compile_mode(self) -> str:
         """auto: compile only when the data are large enough for the one-off compilation (~40 s cold) to pay off."""
@@ -792,7 +841,10 @@ class Evaluation:
             d["seeps"].metric.update(take(pred, g.seeps), take(obs, g.seeps), thr)
         if d["wind"] is not None:
             u, v = [x for _, x, _ in g.vectors], [x for _, _, x in g.vectors]
-            d["wind"].metric.update(take(f, u), take(f, v), take(o, u), take(o, v))
+            if self.opt.skipna:
+                d["wind"].metric.update(take(f, u), take(f, v), take(o, u), take(o, v))
+            else:
+                self.fused.wind_vector(d["wind"].metric, take(f, u), take(f, v), take(o, u), take(o, v))
 
     def _ens_update(self, metrics: dict[str, GriddedMetric], x: Tensor, o: Tensor, blk: Loaded) -> Tensor:
         """The ensemble scores; returns the member mean in the data's dtype (WB2's ensemble mean)."""
@@ -863,6 +915,13 @@ class Evaluation:
         t_start = time.perf_counter()
         if self.opt.tune_malloc:
             _keep_freed_memory()
+        self.fused.compile_in_background(self._compile_jobs(), self.device)
+        try:
+            return self._run(t_start)
+        finally:
+            self.fused.wait()
+
+    def _run(self, t_start: float) -> dict[str, Any]:
         self._per_init: list[tuple] = []
         self._weights_memo: dict[tuple, np.ndarray] = {}
         with shared_region_weights(self._weights_memo):

@@ -500,7 +500,12 @@ def test_fused_updates_equal_the_classes(members):
     s1.update(x[:, 0], o)
     a1.update(x[:, 0], o, c)
     fused.deterministic(x[:, 0], o, s2, a2, c)
-    for m1, m2 in ((s1, s2), (a1, a2)):
+    from fcn3_lightning.eval.derived import WindVectorScores
+
+    w1, w2 = WindVectorScores(lat, lon, chans[:2], leads, **kw), WindVectorScores(lat, lon, chans[:2], leads, **kw)
+    w1.update(x[:, 0, :, :2], x[:, 1, :, :2], o[:, :, :2], c[:, :, :2])
+    fused.wind_vector(w2, x[:, 0, :, :2], x[:, 1, :, :2], o[:, :, :2], c[:, :, :2])
+    for m1, m2 in ((s1, s2), (a1, a2), (w1, w2)):
         for name in m1._defaults:
             torch.testing.assert_close(getattr(m2, name), getattr(m1, name), rtol=1e-12, atol=1e-12, msg=f"{type(m1).__name__}.{name}")
 

@@ -11,7 +11,7 @@ and a climatology (hour x dayofyear) of the valid times. Fields are smooth patte
 "Plain read" = every forecast variable and the truth at the valid times read once into memory with xarray, one
 init at a time (what any evaluation must at least do). Each phase runs in its own process; peak memory is that
 process's peak RSS. The evaluation runs twice: first with an empty compiled-kernel cache (what the first evaluation
-on a new machine costs, ~30 s of it the one-off compilation of the fused metric kernels), then with the kernels
+on a new machine costs, ~15 s of it the one-off compilation of the fused metric kernels), then with the kernels
 cached (every later evaluation). The truth holds no earlier years, so the probabilistic-climatology baseline is
 skipped (with its warning); every metric, region and the other baselines are scored.
 """

@@ -56,21 +56,9 @@ class NaNRankHistogram(RankHistogram):
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         x, o = self._check_pair(pred, target)
-        if x.shape[1] != self.n_members:
-            raise ValueError(f"RankHistogram was built for {self.n_members} members, pred has {x.shape[1]} (dim 1)")
-        if self._generator is None or self._generator.device != x.device:
-            self._generator = torch.Generator(device=x.device).manual_seed(self.seed)
         invalid = ~torch.isfinite(o) | ~torch.isfinite(x).all(1)
-        o1 = o.unsqueeze(1)
-        below = (x < o1).sum(1)
-        ties = (x == o1).sum(1)
-        u = torch.rand(below.shape, generator=self._generator, device=x.device, dtype=torch.float64)
-        rank = below + torch.minimum((u * (ties + 1)).long(), ties)
-        onehot = torch.nn.functional.one_hot(rank, self.n_members + 1).to(self.compute_dtype)
-        onehot = onehot.masked_fill(invalid.unsqueeze(-1), float("nan")).movedim(-1, -3)
-        lat = self._spatial_mean(onehot)
-        uni = self._spatial_mean(onehot, self.uniform_weights)
-        self._accumulate(x.shape[0], latweighted=lat.movedim(-2, -1), unweighted=uni.movedim(-2, -1))
+        onehot = self._onehot_ranks(x, o).masked_fill(invalid.unsqueeze(-1), float("nan"))
+        self._accumulate_ranks(x.shape[0], onehot)
 
 
 @cache

@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from pathlib import Path
 
     # inductor caches the compiled metric kernels in /tmp by default, which reboots wipe: keep them with our other
-    # caches so that only the first evaluation on a machine pays the ~30 s compilation (an explicit setting wins)
+    # caches so that only the first evaluation on a machine pays the ~15 s compilation (an explicit setting wins)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "fcn3_lightning" / "inductor"))
     from fcn3_lightning.eval.harness import evaluate
 

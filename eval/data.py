@@ -18,6 +18,11 @@ from fcn3_lightning.eval.derived import wind_of, wind_speed
 
 Index = np.ndarray | slice
 
+# WB2's by-init forecast layout: the names of the initialisation, member and lead time dimensions
+INIT_DIMS = ("time", "init_time")
+MEMBER_DIMS = ("number", "member", "realization")
+LEAD_DIM = "prediction_timedelta"
+
 
 def open_store(source: str | Path | xr.Dataset, what: str) -> xr.Dataset:
     """A Zarr store (or netCDF file) opened lazily; datasets pass through."""

@@ -19,7 +19,7 @@ The spatial means, the states, ``_accumulate`` and ``compute`` are the classes' 
 objects), so states stay additive and DDP/sharding-safe; only the pointwise work is fused. In float64 the results
 equal the classes' to rounding (tests/test_eval_wb2.py checks every state against the classes' ``update``).
 The kernels are plain torch functions; ``compile`` runs them through ``torch.compile`` (one fused C++ loop per
-kernel, ~10x faster on the CPU; the first compilation takes ~40 s on 2 cores, later processes reuse
+kernel, ~10x faster on the CPU; the first compilation takes ~15 s on 2 cores, later processes reuse
 inductor's on-disk cache), and falls back to running them eagerly if compilation fails.
 """
 
@@ -35,6 +35,12 @@ import torch
 from torch import Tensor
 
 from fcn3_lightning.metrics import ACC, CRPS, DeterministicScores, EnergyScore, RankHistogram, SpreadSkill
+
+#: Inductor first dry-compiles a test program with torch's headers for every SIMD instruction set the CPU lists
+#: (17 of the ~20 s of the first compilation on a 2-core machine, before any kernel is built). The CPU's own flags
+#: already say what it supports; should the compiler still reject the flags, the kernel's compilation fails and
+#: FusedUpdates runs the same kernel eagerly (with a warning, or raises with compile="on").
+_INDUCTOR_OPTIONS = {"cpp.vec_isa_ok": True}
 
 #: above this ensemble size the CRPS spread sorts with torch.sort instead of an unrolled network
 MAX_NETWORK_MEMBERS = 16
@@ -163,9 +169,11 @@ class FusedUpdates:
     def compile_in_background(self, jobs: list[tuple[str, Callable[..., Any], tuple[Any, ...]]], device: torch.device) -> None:
         """Compile the kernels on small example inputs ``(name, kernel, args)`` in a background thread.
 
-        Until it is done every kernel runs eagerly (the first compilation takes ~30 s on 2 cores, in which the
-        other core keeps scoring); then the compiled kernels take over. No two compilations run at once: the
-        main thread compiles (a variant not in ``jobs``) only after the background thread has finished.
+        It starts while the stores are opened and the first blocks are read (a few seconds when inductor's cache
+        has the kernels, ~15 s on 2 cores the first time on a machine). The first kernel call waits for it:
+        scoring eagerly meanwhile was measured slower, since the eager kernels (~6x slower) and the compiler
+        then compete for the same cores while the readers keep the queue full anyway. No two compilations run
+        at once: the main thread compiles (a variant not in ``jobs``) only after the background thread finished.
         """
         if not jobs or not self._can_compile(device):
             return
@@ -174,7 +182,7 @@ class FusedUpdates:
             try:
                 for name, fn, args in jobs:
                     if name not in self._compiled:
-                        self._compiled[name] = torch.compile(fn, dynamic=True)
+                        self._compiled[name] = torch.compile(fn, dynamic=True, options=_INDUCTOR_OPTIONS)
                     self._compiled[name](*args)
             except Exception as err:  # noqa: BLE001 - reported (and eager used) by the main thread
                 self._background_error = err
@@ -191,14 +199,13 @@ class FusedUpdates:
         if not self._can_compile(device):
             return fn(*args)
         if self._background is not None:
-            if self._background.is_alive():
-                return fn(*args)
+            self._background.join()
             self._background = None
             if self._background_error is not None:
                 self._give_up(self._background_error)
                 return fn(*args)
         if name not in self._compiled:
-            self._compiled[name] = torch.compile(fn, dynamic=True)
+            self._compiled[name] = torch.compile(fn, dynamic=True, options=_INDUCTOR_OPTIONS)
         try:
             return self._compiled[name](*args)
         except Exception as err:  # noqa: BLE001 - any compiler failure: fall back to the same function, eagerly
@@ -314,7 +321,7 @@ class FusedUpdates:
             bins = torch.arange(k, device=device, dtype=r.dtype).view(1, k, 1)
             dtype = self.work_dtype or rank.compute_dtype
             both = torch.cat([rank.weights, rank.uniform_weights]).reshape(-1, h * w).T.to(dtype)  # (points, 2R)
-            flat, step = r.reshape(n, 1, h * w), max(1, (1 << 24) // (k * h * w))  # one-hot chunks of <= 16 M entries
+            flat, step = r.reshape(n, 1, h * w), max(1, (1 << 22) // (k * h * w))  # one-hot chunks of <= 4 M entries
             per = torch.cat([torch.matmul((flat[i : i + step] == bins).to(dtype), both) for i in range(0, n, step)])
             per = per.to(rank.compute_dtype)  # (n, k, 2R)
             nreg = rank.weights.shape[0]

@@ -422,7 +422,7 @@ def test_failure_keeps_previous_outputs(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(results, "write_netcdf", boom)
-    monkeypatch.setattr("fcn3_lightning.eval.harness.write_netcdf", boom)
+    monkeypatch.setattr("fcn3_lightning.eval.collect.write_netcdf", boom)
     with pytest.raises(OSError, match="disk full"):
         evaluate(
             tmp_path / "fc.zarr",

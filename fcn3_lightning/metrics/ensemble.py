@@ -153,6 +153,10 @@ class RankHistogram(GriddedMetric):
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         x, o = self._check_pair(pred, target)
+        self._accumulate_ranks(x.shape[0], self._onehot_ranks(x, o))
+
+    def _onehot_ranks(self, x: Tensor, o: Tensor) -> Tensor:
+        """The truth's rank among the members, one-hot ``(B, L, C, h, w, M + 1)`` in the compute dtype."""
         if x.shape[1] != self.n_members:
             raise ValueError(f"RankHistogram was built for {self.n_members} members, pred has {x.shape[1]} (dim 1)")
         if self._generator is None or self._generator.device != x.device:
@@ -162,10 +166,14 @@ class RankHistogram(GriddedMetric):
         ties = (x == o1).sum(1)
         u = torch.rand(below.shape, generator=self._generator, device=x.device, dtype=torch.float64)
         rank = below + torch.minimum((u * (ties + 1)).long(), ties)
-        onehot = torch.nn.functional.one_hot(rank, self.n_members + 1).to(self.compute_dtype).movedim(-1, -3)  # (B, L, C, K, h, w)
+        return torch.nn.functional.one_hot(rank, self.n_members + 1).to(self.compute_dtype)
+
+    def _accumulate_ranks(self, n: int, onehot: Tensor) -> None:
+        """Add the spatial means of one-hot ranks ``(B, L, C, h, w, K)`` to the states."""
+        onehot = onehot.movedim(-1, -3)  # (B, L, C, K, h, w)
         lat = self._spatial_mean(onehot)  # (B, L, C, K, R)
         uni = self._spatial_mean(onehot, self.uniform_weights)
-        self._accumulate(x.shape[0], latweighted=lat.movedim(-2, -1), unweighted=uni.movedim(-2, -1))
+        self._accumulate(n, latweighted=lat.movedim(-2, -1), unweighted=uni.movedim(-2, -1))
 
     def _accumulate(self, n: int, **sums: Tensor) -> None:
         # states are (R, L, C, K): move the region axis of (B, L, C, R, K) sums first

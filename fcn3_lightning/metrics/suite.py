@@ -16,24 +16,26 @@ from fcn3_lightning.metrics.base import GriddedMetric, Tile
 from fcn3_lightning.metrics.deterministic import DeterministicScores
 from fcn3_lightning.metrics.ensemble import CRPS, EnergyScore, SpreadSkill
 
+#: the scores of each ensemble metric class, in the order of its ``compute`` (the harness's rows use them too)
+CRPS_SCORES = ("crps", "crps_skill", "crps_spread")
+SPREAD_SKILL_SCORES = (
+    "ensemble_mean_mse",
+    "ensemble_mean_rmse",
+    "debiased_ensemble_mean_mse",
+    "debiased_ensemble_mean_rmse",
+    "ensemble_variance",
+    "ensemble_spread",
+    "spread_skill_ratio",
+    "spread_skill_ratio_fortin_corrected",
+    "spread_skill_ratio_debiased",
+)
+ENERGY_SCORES = ("energy_score", "energy_score_skill", "energy_score_spread")
+
 #: which metric class provides each score (deterministic scores are those of the ensemble mean)
 PROVIDERS: dict[str, type[GriddedMetric]] = {
-    **dict.fromkeys(("crps", "crps_skill", "crps_spread"), CRPS),
-    **dict.fromkeys(
-        (
-            "ensemble_mean_mse",
-            "ensemble_mean_rmse",
-            "debiased_ensemble_mean_mse",
-            "debiased_ensemble_mean_rmse",
-            "ensemble_variance",
-            "ensemble_spread",
-            "spread_skill_ratio",
-            "spread_skill_ratio_fortin_corrected",
-            "spread_skill_ratio_debiased",
-        ),
-        SpreadSkill,
-    ),
-    **dict.fromkeys(("energy_score", "energy_score_skill", "energy_score_spread"), EnergyScore),
+    **dict.fromkeys(CRPS_SCORES, CRPS),
+    **dict.fromkeys(SPREAD_SKILL_SCORES, SpreadSkill),
+    **dict.fromkeys(ENERGY_SCORES, EnergyScore),
     **dict.fromkeys(("bias", "mae"), DeterministicScores),
 }
 DEFAULT_SCORES = ("crps", "ensemble_mean_rmse", "ensemble_spread", "spread_skill_ratio", "bias")

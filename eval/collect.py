@@ -1,0 +1,250 @@
+"""The results of a run as long-form frames, and its meta data: what the writers of :mod:`.results` write.
+
+The metric objects' states become frames with one row per value (eval, variable, metric, region, level, lead
+time, ...), string columns categorical (built from integer codes, vectorised) and rows sorted by the names.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+from fcn3_lightning.eval.baselines import BASELINE_EVALS
+from fcn3_lightning.eval.plan import Plan, iso
+from fcn3_lightning.eval.results import (
+    PER_INIT_COLUMNS,
+    RANK_COLUMNS,
+    SCORE_COLUMNS,
+    SPECTRA_COLUMNS,
+    eval_dataset,
+    write_csv,
+    write_netcdf,
+)
+from torch import Tensor
+
+from fcn3_lightning.metrics import ZonalEnergySpectrum
+
+
+def collect(
+    plan: Plan, sets: dict[tuple[int, int], dict[str, Any]], obs_spectra: dict[int, ZonalEnergySpectrum], records: list[tuple]
+) -> dict[str, pd.DataFrame]:
+    """Long-form frames of every result; string columns categorical, level NaN for 2-D variables.
+
+    ``sets``: the metric sets of :class:`.score.Scorer`; ``records``: its per-initialisation values.
+    """
+    labels = [c.label for c in plan.channels] + [v.label for v in plan.vectors]
+    cats = _Categories(labels, plan.regions)
+    scores, ranks, spectra, per_init = [], [], [], []
+    for ms in sets.values():
+        leads = np.asarray(ms["leads"], dtype=np.float64)
+        for p in ms["parts"]:
+            values = p.metric.compute()
+            for key in p.keys:
+                scores.append(cats.grid(p.eval, key, values[key], leads, p.labels))
+        if ms["ens"]:
+            for key, v in ms["ens"]["rank"].compute().items():
+                ranks.append(cats.rank(key, v[0], leads, ms["group"].labels))
+        if ms["spec"] is not None:
+            spectra.append(cats.spectrum(plan.name, ms["spec"]))
+    for spec in obs_spectra.values():
+        spectra.append(cats.spectrum("obs", spec, lead=np.nan))
+    for ev, key, labs, leads, inits, a in records:
+        per_init.append(cats.per_init(ev, key, a, np.asarray(leads, dtype=np.float64), labs, inits))
+    frames = {
+        "scores": cats.frame(scores, ["eval", "variable", "metric", "region", "level", "lead_time_hours"]),
+        "per_init": cats.frame(per_init, ["eval", "variable", "metric", "region", "level", "lead_time_hours", "init_time"]),
+        "rank_histogram": cats.frame(ranks, ["eval", "variable", "metric", "level", "lead_time_hours", "bin"]),
+        "spectra": cats.frame(spectra, ["eval", "dataset", "variable", "level", "lead_time_hours", "latitude", "zonal_wavenumber"]),
+    }
+    if "persistence" in plan.baselines:  # persistence's CRPS: that of a one-member ensemble, its MAE
+        sc = frames["scores"]
+        mae = sc[(sc["eval"] == BASELINE_EVALS["persistence"]) & (sc["metric"] == "mae")].copy()
+        mae["metric"] = pd.Categorical(["crps"] * len(mae), categories=sc["metric"].cat.categories)
+        frames["scores"] = pd.concat([sc, mae], ignore_index=True)
+    return frames
+
+
+def evals(plan: Plan) -> list[str]:
+    """The evals scored (the names of WB2's results), baselines last."""
+    names = ["ensemble_mean_deterministic", "probabilistic", "ensemble_experimental"] if plan.ensemble else ["deterministic"]
+    return names + [BASELINE_EVALS[b] for b in plan.baselines]
+
+
+def meta(plan: Plan, frames: dict[str, pd.DataFrame], timing: dict[str, float]) -> dict[str, Any]:
+    """meta.json: what was scored, from what, how, with which warnings, and how long it took."""
+    import torchmetrics
+
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "name": plan.name,
+        "forecast": plan.paths["forecast"],
+        "obs": plan.paths["obs"],
+        "climatology": plan.clim_desc,
+        "forecast_kind": "ensemble" if plan.ensemble else "deterministic",
+        "members": plan.members,
+        "inits": [iso(t) for t in plan.inits],
+        "lead_hours": plan.lead_hours,
+        "variables": list(dict.fromkeys(c.variable for c in plan.channels)),
+        "channels": [c.label for c in plan.channels],
+        "wind_vectors": [v.label for v in plan.vectors],
+        "regions": plan.regions,
+        "evals": evals(plan),
+        "per_init_evals": sorted(set(frames["per_init"]["eval"])),
+        "baselines": plan.baselines,
+        "baselines_skipped": plan.skipped,
+        "probabilistic_climatology_years": plan.pclim.years if plan.pclim else [],
+        "seeps": bool(plan.seeps_on),
+        "spectra": sorted({g.labels[i] for g in plan.groups for i in g.spectra}),
+        "options": {k: v for k, v in asdict(plan.opt).items() if k != "name"},
+        "warnings": plan.notes,
+        "rows": {k: len(v) for k, v in frames.items()},
+        "blocks": len(plan.blocks),
+        "groups": [g.labels for g in plan.groups],
+        "timing": {**timing, "peak_rss_mb": rss_kb / 1024},
+        "created": pd.Timestamp.now(tz="UTC").isoformat(),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torchmetrics": torchmetrics.__version__,
+            "xarray": xr.__version__,
+            "numpy": np.__version__,
+        },
+    }
+
+
+def writers(plan: Plan, frames: dict[str, pd.DataFrame]) -> dict[str, Any]:
+    """The output files (name -> function writing it to a path), for :func:`.results.commit`."""
+    out: dict[str, Any] = {
+        "scores.csv": lambda p: write_csv(frames["scores"], SCORE_COLUMNS, p),
+        "per_init.csv": lambda p: write_csv(frames["per_init"], PER_INIT_COLUMNS, p),
+        "spectra.csv": lambda p: write_csv(frames["spectra"], SPECTRA_COLUMNS, p),
+    }
+    if plan.ensemble:
+        out["rank_histogram.csv"] = lambda p: write_csv(frames["rank_histogram"], RANK_COLUMNS, p)
+    attrs = {"model": plan.name, "forecast": plan.paths["forecast"], "obs": plan.paths["obs"], "climatology": plan.clim_desc}
+    scores = frames["scores"]
+    for ev in evals(plan):
+        df = scores[scores["eval"] == ev]
+        if len(df):
+            out[f"{ev}.nc"] = lambda p, df=df, ev=ev: write_netcdf(eval_dataset(df, ev, attrs), p)
+    return out
+
+
+class _Categories:
+    """Builds the output frames from result arrays: categorical codes for the strings, vectorised."""
+
+    def __init__(self, labels: list[str], regions: list[str]) -> None:
+        self.labels = labels
+        self.label_index = {lab: i for i, lab in enumerate(labels)}
+        self.regions = regions
+        self.pieces_meta: dict[str, list[str]] = {"eval": [], "metric": [], "dataset": [], "init_time": []}
+        self._codes: dict[str, dict[str, int]] = {k: {} for k in self.pieces_meta}
+
+    def _code(self, col: str, value: str) -> int:
+        codes = self._codes[col]
+        if value not in codes:
+            codes[value] = len(codes)
+            self.pieces_meta[col].append(value)
+        return codes[value]
+
+    def _labels(self, labs: Sequence[str]) -> np.ndarray:
+        return np.array([self.label_index[x] for x in labs], dtype=np.int64)
+
+    def grid(self, eval_name: str, metric: str, value: Tensor, leads: np.ndarray, labs: Sequence[str]) -> dict[str, Any]:
+        a = value.detach().cpu().double().numpy()  # (R, L, C)
+        r, lead, c = (x.ravel() for x in np.meshgrid(np.arange(a.shape[0]), np.arange(a.shape[1]), np.arange(a.shape[2]), indexing="ij"))
+        return {
+            "eval": self._code("eval", eval_name),
+            "metric": self._code("metric", metric),
+            "region": r,
+            "lead_time_hours": leads[lead],
+            "label": self._labels(labs)[c],
+            "value": a.ravel(),
+        }
+
+    def rank(self, metric: str, value: Tensor, leads: np.ndarray, labs: Sequence[str]) -> dict[str, Any]:
+        a = value.detach().cpu().double().numpy()  # (L, C, K)
+        lead, c, k = (x.ravel() for x in np.meshgrid(np.arange(a.shape[0]), np.arange(a.shape[1]), np.arange(a.shape[2]), indexing="ij"))
+        return {
+            "eval": self._code("eval", "rank_histogram"),
+            "metric": self._code("metric", metric),
+            "lead_time_hours": leads[lead],
+            "label": self._labels(labs)[c],
+            "bin": k,
+            "value": a.ravel(),
+        }
+
+    def spectrum(self, dataset: str, metric: ZonalEnergySpectrum, lead: float | None = None) -> dict[str, Any]:
+        a = metric.compute()["zonal_energy_spectrum"].detach().cpu().double().numpy()  # (L, C, lat, K)
+        lead_i, c, y, k = (x.ravel() for x in np.meshgrid(*(np.arange(n) for n in a.shape), indexing="ij"))
+        leads = np.asarray(metric.lead_hours, dtype=np.float64)[lead_i] if lead is None else np.full(lead_i.size, lead)
+        return {
+            "eval": self._code("eval", "zonal_energy_spectrum"),
+            "dataset": self._code("dataset", dataset),
+            "lead_time_hours": leads,
+            "label": self._labels(metric.channels)[c],
+            "latitude": metric.lat[y],
+            "zonal_wavenumber": k,
+            "value": a.ravel(),
+        }
+
+    def per_init(
+        self, eval_name: str, metric: str, a: np.ndarray, leads: np.ndarray, labs: Sequence[str], inits: Sequence[str]
+    ) -> dict[str, Any]:
+        b, lead, c = (x.ravel() for x in np.meshgrid(np.arange(a.shape[0]), np.arange(a.shape[1]), np.arange(a.shape[2]), indexing="ij"))
+        init_codes = np.array([self._code("init_time", t) for t in inits], dtype=np.int64)
+        return {
+            "eval": self._code("eval", eval_name),
+            "metric": self._code("metric", metric),
+            "region": np.zeros(b.size, dtype=np.int64) + self.regions.index("global"),
+            "lead_time_hours": leads[lead],
+            "label": self._labels(labs)[c],
+            "init_time": init_codes[b],
+            "value": a.ravel(),
+        }
+
+    def frame(self, pieces: list[dict[str, Any]], order: list[str]) -> pd.DataFrame:
+        """Concatenate pieces; map labels to variable and level; sort by ``order``."""
+        cols: dict[str, list[np.ndarray]] = {}
+        for p in pieces:
+            n = p["value"].size
+            for k, v in p.items():
+                cols.setdefault(k, []).append(np.full(n, v) if np.ndim(v) == 0 else np.asarray(v))
+        data = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
+        if not pieces:
+            return pd.DataFrame(columns=[*order, "value"])
+        var_names = sorted({lab.split("/")[0] for lab in self.labels})
+        var_of = np.array([var_names.index(lab.split("/")[0]) for lab in self.labels], dtype=np.int64)
+        lev_of = np.array([float(lab.split("/")[1]) if "/" in lab else np.nan for lab in self.labels])
+        label = data.pop("label").astype(np.int64)
+        out: dict[str, Any] = {}
+        keys: list[np.ndarray] = []
+        for col in order:
+            if col == "variable":
+                codes, cats = var_of[label], var_names
+            elif col == "region":
+                codes, cats = data["region"].astype(np.int64), self.regions
+            elif col in self.pieces_meta:
+                codes, cats = data[col].astype(np.int64), self.pieces_meta[col]
+            elif col == "level":
+                codes, cats = lev_of[label], None
+            else:
+                codes, cats = data[col], None
+            if cats is not None:
+                # sort by the names, not by first appearance
+                rank = np.argsort(np.argsort(np.asarray(cats, dtype=object)))
+                keys.append(rank[codes])
+                out[col] = pd.Categorical.from_codes(codes, categories=list(cats))
+            else:
+                keys.append(np.nan_to_num(np.asarray(codes, dtype=np.float64), nan=-1.0))
+                out[col] = codes
+        out["value"] = data["value"]
+        idx = np.lexsort(keys[::-1])
+        return pd.DataFrame({k: (v.take(idx) if isinstance(v, pd.Categorical) else np.asarray(v)[idx]) for k, v in out.items()})

@@ -1,0 +1,418 @@
+"""Planning a run: the forecast and the truth opened and checked, and everything scored decided up front.
+
+The forecast (WB2's by-init layout: ``time`` = initialisation, [``number``], ``prediction_timedelta``, [``level``],
+``latitude``, ``longitude``) is matched with the truth at valid time = init + lead. :func:`make_plan` opens both,
+picks the channels (variables x levels, derivable wind speeds and vectors), the initialisation and lead times,
+the regions, the baselines (:mod:`.baselines`) and the climatology (:mod:`.climatology`), then lays the channels
+out in groups and blocks (:mod:`.blocks`), so that every error in the inputs shows before any scoring starts.
+The result is a :class:`Plan`, which the runner (:mod:`.harness`) consumes.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+import xarray as xr
+from fcn3_lightning.eval.baselines import BASELINES, ProbClimPlan, prob_clim_plan
+from fcn3_lightning.eval.blocks import Block, Group, layout_blocks, layout_groups
+from fcn3_lightning.eval.climatology import SEEPS_VARIABLE, ObsClimatology, ZarrClimatology, targets_of
+from fcn3_lightning.eval.data import (
+    INIT_DIMS,
+    LEAD_DIM,
+    MEMBER_DIMS,
+    Channel,
+    SourcePlan,
+    align_grid,
+    ascending_latitude,
+    level_value,
+    open_store,
+)
+from fcn3_lightning.eval.derived import WINDS, wind_of
+
+from fcn3_lightning.metrics import REGIONS
+
+if TYPE_CHECKING:  # harness imports this module: Options only as a type here
+    from fcn3_lightning.eval.harness import Options
+
+
+def warn(msg: str, notes: list[str]) -> None:
+    """Print a warning now and keep it for meta.json."""
+    print(f"evaluate: WARNING: {msg}", file=sys.stderr, flush=True)
+    notes.append(msg)
+
+
+def iso(t: np.datetime64) -> str:
+    return str(np.datetime64(t, "s"))
+
+
+def as_hours(td: np.ndarray) -> list[float]:
+    return [float(x / np.timedelta64(1, "h")) for x in np.asarray(td)]
+
+
+def _choose(given: Sequence[str] | None, known: Collection[str], what: str, listing: str) -> list[str]:
+    """The names ``given`` (all ``known`` ones when None); an unknown name is an error."""
+    names = list(given) if given is not None else list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; {listing} {', '.join(known)}")
+    return names
+
+
+def _range_years(years: tuple[int, int] | None) -> list[int] | None:
+    return None if years is None else list(range(int(years[0]), int(years[1]) + 1))
+
+
+@dataclass
+class Plan:
+    """What one run scores, checked against the data: made by :func:`make_plan`, read by the runner."""
+
+    opt: Options
+    name: str
+    paths: dict[str, str]  # forecast, obs, climatology as given (for meta.json)
+    notes: list[str]  # warnings so far (the run adds its own)
+    compute_dtype: torch.dtype  # of the metric states (sums over forecasts): always float64
+    work_dtype: torch.dtype  # of the pointwise work (Options.dtype)
+    device: torch.device
+    # the forecast
+    fc: xr.Dataset
+    fc_where: str
+    fc_vars: list[str]
+    init_dim: str
+    member_dim: str | None
+    ensemble: bool
+    members: int
+    lat: np.ndarray
+    lon: np.ndarray
+    # the truth
+    obs: xr.Dataset
+    obs_where: str
+    obs_times: pd.DatetimeIndex
+    # what is scored
+    channels: list[Channel]
+    vectors: list[Channel]  # wind vectors (scored from their components)
+    init_index: np.ndarray  # scored inits: indices into the forecast's
+    inits: np.ndarray
+    lead_index: np.ndarray  # scored leads: indices into the forecast's
+    leads: np.ndarray
+    lead_hours: list[float]
+    valid: np.ndarray  # (init, lead) valid times
+    valid_index: np.ndarray  # (init, lead) indices into the truth's times
+    regions: list[str]
+    lsm: np.ndarray | None  # land-sea mask (for the land regions)
+    record_region: int | None  # index of "global": its per-init values are recorded
+    baselines: list[str]
+    skipped: dict[str, str]  # baseline -> why it was skipped
+    pers_index: np.ndarray | None  # persistence: the truth's time index of each init
+    pclim: ProbClimPlan | None
+    targets: list[tuple[int, int]]  # (dayofyear, hour) of every valid time, init-major
+    clim: ZarrClimatology | ObsClimatology
+    clim_desc: str
+    seeps_on: bool
+    p1: Any  # SEEPS's dry probability (None without SEEPS)
+    spectra: set[str]  # labels of the channels with zonal energy spectra
+    # the layout (:mod:`.blocks`)
+    groups: list[Group] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
+    itemsize: int = 4
+    field_bytes: int = 0
+
+
+def make_plan(
+    forecast: str | Path | xr.Dataset,
+    obs: str | Path | xr.Dataset,
+    climatology: str | Path | xr.Dataset | None,
+    opt: Options,
+) -> Plan:
+    """Open and check the inputs and plan the run (raises ``ValueError`` naming what is wrong)."""
+    p = _Planner(forecast, obs, climatology, opt)
+    plan = Plan(**{f.name: getattr(p, f.name) for f in fields(Plan) if f.init and hasattr(p, f.name)})
+    plan.groups, plan.itemsize, plan.field_bytes = layout_groups(plan)
+    plan.blocks = layout_blocks(plan)
+    return plan
+
+
+class _Planner:
+    """The planning steps, in order; each checks its part and sets the attributes the later ones read."""
+
+    def __init__(
+        self,
+        forecast: str | Path | xr.Dataset,
+        obs: str | Path | xr.Dataset,
+        climatology: str | Path | xr.Dataset | None,
+        opt: Options,
+    ) -> None:
+        self.opt = opt
+        self.notes: list[str] = []
+        self.paths = {
+            k: (str(v) if not isinstance(v, xr.Dataset) else "<dataset>")
+            for k, v in (("forecast", forecast), ("obs", obs), ("climatology", climatology))
+        }
+        self.name = opt.name or (
+            Path(forecast).name.removesuffix(".zarr").removesuffix(".nc") if not isinstance(forecast, xr.Dataset) else "forecast"
+        )
+        if opt.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be float32 or float64, got {opt.dtype!r}")
+        # metric states (sums over forecasts) are always float64; dtype is that of the pointwise work
+        self.compute_dtype = torch.float64
+        self.work_dtype = {"float64": torch.float64, "float32": torch.float32}[opt.dtype]
+        self.device = torch.device(opt.device)
+        self._open_forecast(forecast)
+        self._open_obs(obs)
+        self._plan_channels()
+        self._plan_times()
+        self._plan_regions()
+        self._plan_baselines()
+        self._plan_climatology(climatology)
+        self.spectra = self._spectra_channels()
+
+    def _open_forecast(self, source: str | Path | xr.Dataset) -> None:
+        where = f"the forecast {self.paths['forecast']}"
+        ds = open_store(source, "forecast")
+        if LEAD_DIM not in ds.dims:
+            raise ValueError(
+                f"{where} has no {LEAD_DIM!r} dimension (dims {dict(ds.sizes)}): evaluate needs WB2's by-init layout, "
+                f"time = initialisation time and {LEAD_DIM} = lead time"
+            )
+        if not np.issubdtype(ds[LEAD_DIM].dtype, np.timedelta64):
+            raise ValueError(f"{where}: {LEAD_DIM} is {ds[LEAD_DIM].dtype}, not a timedelta (open it with decode_timedelta=True)")
+        init_dims = [d for d in INIT_DIMS if d in ds.dims]
+        if not init_dims:
+            raise ValueError(f"{where} has no initialisation time dimension ({' or '.join(INIT_DIMS)}); dims {dict(ds.sizes)}")
+        self.init_dim = init_dims[0]
+        member = [d for d in MEMBER_DIMS if d in ds.dims]
+        self.member_dim = member[0] if member and ds.sizes[member[0]] > 1 else None
+        if member and self.member_dim is None:
+            ds = ds.isel({member[0]: 0})  # a one-member "ensemble" is scored as a deterministic forecast
+        self.ensemble = self.member_dim is not None
+        self.members = ds.sizes[self.member_dim] if self.ensemble else 1
+        ds = ascending_latitude(ds, where)
+        self.lat = ds["latitude"].values.astype(np.float64)
+        self.lon = ds["longitude"].values.astype(np.float64)
+        core = {self.init_dim, LEAD_DIM, "latitude", "longitude"}
+        self.fc_vars = [v for v, da in ds.data_vars.items() if core <= set(da.dims)]
+        if not self.fc_vars:
+            raise ValueError(f"{where} has no variable with dims ({self.init_dim}, {LEAD_DIM}, latitude, longitude)")
+        self.fc = ds
+        self.fc_where = where
+
+    def _open_obs(self, source: str | Path | xr.Dataset) -> None:
+        where = f"the truth {self.paths['obs']}"
+        ds = open_store(source, "truth (obs)")
+        if "time" not in ds.dims:
+            raise ValueError(f"{where} has no 'time' dimension (dims {dict(ds.sizes)})")
+        ds = ascending_latitude(ds, where)
+        self.obs = align_grid(ds, self.lat, self.lon, where)
+        self.obs_where = where
+        self.obs_times = pd.DatetimeIndex(self.obs["time"].values)
+        if not self.obs_times.is_unique:
+            raise ValueError(f"{where} has duplicate times")
+
+    def _plan_channels(self) -> None:
+        fc, obs = self.fc, self.obs
+        wanted = list(self.opt.variables) if self.opt.variables else None
+        names = list(self.fc_vars)
+        for w in WINDS:  # derivable speeds the forecast does not store
+            if w.u in names and w.v in names and w.speed not in names:
+                names.append(w.speed)
+        if wanted is not None:
+            unknown = [v for v in wanted if v not in names and not any(v == w.vector for w in WINDS)]
+            if unknown:
+                raise ValueError(f"--variables {unknown} are not in {self.fc_where} (nor derivable); it has {names}")
+            keep = set(wanted)
+            for v in wanted:  # a derived speed or a vector needs its components
+                w = wind_of(v)
+                if w is not None and (v == w.vector or v not in self.fc_vars):
+                    keep |= {w.u, w.v}
+            names = [n for n in names if n in keep]
+        self.vector_winds = [w for w in WINDS if w.u in names and w.v in names and (wanted is None or w.vector in wanted or w.u in wanted)]
+        levels_opt = {level_value(x) for x in self.opt.levels} if self.opt.levels else None
+        channels: list[Channel] = []
+        for var in names:
+            src = var if var in fc.data_vars else wind_of(var).u  # type: ignore[union-attr]
+            da = fc[src]
+            if var not in obs.data_vars:
+                w = wind_of(var)
+                if not (
+                    w is not None and var == w.speed and w.u in obs.data_vars and w.v in obs.data_vars and w.u in names and w.v in names
+                ):
+                    raise ValueError(
+                        f"the variable {var!r} is in {self.fc_where} but not in {self.obs_where} (it has {sorted(obs.data_vars)})"
+                    )
+            if "level" in da.dims:
+                levels = [level_value(x) for x in da["level"].values]
+                if var not in fc.data_vars:  # derived speed: the levels of both components
+                    other = [level_value(x) for x in fc[wind_of(var).v]["level"].values]  # type: ignore[union-attr]
+                    levels = [x for x in levels if x in other]
+                if levels_opt is not None:
+                    levels = [x for x in levels if x in levels_opt]
+                channels += [Channel(var, lev) for lev in levels]
+            else:
+                channels.append(Channel(var))
+        if not channels:
+            raise ValueError(f"no variable of {self.fc_where} left to score (variables {names}, levels {self.opt.levels})")
+        self.channels = channels
+        # check the truth's levels now, not in the middle of the run
+        for var in dict.fromkeys(c.variable for c in channels):
+            if var in obs.data_vars and channels[[c.variable for c in channels].index(var)].level is not None:
+                have = [level_value(x) for x in obs[var]["level"].values] if "level" in obs[var].dims else []
+                missing = [c.level for c in channels if c.variable == var and c.level not in have]
+                if missing:
+                    raise ValueError(f"{self.obs_where}: the variable {var!r} lacks the levels {missing} of the forecast (it has {have})")
+        self.vectors: list[Channel] = []
+        for w in self.vector_winds:
+            ul = {c.level for c in channels if c.variable == w.u}
+            vl = {c.level for c in channels if c.variable == w.v}
+            self.vectors += [Channel(w.vector, lev) for lev in sorted(ul & vl, key=lambda x: -1 if x is None else x)]
+
+    def _plan_times(self) -> None:
+        inits = self.fc[self.init_dim].values.astype("datetime64[ns]")
+        keep = np.ones(inits.size, dtype=bool)
+        if self.opt.start:
+            keep &= inits >= np.datetime64(self.opt.start, "ns")
+        if self.opt.end:
+            keep &= inits <= np.datetime64(self.opt.end, "ns")
+        if not keep.any():
+            raise ValueError(f"no initialisation time of {self.fc_where} in {self.opt.start} ... {self.opt.end}")
+        self.init_index = np.flatnonzero(keep)
+        self.inits = inits[keep]
+        leads = self.fc[LEAD_DIM].values.astype("timedelta64[ns]")
+        hours = np.array(as_hours(leads))
+        lkeep = np.ones(leads.size, dtype=bool)
+        if self.opt.lead_hours:
+            want = [float(h) for h in self.opt.lead_hours]
+            missing = [h for h in want if not np.isclose(hours, h).any()]
+            if missing:
+                raise ValueError(f"lead times {missing} h are not in {self.fc_where} (it has {hours.tolist()} h)")
+            lkeep &= np.isin(hours, want)
+        if self.opt.max_lead_hours is not None:
+            lkeep &= hours <= float(self.opt.max_lead_hours)
+        if not lkeep.any():
+            raise ValueError(f"no lead time of {self.fc_where} left (lead times {hours.tolist()} h)")
+        self.lead_index = np.flatnonzero(lkeep)
+        self.leads = leads[lkeep]
+        self.lead_hours = as_hours(self.leads)
+        self.valid = self.inits[:, None] + self.leads[None, :]
+        vidx = self.obs_times.get_indexer(pd.DatetimeIndex(self.valid.reshape(-1))).reshape(self.valid.shape)
+        if (vidx < 0).any():
+            missing = sorted(set(self.valid[vidx < 0].tolist()))
+            shown = ", ".join(iso(np.datetime64(t, "ns")) for t in missing[:20])
+            raise ValueError(
+                f"{len(missing)} valid times (init + lead) are missing from {self.obs_where}: {shown}{' ...' if len(missing) > 20 else ''}"
+            )
+        self.valid_index = vidx
+
+    def _plan_regions(self) -> None:
+        explicit = self.opt.regions is not None
+        names = _choose(self.opt.regions, REGIONS, "regions", "known:")
+        self.lsm = None
+        land = [r for r in names if REGIONS[r].land]
+        if land:
+            if "land_sea_mask" in self.obs.data_vars and set(self.obs["land_sea_mask"].dims) == {"latitude", "longitude"}:
+                self.lsm = self.obs["land_sea_mask"].transpose("latitude", "longitude").values.astype(np.float64)
+            elif explicit:
+                raise ValueError(f"the land regions {land} need a static land_sea_mask (latitude, longitude) in {self.obs_where}")
+            else:
+                warn(f"{self.obs_where} has no static land_sea_mask: the land regions {land} are skipped", self.notes)
+                names = [r for r in names if r not in land]
+        self.regions = names
+        self.record_region = names.index("global") if "global" in names else None
+        if self.record_region is None:
+            warn("region 'global' is not scored: per_init.csv (global values per initialisation) stays empty", self.notes)
+
+    def _plan_baselines(self) -> None:
+        explicit = self.opt.baselines is not None
+        wanted = _choose(self.opt.baselines, BASELINES, "baselines", "choose from")
+        self.baselines: list[str] = []
+        self.skipped: dict[str, str] = {}
+        self.pers_index = None
+        self.pclim: ProbClimPlan | None = None
+
+        def skip(b: str, why: str) -> None:
+            if explicit:
+                raise ValueError(f"baseline {b!r}: {why}")
+            self.skipped[b] = why
+            warn(f"baseline {b} SKIPPED: {why}", self.notes)
+
+        for b in wanted:
+            if b == "persistence":
+                idx = self.obs_times.get_indexer(pd.DatetimeIndex(self.inits))
+                if (idx < 0).any():
+                    missing = [iso(t) for t in self.inits[idx < 0][:10]]
+                    skip(b, f"{self.obs_where} lacks {int((idx < 0).sum())} initialisation times, e.g. {', '.join(missing)}")
+                    continue
+                self.pers_index = idx
+            elif b == "probabilistic_climatology":
+                plan = prob_clim_plan(self.obs_times.values, self.valid, _range_years(self.opt.prob_clim_years))
+                for n in plan.notes:
+                    warn(f"probabilistic climatology: {n}", self.notes)
+                if len(plan.years) < 2:
+                    skip(
+                        b,
+                        f"{self.obs_where} holds the valid times' calendar dates in {len(plan.years)} earlier years ({plan.years}); "
+                        "at least 2 are needed",
+                    )
+                    continue
+                self.pclim = plan
+            self.baselines.append(b)
+
+    def _plan_climatology(self, source: str | Path | xr.Dataset | None) -> None:
+        self.targets = targets_of(self.valid)  # (dayofyear, hour) of every valid time, init-major
+        if source is not None:
+            self.clim = ZarrClimatology(source, self.lat, self.lon)
+            self.clim_desc = f"{self.paths['climatology']}"
+            # a derived variable the user did not ask for is dropped (loudly) when the climatology lacks it
+            wanted = set(self.opt.variables or ())
+            lacking = [
+                c
+                for c in self.channels
+                if c.variable not in self.fc.data_vars and c.variable not in self.clim.ds and c.variable not in wanted
+            ]
+            if lacking:
+                names = sorted({c.variable for c in lacking})
+                warn(
+                    f"{self.clim.where} lacks the derived variable(s) {names}: not scored (the climatology of a speed is not derivable)",
+                    self.notes,
+                )
+                self.channels = [c for c in self.channels if c not in lacking]
+        else:
+            years = _range_years(self.opt.clim_years) or sorted(set(self.obs_times.year.tolist()))
+            self.clim = ObsClimatology(self.obs_times.values, years, (self.lat.size, self.lon.size))
+            self.clim_desc = (
+                f"computed from the truth: WB2 hour x dayofyear climatology, 61-day triangular window, years {years[0]}-{years[-1]}"
+            )
+            if len(years) < 3:
+                warn(
+                    f"the climatology is computed from only {len(years)} year(s) of truth ({years}); "
+                    "pass --climatology for a WB2 climatology",
+                    self.notes,
+                )
+        self.clim.check(self.channels, self.targets)
+        self.seeps_on = any(c.variable == SEEPS_VARIABLE for c in self.channels)
+        if self.seeps_on:
+            if isinstance(self.clim, ZarrClimatology) and not self.clim.has_seeps:
+                warn(f"{self.clim.where} lacks the SEEPS statistics of {SEEPS_VARIABLE}: seeps_24hr is skipped", self.notes)
+                self.seeps_on = False
+            elif isinstance(self.clim, ObsClimatology):
+                obs_precip = SourcePlan(self.obs, [Channel(SEEPS_VARIABLE)], self.obs_where)
+                self.clim.enable_seeps(lambda idx: obs_precip.read({"time": idx}, ("time",))[:, 0])
+        self.p1 = self.clim.p1() if self.seeps_on else None
+
+    def _spectra_channels(self) -> set[str]:
+        """Labels of the scored channels named by ``Options.spectra`` (a name matching none is a warning)."""
+        out: set[str] = set()
+        for spec in self.opt.spectra:
+            var, _, lev = spec.partition("/")
+            hit = [
+                c.label for c in self.channels if c.variable == var and (not lev or (c.level is not None and c.level == level_value(lev)))
+            ]
+            if not hit:
+                warn(f"spectra: {spec!r} is not among the scored channels; no spectrum for it", self.notes)
+            out.update(hit)
+        return out

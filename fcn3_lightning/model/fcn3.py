@@ -154,6 +154,10 @@ class FCN3(nn.Module):
         self.noise_channel_names = tuple(check_aux_channels(self.aux_channel_names))
         self.inp_shape = _check_shape("inp_shape", inp_shape)
         self.latent_shape = _latent_shape(self.inp_shape, scale_factor)
+        # what this process holds: the whole grids, or its tile of them under spatial parallelism
+        self.local_inp_shape = layers.local_shape(self.inp_shape)
+        self.local_latent_shape = layers.local_shape(self.latent_shape)
+        self.tiled = layers.distributed
         _check_grid("model_grid_type", model_grid_type, GRIDS_WITH_POLES)
         _check_grid("sht_grid_type", sht_grid_type, GRIDS)
         for name, v in [
@@ -259,7 +263,7 @@ class FCN3(nn.Module):
         if self.atmo_encoder is not None:
             lev = x.index_select(1, self.level_index)
             lev = lev.reshape(b * len(self.layout.levels), len(self.layout.level_variables), *x.shape[-2:])
-            parts.append(self.atmo_encoder(lev).reshape(b, -1, *self.latent_shape))
+            parts.append(self.atmo_encoder(lev).reshape(b, -1, *self.local_latent_shape))
         if self.surf_encoder is not None:
             parts.append(self.surf_encoder(x.index_select(1, self.surface_index)))
         aux = self.aux_encoder(x[:, self.n_channels :]) if self.aux_encoder is not None else None
@@ -273,11 +277,11 @@ class FCN3(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latent state -> prognostic channels on the data grid, in channel-list order."""
         b = z.shape[0]
-        out = z.new_empty((b, self.n_channels, *self.inp_shape), dtype=torch.float32)
+        out = z.new_empty((b, self.n_channels, *self.local_inp_shape), dtype=torch.float32)
         n_atmo = len(self.layout.levels) * self.atmo_embed_dim
         if self.atmo_decoder is not None:
-            lev = z[:, :n_atmo].reshape(b * len(self.layout.levels), self.atmo_embed_dim, *self.latent_shape)
-            lev = self.atmo_decoder(lev).reshape(b, -1, *self.inp_shape)
+            lev = z[:, :n_atmo].reshape(b * len(self.layout.levels), self.atmo_embed_dim, *self.local_latent_shape)
+            lev = self.atmo_decoder(lev).reshape(b, -1, *self.local_inp_shape)
             out = out.index_copy(1, self.level_index, lev)
         if self.surf_decoder is not None:
             out = out.index_copy(1, self.surface_index, self.surf_decoder(z[:, n_atmo:]))
@@ -299,7 +303,11 @@ class FCN3(nn.Module):
                 f"FCN3 expects {self.n_in_channels} input channels ({self.n_channels} prognostic + "
                 f"{len(self.aux_channel_names)} auxiliary), got {x.shape[1]}"
             )
-        if tuple(x.shape[-2:]) != self.inp_shape:
+        if tuple(x.shape[-2:]) != self.local_inp_shape:
+            if self.tiled:
+                raise ValueError(
+                    f"input tile {tuple(x.shape[-2:])} does not match this rank's tile {self.local_inp_shape} of inp_shape={self.inp_shape}"
+                )
             raise ValueError(f"input grid {tuple(x.shape[-2:])} does not match the model's data grid inp_shape={self.inp_shape}")
 
 

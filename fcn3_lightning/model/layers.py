@@ -50,6 +50,10 @@ class SphericalLayers:
     #: Whether layers built by this factory see a tile of the grid rather than the whole grid.
     distributed: bool = False
 
+    def local_shape(self, shape: Sequence[int]) -> tuple[int, int]:
+        """The part of a (nlat, nlon) grid this process holds: all of it (the distributed factory: its tile)."""
+        return (int(shape[0]), int(shape[1]))
+
     def disco(
         self,
         in_channels: int,

@@ -1,9 +1,12 @@
-"""Spatial model parallelism foundations: process mesh, distributed spherical layers, sharded state_dicts.
+"""Spatial model parallelism: process mesh, distributed spherical layers, sharded state_dicts, loss and gradients.
 
 Plain torch (no Lightning): the strategy of issue 7 builds on these.
 """
 
+from fcn3_lightning.parallel.comm import all_reduce_, all_reduce_coalesced_, gather_members, reduce_from_group
+from fcn3_lightning.parallel.grads import GradTag, clip_grad_norm_, grad_norm, gradient_tags, reduce_gradients
 from fcn3_lightning.parallel.layers import DistributedSphericalLayers, EagerDistributedSpectralConvS2
+from fcn3_lightning.parallel.loss import DistributedEnsembleCRPSLoss
 from fcn3_lightning.parallel.mesh import (
     GROUP_NAMES,
     MeshSizes,
@@ -19,16 +22,26 @@ from fcn3_lightning.parallel.state import ShardedDim, gather_state_dict, shard_s
 
 __all__ = [
     "GROUP_NAMES",
+    "DistributedEnsembleCRPSLoss",
     "DistributedSphericalLayers",
     "EagerDistributedSpectralConvS2",
+    "GradTag",
     "MeshSizes",
     "ProcessMesh",
     "RankLayout",
     "ShardedDim",
+    "all_reduce_",
+    "all_reduce_coalesced_",
+    "clip_grad_norm_",
+    "gather_members",
     "gather_state_dict",
+    "grad_norm",
+    "gradient_tags",
     "group_ranks",
     "mesh_sizes",
     "rank_layout",
+    "reduce_from_group",
+    "reduce_gradients",
     "shard_state_dict",
     "sharded_entries",
     "split_slice",

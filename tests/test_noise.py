@@ -391,3 +391,15 @@ def test_ar1_step_rejects_mismatched_state() -> None:
         noise.ar1_step(state, NoiseStreams(0, [0], 2))
     with pytest.raises(ValueError, match="expected"):
         noise.to_grid(state[:, :4])
+
+
+def test_member_offset_gives_the_global_members_streams() -> None:
+    # ensemble parallelism: a rank holding members 2..3 draws exactly their streams of the whole ensemble
+    whole = NoiseStreams(7, [3, 9], 4).normal((5,)).view(2, 4, 5)
+    shard = NoiseStreams(7, [3, 9], 2, member_offset=2).normal((5,)).view(2, 2, 5)
+    torch.testing.assert_close(shard, whole[:, 2:], rtol=0, atol=0)
+    # antithetic pairing is by global id: a pair split over two ranks still mirrors
+    anti = NoiseStreams(7, [3], 4, antithetic=True).normal((5,))
+    split = [NoiseStreams(7, [3], 1, antithetic=True, member_offset=k).normal((5,)) for k in (1, 2)]
+    torch.testing.assert_close(torch.cat(split), anti[1:3], rtol=0, atol=0)
+    assert "member_offset=2" in repr(NoiseStreams(7, [3], 2, member_offset=2))

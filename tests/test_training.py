@@ -38,6 +38,20 @@ def test_gradients_reach_the_first_input_through_a_4_step_rollout():
     assert all(p.grad is not None for p in f.net.parameters())
 
 
+def test_noise_process_must_match_the_network_grid():
+    from fcn3_lightning.model.noise import SphericalDiffusionNoise
+
+    net = FCN3(inp_shape=(17, 32), channel_names=CHANNELS, aux_channel_names=AUX, **SMALL_NET)
+    with pytest.raises(ValueError, match="same layers factory"):
+        EnsembleForecaster(net, SphericalDiffusionNoise((33, 64), n_channels=2))
+    # serial: the tile is the full grid, inputs pass through untouched; another grid is named
+    f = EnsembleForecaster(net)
+    x = torch.randn(2, 17, 32)
+    assert f.to_tile(x) is x
+    with pytest.raises(ValueError, match="expected the data grid"):
+        f.to_tile(torch.randn(2, 16, 32), "zenith")
+
+
 def test_noise_is_ar1_correlated_across_rollout_steps():
     f = _forecaster()
     seen: list[torch.Tensor] = []

@@ -158,6 +158,8 @@ class FCN3(nn.Module):
         self.local_inp_shape = layers.local_shape(self.inp_shape)
         self.local_latent_shape = layers.local_shape(self.latent_shape)
         self.tiled = layers.distributed
+        # the factory, so that companions (noise process, auxiliary inputs) can be built for / cut to the same tile
+        self.layers = layers
         _check_grid("model_grid_type", model_grid_type, GRIDS_WITH_POLES)
         _check_grid("sht_grid_type", sht_grid_type, GRIDS)
         for name, v in [

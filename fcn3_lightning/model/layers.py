@@ -54,6 +54,10 @@ class SphericalLayers:
         """The part of a (nlat, nlon) grid this process holds: all of it (the distributed factory: its tile)."""
         return (int(shape[0]), int(shape[1]))
 
+    def tile(self, shape: Sequence[int]) -> tuple[slice, slice]:
+        """(latitude, longitude) slices of this process's part of a (nlat, nlon) grid: all of it."""
+        return slice(0, int(shape[0])), slice(0, int(shape[1]))
+
     def disco(
         self,
         in_channels: int,

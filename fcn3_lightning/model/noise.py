@@ -10,6 +10,11 @@ stream (a (sample, member) pair), and is mapped to the grid with an inverse real
 the :class:`SphericalLayers` factory. The random numbers come from :class:`NoiseStreams`: one
 private CPU generator per (sample, member), so a given (seed, sample, member) always yields the same
 field whatever else is in the batch and whatever device the model runs on.
+
+Under spatial parallelism (the layers factory of :mod:`fcn3_lightning.parallel`) every rank draws the same full
+spectral innovation as the serial run (the streams are per (sample, member), not per rank), keeps only its (l, m)
+chunk of the state (l split over the polar group, m over the azimuth group, as the distributed inverse SHT takes
+it) and maps that chunk to its tile of the grid: the gathered tiles are the serial field.
 """
 
 from __future__ import annotations
@@ -44,9 +49,13 @@ class NoiseStreams:
 
     With ``antithetic=True`` members ``2k`` and ``2k + 1`` share the key ``k`` and member ``2k``
     negates its draws, so each pair is centred (the reference's ``centered: True``).
+
+    ``member_offset``: the global id of the first member. Under ensemble parallelism each rank holds members
+    ``offset .. offset + n_members - 1`` of the whole ensemble and must draw exactly their streams; antithetic
+    pairing is by global id, so a pair split over two ranks still shares its key.
     """
 
-    def __init__(self, seed: int, sample_ids: Sequence[int], n_members: int, *, antithetic: bool = False) -> None:
+    def __init__(self, seed: int, sample_ids: Sequence[int], n_members: int, *, antithetic: bool = False, member_offset: int = 0) -> None:
         seed = _as_nonneg_int(seed, "seed")
         sample_ids = [_as_nonneg_int(s, "sample id") for s in sample_ids]
         if not sample_ids:
@@ -57,18 +66,21 @@ class NoiseStreams:
         n_members = _as_nonneg_int(n_members, "n_members")
         if n_members < 1:
             raise ValueError(f"n_members must be >= 1, got {n_members}")
-        if antithetic and n_members % 2:
+        member_offset = _as_nonneg_int(member_offset, "member_offset")
+        if antithetic and member_offset == 0 and n_members % 2:
+            # with an offset this is a shard of a larger ensemble: only the global member count must be even
             raise ValueError(f"antithetic (centred) noise pairs members, so n_members must be even, got {n_members}")
 
         self.seed = seed
         self.sample_ids = tuple(sample_ids)
         self.n_members = n_members
         self.antithetic = antithetic
+        self.member_offset = member_offset
 
         self._generators: list[torch.Generator] = []
         signs: list[float] = []
         for sample_id in self.sample_ids:
-            for member in range(n_members):
+            for member in range(member_offset, member_offset + n_members):
                 # as in the reference, the even member of a pair negates its draws
                 key, sign = (member // 2, 1.0 if member % 2 else -1.0) if antithetic else (member, 1.0)
                 # Both members of an antithetic pair get their own generator with the same seed, so
@@ -99,7 +111,8 @@ class NoiseStreams:
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(seed={self.seed}, sample_ids={list(self.sample_ids)}, "
-            f"n_members={self.n_members}, antithetic={self.antithetic})"
+            f"n_members={self.n_members}, antithetic={self.antithetic}"
+            + (f", member_offset={self.member_offset})" if self.member_offset else ")")
         )
 
 
@@ -118,6 +131,9 @@ class SphericalDiffusionNoise(nn.Module):
     in the tropics, falls towards the poles (to exactly ``sigma**2 / 2`` at the poles) and, for the
     largest scales whose power sits in ``l = 1, 2``, already at mid-latitudes (std ~0.87 at 45 degrees
     for 6400 km). This is inherited from the reference.
+
+    With a distributed ``layers`` factory the state holds this rank's (l, m) chunk only (:attr:`state_shape`,
+    :attr:`l_slice`, :attr:`m_slice`) and :meth:`to_grid` returns this rank's tile of the field.
     """
 
     sigma_l: Tensor
@@ -185,6 +201,16 @@ class SphericalDiffusionNoise(nn.Module):
         self.mmax: int = int(self.isht.mmax)
         if self.lmax < 2:
             raise ValueError(f"effective lmax={self.lmax} for img_shape={self.img_shape} leaves no modes with l >= 1")
+        self.distributed = bool(layers.distributed)
+        self.local_img_shape = layers.local_shape(self.img_shape)
+        if self.distributed:
+            # torch-harmonics' distributed iSHT takes the (l_local, m_local) chunk: l split over the polar group,
+            # m over the azimuth group (compute_split_shapes chunks, in group-rank order)
+            l0, m0 = int(self.isht.lmax_offset), int(self.isht.mmax_offset)
+            self.l_slice = slice(l0, l0 + int(self.isht.lmax_local))
+            self.m_slice = slice(m0, m0 + int(self.isht.mmax_local))
+        else:
+            self.l_slice, self.m_slice = slice(0, self.lmax), slice(0, self.mmax)
 
         # float64 for the normalisation sums; at 721 degrees and kT ~ 3e-5 they are large and smooth.
         ell = torch.arange(self.lmax, dtype=torch.float64)
@@ -198,7 +224,12 @@ class SphericalDiffusionNoise(nn.Module):
 
     @property
     def state_shape(self) -> tuple[int, int, int]:
-        """Per-stream spectral state shape ``(C, lmax, mmax)``."""
+        """Per-stream spectral state shape held here: ``(C, lmax, mmax)``, or this rank's ``(C, l_local, m_local)`` chunk."""
+        return (self.n_channels, self.l_slice.stop - self.l_slice.start, self.m_slice.stop - self.m_slice.start)
+
+    @property
+    def full_state_shape(self) -> tuple[int, int, int]:
+        """Per-stream shape of the whole spectral state ``(C, lmax, mmax)`` (what is drawn, on every rank)."""
         return (self.n_channels, self.lmax, self.mmax)
 
     def _innovation(self, streams: NoiseStreams, scale: float = 1.0) -> Tensor:
@@ -207,9 +238,16 @@ class SphericalDiffusionNoise(nn.Module):
         Real and imaginary parts of every (l, m) are drawn, including m > l entries, which the iSHT
         ignores. The arithmetic stays on the real view: complex elementwise ops are an order of
         magnitude slower on CPU and this runs before every model step.
+
+        Distributed: the full innovation is drawn (the same numbers as the serial run, the streams being per
+        (sample, member)) and this rank's (l, m) chunk kept, so only the chunk outlives the call.
         """
-        xi = streams.normal((*self.state_shape, 2), device=self.sigma_l.device)
-        return xi.mul_((scale * self.sigma_l).unsqueeze(-1))
+        xi = streams.normal((*self.full_state_shape, 2), device=self.sigma_l.device)
+        sigma_l = self.sigma_l
+        if self.distributed:
+            xi = xi[:, :, self.l_slice, self.m_slice].contiguous()
+            sigma_l = sigma_l[:, self.l_slice]
+        return xi.mul_((scale * sigma_l).unsqueeze(-1))
 
     def stationary(self, streams: NoiseStreams) -> Tensor:
         """A fresh draw from the stationary distribution: ``sigma_l xi / sqrt(1 - phi^2)``, complex64 (N, C, lmax, mmax)."""
@@ -226,9 +264,16 @@ class SphericalDiffusionNoise(nn.Module):
         return torch.view_as_complex(innovation.add_(torch.view_as_real(state.to(torch.complex64)), alpha=self.phi))
 
     def to_grid(self, state: Tensor) -> Tensor:
-        """Inverse real SHT of the state: (N, C, lmax, mmax) complex -> (N, C, nlat, nlon) float32."""
+        """Inverse real SHT of the state: (N, C, lmax, mmax) complex -> (N, C, nlat, nlon) float32.
+
+        Distributed: this rank's (N, C, l_local, m_local) chunk -> its (N, C, nlat_local, nlon_local) tile
+        (collective over the polar and azimuth groups).
+        """
         if tuple(state.shape[-3:]) != self.state_shape:
-            raise ValueError(f"state has trailing shape {tuple(state.shape[-3:])}, expected {self.state_shape} (C, lmax, mmax)")
+            raise ValueError(
+                f"state has trailing shape {tuple(state.shape[-3:])}, expected {self.state_shape} (C, lmax, mmax)"
+                + (" (this rank's chunk)" if self.distributed else "")
+            )
         # fp32 regardless of any surrounding autocast: reduced-precision iFFTs need power-of-two nlon
         # and would degrade the high-degree content of the field.
         with torch.autocast(device_type=state.device.type, enabled=False):
@@ -238,6 +283,7 @@ class SphericalDiffusionNoise(nn.Module):
         return (
             f"img_shape={self.img_shape}, grid={self.grid!r}, n_channels={self.n_channels}, lmax={self.lmax}, mmax={self.mmax}, "
             f"length_scales_km={list(self.length_scales_km)}, sigma={self.sigma}, lambd={self.lambd}"
+            + (f", l_slice={self.l_slice}, m_slice={self.m_slice}" if self.distributed else "")
         )
 
 

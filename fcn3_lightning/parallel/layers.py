@@ -79,6 +79,15 @@ class DistributedSphericalLayers(SphericalLayers):
             thd.compute_split_shapes(nlon, thd.azimuth_group_size())[thd.azimuth_group_rank()],
         )
 
+    def tile(self, shape: Sequence[int]) -> tuple[slice, slice]:
+        """(latitude, longitude) slices of this rank's tile of an (nlat, nlon) grid (the layers' split)."""
+        self._check_initialized()
+        nlat, nlon = (int(s) for s in shape)
+        lat = thd.compute_split_shapes(nlat, thd.polar_group_size())
+        lon = thd.compute_split_shapes(nlon, thd.azimuth_group_size())
+        h, w = thd.polar_group_rank(), thd.azimuth_group_rank()
+        return slice(sum(lat[:h]), sum(lat[: h + 1])), slice(sum(lon[:w]), sum(lon[: w + 1]))
+
     def disco(
         self,
         in_channels: int,

@@ -4,6 +4,12 @@ Plain torch; used by training, validation and inference alike, so that all three
 the same way (reference section 4.3): fresh stationary noise per (sample, member) at the initial
 time, an AR(1) step of the noise before every later step, the cos zenith of each step's own valid
 time, and the prediction fed back as the next input (no teacher forcing, no detach).
+
+Under spatial parallelism (a network built with the distributed layers factory) the rollout runs on this rank's
+tile: the initial state, the cos zenith and the static fields may be given on the full grid (they are cut to the
+tile) or as the tile already, and the noise process maps its spectral chunk to the tile (see
+:mod:`fcn3_lightning.model.noise`). Under ensemble parallelism each rank passes the streams of its own members
+(``member_offset`` of :func:`keyed_streams`).
 """
 
 from __future__ import annotations
@@ -19,13 +25,16 @@ from fcn3_lightning.model.fcn3 import FCN3
 from fcn3_lightning.model.noise import NoiseStreams, SphericalDiffusionNoise
 
 
-def keyed_streams(noise_seed: int, key: int, sample_ids: Sequence[int], n_members: int, antithetic: bool = False) -> NoiseStreams:
+def keyed_streams(
+    noise_seed: int, key: int, sample_ids: Sequence[int], n_members: int, antithetic: bool = False, member_offset: int = 0
+) -> NoiseStreams:
     """The noise streams of one use of the model: ``key`` says which (0: validation and inference, odd: training steps).
 
     One reproducible stream per (sample, member) and step, so a resumed run replays exactly the same noise.
+    ``member_offset``: global id of the first member (ensemble parallelism: ``ensemble_rank * members_per_rank``).
     """
     seed = int(np.random.SeedSequence([noise_seed, key]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return NoiseStreams(seed, list(sample_ids), n_members, antithetic=antithetic)
+    return NoiseStreams(seed, list(sample_ids), n_members, antithetic=antithetic, member_offset=member_offset)
 
 
 class EnsembleForecaster(nn.Module):
@@ -33,7 +42,8 @@ class EnsembleForecaster(nn.Module):
 
     Args:
         net: the FCN3 network; its ``aux_channel_names`` say which inputs to assemble and in which order.
-        noise: noise process on the data grid, one channel per ``xnoise*`` auxiliary channel.
+        noise: noise process on the data grid, one channel per ``xnoise*`` auxiliary channel; for a tiled network it
+            must be built with the same (distributed) layers factory, so that it produces this rank's tile.
     """
 
     def __init__(self, net: FCN3, noise: SphericalDiffusionNoise | None = None):
@@ -42,16 +52,37 @@ class EnsembleForecaster(nn.Module):
         names = net.aux_channel_names
         n_noise = len(net.noise_channel_names)
         if n_noise and noise is None:
-            noise = SphericalDiffusionNoise(net.inp_shape, n_channels=n_noise)
+            noise = SphericalDiffusionNoise(net.inp_shape, n_channels=n_noise, layers=net.layers)
         if noise is not None and noise.n_channels != n_noise:
             raise ValueError(
                 f"the noise process has {noise.n_channels} channels but the network expects {n_noise} ({net.noise_channel_names})"
+            )
+        if noise is not None and (tuple(noise.img_shape) != tuple(net.inp_shape) or noise.local_img_shape != net.local_inp_shape):
+            # e.g. a serial noise process next to a tiled network: its full fields would not fit the tile
+            raise ValueError(
+                f"the noise process makes {noise.local_img_shape} fields of the {noise.img_shape} grid, but the network "
+                f"takes {net.local_inp_shape} tiles of {net.inp_shape}: build both with the same layers factory"
             )
         self.noise = noise
         unknown = [a for a in names if a != "xzen" and not a.startswith("xnoise") and a not in STATIC_AUX]
         if unknown:
             raise ValueError(f"no source for auxiliary channels {unknown}")
         self.static_names = [a for a in names if a in STATIC_AUX]
+
+    def to_tile(self, x: torch.Tensor, what: str = "input") -> torch.Tensor:
+        """``x[..., lat, lon]`` cut to this rank's tile if given on the full data grid; a tile passes unchanged.
+
+        Serial (or a 1 x 1 split) the tile is the full grid and ``x`` is returned as is. Under a split the two
+        shapes differ, so which one ``x`` is can be told from its trailing shape.
+        """
+        shape = tuple(x.shape[-2:])
+        local = tuple(self.net.local_inp_shape)
+        if shape == local:
+            return x
+        if shape != tuple(self.net.inp_shape):
+            raise ValueError(f"{what} has grid {shape}; expected the data grid {tuple(self.net.inp_shape)} or this rank's tile {local}")
+        lat, lon = self.net.layers.tile(self.net.inp_shape)
+        return x[..., lat, lon]
 
     def aux_inputs(self, zenith: torch.Tensor, noise: torch.Tensor | None, static: torch.Tensor | None, n_members: int) -> torch.Tensor:
         """Auxiliary channels ``(B * M, A, H, W)`` in the network's order.
@@ -86,7 +117,8 @@ class EnsembleForecaster(nn.Module):
         """Predict ``n_steps`` 6 h steps for ``n_members`` members: ``(B, M, n_steps, C, H, W)``.
 
         ``x0`` (B, C, H, W) normalised initial state, ``zenith`` (B, >= n_steps, H, W) the cos zenith
-        of the input time of each step (the IC, then each target time but the last).
+        of the input time of each step (the IC, then each target time but the last). For a tiled network,
+        (H, W) is the tile (inputs given on the full grid are cut to it, see :meth:`to_tile`).
         """
         return torch.stack(list(self.steps(x0, zenith, static, streams, n_steps, n_members)), dim=2)
 
@@ -118,6 +150,15 @@ class EnsembleForecaster(nn.Module):
         if self.noise is not None:
             if streams is None or streams.n_streams != b * n_members:
                 raise ValueError(f"need one noise stream per (sample, member): {b} x {n_members}")
+        if self.net.tiled:
+            # full-grid inputs are cut to this rank's tile (values identical to the serial run's on the tile)
+            x0 = self.to_tile(x0, "x0")
+            static = None if static is None else self.to_tile(static, "static")
+            full_zenith = zenith
+
+            def zenith(s: int) -> torch.Tensor:
+                return self.to_tile(full_zenith(s), "zenith")
+
         # checked here, not inside the generator: a bad call fails when it is made, not at the first step
         return self._steps(x0, zenith, static, streams, n_steps, n_members)
 

@@ -1,6 +1,7 @@
 """Spatial model parallelism: process mesh, distributed spherical layers, sharded state_dicts, loss and gradients.
 
-Plain torch (no Lightning): the strategy of issue 7 builds on these.
+Plain torch (no Lightning): the strategy of issue 7 builds on these
+(:mod:`fcn3_lightning.parallel.strategy`, imported on its own so that this package stays Lightning-free).
 """
 
 from fcn3_lightning.parallel.comm import all_reduce_, all_reduce_coalesced_, gather_members, reduce_from_group

@@ -16,16 +16,13 @@ weights after 3 steps with the serial run.
 
 from __future__ import annotations
 
-import datetime
-import socket
-import time
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_workers import init_gloo, run_workers
 
 from fcn3_lightning.losses import EnsembleCRPSLoss
 from fcn3_lightning.model import FCN3
@@ -68,7 +65,6 @@ INPUT_SEED = 1
 CLIP_FRACTION = 0.5  # max_norm = this x the first step's gradient norm
 REL_TOL = 1e-5
 TIME_LIMIT_S = 240.0
-START_METHOD = "forkserver"
 PRELOAD = ["torch", "torch.distributed", "torch_harmonics.distributed", "fcn3_lightning.model", "fcn3_lightning.parallel"]
 
 
@@ -157,19 +153,11 @@ def _serial(blob: dict) -> dict:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank: int, port: int, workdir: str) -> None:
     torch.set_num_threads(1)
     workdir = Path(workdir)
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
-        )
+        init_gloo(rank, port, WORLD)
         blob = torch.load(workdir / "inputs.pt")
         max_norm = float(torch.load(workdir / "max_norm.pt"))
         results = {}
@@ -232,24 +220,11 @@ def serial(blob) -> dict:
 
 @pytest.fixture(scope="module")
 def distributed(tmp_path_factory, blob, serial) -> list[dict]:
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with gloo is not available")
     workdir = tmp_path_factory.mktemp("parallel_step")
     torch.save(blob, workdir / "inputs.pt")
     torch.save(torch.tensor(serial["max_norm"]), workdir / "max_norm.pt")
-    ctx = mp.get_context(START_METHOD)
-    ctx.set_forkserver_preload(PRELOAD)
-    t0 = time.perf_counter()
-    procs = mp.start_processes(_worker, args=(_free_port(), str(workdir)), nprocs=WORLD, join=False, start_method=START_METHOD)
-    try:
-        while not procs.join(timeout=1.0):
-            if time.perf_counter() - t0 > TIME_LIMIT_S:
-                pytest.fail(f"the {WORLD} workers did not finish within {TIME_LIMIT_S:.0f} s")
-    finally:
-        for p in procs.processes:  # only our own workers, by handle; no-op for the ones that exited
-            if p.is_alive():
-                p.kill()
-    print(f"\n[world={WORLD}] spawn + {len(LAYOUTS)} layouts x {N_STEPS} steps: {time.perf_counter() - t0:.1f} s")
+    elapsed = run_workers(_worker, workdir, WORLD, TIME_LIMIT_S, PRELOAD)
+    print(f"\n[world={WORLD}] spawn + {len(LAYOUTS)} layouts x {N_STEPS} steps: {elapsed:.1f} s")
     return [torch.load(workdir / f"rank{r}.pt") for r in range(WORLD)]
 
 

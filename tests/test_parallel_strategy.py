@@ -9,10 +9,7 @@ opts into spatial parallelism (``supports_spatial_parallel``) and builds its net
 
 from __future__ import annotations
 
-import datetime
 import os
-import socket
-import time
 import traceback
 from pathlib import Path
 
@@ -20,7 +17,7 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_workers import init_gloo, run_workers
 from lightning.fabric.plugins.environments import LightningEnvironment
 from test_parallel_step import CONFIG, LOSS_KW, LR, N_MEMBERS, N_SAMPLES, _inputs
 from torch.utils.data import DataLoader
@@ -36,7 +33,6 @@ LAYOUTS = [(2, 1, 1), (1, 2, 2)]
 N_OPT_STEPS = 2
 REL_TOL = 1e-5
 TIME_LIMIT_S = 90.0
-START_METHOD = "forkserver"
 PRELOAD = ["torch", "torch.distributed", "lightning", "fcn3_lightning.parallel.strategy", "fcn3_lightning.model"]
 
 
@@ -196,9 +192,7 @@ def _worker(rank: int, port: int, workdir: str) -> None:
     # the processes exist already: Lightning's environment reads them from these variables (no launcher)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), NODE_RANK="0", LOCAL_RANK=str(rank))
     try:
-        dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
-        )
+        init_gloo(rank, port, WORLD)
         blob = torch.load(workdir / "inputs.pt")
         clip = float(torch.load(workdir / "clip.pt"))
         results = {}
@@ -216,16 +210,8 @@ def _worker(rank: int, port: int, workdir: str) -> None:
         raise
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[dict, list[dict]]:
-    if not (dist.is_available() and dist.is_gloo_available()):
-        pytest.skip("torch.distributed with gloo is not available")
     blob = _inputs()
     # clip at half the first gradient norm, so that the shard-aware clipping acts
     net = FCN3(**CONFIG)
@@ -237,19 +223,8 @@ def runs(tmp_path_factory) -> tuple[dict, list[dict]]:
     workdir = tmp_path_factory.mktemp("parallel_strategy")
     torch.save(blob, workdir / "inputs.pt")
     torch.save(torch.tensor(clip), workdir / "clip.pt")
-    ctx = mp.get_context(START_METHOD)
-    ctx.set_forkserver_preload(PRELOAD)
-    t0 = time.perf_counter()
-    procs = mp.start_processes(_worker, args=(_free_port(), str(workdir)), nprocs=WORLD, join=False, start_method=START_METHOD)
-    try:
-        while not procs.join(timeout=1.0):
-            if time.perf_counter() - t0 > TIME_LIMIT_S:
-                pytest.fail(f"the {WORLD} workers did not finish within {TIME_LIMIT_S:.0f} s")
-    finally:
-        for p in procs.processes:  # only our own workers, by handle
-            if p.is_alive():
-                p.kill()
-    print(f"\n[world={WORLD}] {len(LAYOUTS)} layouts x {N_OPT_STEPS} optimizer steps: {time.perf_counter() - t0:.1f} s")
+    elapsed = run_workers(_worker, workdir, WORLD, TIME_LIMIT_S, PRELOAD)
+    print(f"\n[world={WORLD}] {len(LAYOUTS)} layouts x {N_OPT_STEPS} optimizer steps: {elapsed:.1f} s")
     return serial, [torch.load(workdir / f"rank{r}.pt") for r in range(WORLD)]
 
 

@@ -1,0 +1,53 @@
+"""Shared plumbing of the multi-process gloo tests (tests/test_parallel_*.py): a free port, the process group of
+one worker, and running ``world`` workers with a time limit so that a hung collective fails the test instead of CI.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+#: forkserver: workers start from a clean interpreter that has imported ``preload`` once (fork would copy the
+#: parent's threads; spawn would import torch in every worker)
+START_METHOD = "forkserver"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_gloo(rank: int, port: int, world: int, timeout_s: float = 60.0) -> None:
+    """Join the test's gloo process group; a peer that never arrives fails after ``timeout_s``."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+
+
+def run_workers(worker: Callable[[int, int, str], None], workdir: Path, world: int, time_limit_s: float, preload: Sequence[str]) -> float:
+    """Run ``worker(rank, port, workdir)`` in ``world`` processes; fails the test on error or after the time limit.
+
+    Returns the elapsed seconds. Workers still alive at the end (a timeout) are killed, by handle: only our own.
+    """
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with gloo is not available")
+    mp.get_context(START_METHOD).set_forkserver_preload(list(preload))
+    t0 = time.perf_counter()
+    procs = mp.start_processes(worker, args=(free_port(), str(workdir)), nprocs=world, join=False, start_method=START_METHOD)
+    try:
+        while not procs.join(timeout=1.0):
+            if time.perf_counter() - t0 > time_limit_s:
+                pytest.fail(f"the {world} workers did not finish within {time_limit_s:.0f} s")
+    finally:
+        for p in procs.processes:
+            if p.is_alive():
+                p.kill()
+    return time.perf_counter() - t0

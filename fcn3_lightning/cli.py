@@ -77,6 +77,28 @@ class MLflowConfig(SaveConfigCallback):
             self._monitor = None
 
 
+def prepare_sqlite_store(uri: str) -> None:
+    """Create (or migrate) a local SQLite MLflow store in one process at a time.
+
+    Every rank of a multi-process run instantiates the logger, and MLflow creates the schema of a new SQLite store
+    on first use: without the lock, several processes do it at once and fail ("duplicate column name").
+    """
+    if not uri.startswith("sqlite:///"):
+        return
+    from mlflow.tracking import MlflowClient
+
+    path = Path(uri[len("sqlite:///") :])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # no fcntl (Windows): single-process runs need no lock
+            pass
+        MlflowClient(uri).search_experiments(max_results=1)  # touches the store: creates or migrates the schema
+
+
 class FCN3CLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -87,8 +109,12 @@ class FCN3CLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         uri = cfg.get("mlflow_tracking_uri")
         logger = cfg.trainer.get("logger")
-        if uri and logger is not None and "MLFlowLogger" in str(logger.get("class_path", "")):
+        # trainer.logger may also be a bool (--trainer.logger false) or a list
+        mlflow = not isinstance(logger, bool | list) and logger is not None and "MLFlowLogger" in str(logger.get("class_path", ""))
+        if uri and mlflow:
             logger["init_args"]["tracking_uri"] = uri
+        if mlflow:
+            prepare_sqlite_store(str(logger["init_args"].get("tracking_uri") or ""))
         # checkpoints live in <default_root_dir>/checkpoints unless a config says otherwise, so that
         # `--ckpt_path last` finds them from a new process and each curriculum stage keeps its own
         root = cfg.trainer.get("default_root_dir") or "."
@@ -100,7 +126,7 @@ class FCN3CLI(LightningCLI):
                 ckpt_dir = Path(cb["init_args"]["dirpath"])
         # a resumed fit continues its MLflow run (the run id travels in the checkpoint)
         ckpt = cfg.get("ckpt_path")
-        if self.subcommand == "fit" and ckpt and logger is not None and "MLFlowLogger" in str(logger.get("class_path", "")):
+        if self.subcommand == "fit" and ckpt and mlflow:
             path = ckpt_dir / "last.ckpt" if ckpt == "last" and ckpt_dir is not None else Path(ckpt)
             if path.is_file() and not logger["init_args"].get("run_id"):
                 import torch

@@ -19,7 +19,15 @@ from fcn3_lightning.parallel.mesh import (
     split_slice,
     tile_slices,
 )
-from fcn3_lightning.parallel.state import ShardedDim, gather_state_dict, shard_state_dict, sharded_entries
+from fcn3_lightning.parallel.state import (
+    ShardedDim,
+    gather_optimizer_state,
+    gather_state_dict,
+    optimizer_param_names,
+    shard_optimizer_state,
+    shard_state_dict,
+    sharded_entries,
+)
 
 __all__ = [
     "GROUP_NAMES",
@@ -35,14 +43,17 @@ __all__ = [
     "all_reduce_coalesced_",
     "clip_grad_norm_",
     "gather_members",
+    "gather_optimizer_state",
     "gather_state_dict",
     "grad_norm",
     "gradient_tags",
     "group_ranks",
     "mesh_sizes",
+    "optimizer_param_names",
     "rank_layout",
     "reduce_from_group",
     "reduce_gradients",
+    "shard_optimizer_state",
     "shard_state_dict",
     "sharded_entries",
     "split_slice",

@@ -104,6 +104,14 @@ class DistributedSphericalLayers(SphericalLayers):
         theta_cutoff: float,
     ) -> nn.Module:
         self._check_initialized()
+        w = thd.azimuth_group_size()
+        if w > min(in_channels, out_channels):
+            # torch-harmonics' all-to-all trades longitudes for channels: every longitude rank needs a channel
+            raise ValueError(
+                f"w_parallel_size={w} splits the channels of every DISCO convolution over the longitude ranks, but one "
+                f"has {in_channels} input and {out_channels} output channels (e.g. the encoder of a variable group with "
+                f"fewer variables): use w_parallel_size <= {min(in_channels, out_channels)}, or h_parallel_size instead"
+            )
 
         def build(polar_mode: str) -> nn.Module:
             return thd.DistributedDiscreteContinuousConvS2(

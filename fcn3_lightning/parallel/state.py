@@ -13,12 +13,18 @@ parameter (FCN3 name)                           serial shape                dim 
 The split is torch-harmonics' ``compute_split_shapes`` (first ``n mod k`` chunks one larger), in group-rank order.
 Which entries are sharded is read off the distributed modules themselves (:func:`sharded_entries`), so the
 functions work for any network built through :class:`~fcn3_lightning.parallel.layers.DistributedSphericalLayers`.
+
+Optimizer state (:func:`gather_optimizer_state` / :func:`shard_optimizer_state`): the per-parameter state tensors of
+a sharded parameter (Adam's ``exp_avg`` / ``exp_avg_sq``, ...) are split like the parameter itself; scalars such as
+Adam's ``step`` and the ``param_groups`` pass through. Both work on ``optimizer.state_dict()`` layouts, so a gathered
+optimizer state is exactly what a single-process run would save.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -60,15 +66,15 @@ def sharded_entries(model: nn.Module) -> dict[str, tuple[ShardedDim, ...]]:
     return out
 
 
-def shard_state_dict(serial: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+def shard_state_dict(serial: Mapping[str, torch.Tensor], model: nn.Module, strict: bool = True) -> dict[str, torch.Tensor]:
     """This rank's part of a serial state_dict, ready for ``model.load_state_dict`` (no communication).
 
     Sharded tensors are cut to this rank's chunk (copies, so the serial dict stays independent); the others are
-    passed through.
+    passed through. ``strict=False`` tolerates missing sharded entries (as ``load_state_dict(strict=False)`` does).
     """
     specs = sharded_entries(model)
     missing = sorted(set(specs) - set(serial))
-    if missing:
+    if missing and strict:
         raise KeyError(f"the serial state_dict lacks the sharded parameter(s) {missing}")
     out: dict[str, torch.Tensor] = {}
     for name, value in serial.items():
@@ -89,9 +95,12 @@ def _group(axis: str) -> dist.ProcessGroup | None:
 
 def _all_gather_dim(t: torch.Tensor, d: ShardedDim) -> torch.Tensor:
     """All-gather the chunks of ``t`` along ``d.dim`` over its group (uneven chunks: padded to the largest)."""
-    group = _group(d.axis)
-    if group is None or len(d.shapes) == 1:
+    if len(d.shapes) == 1:
         return t
+    group = _group(d.axis)
+    if group is None:
+        # the groups are gone (e.g. after the strategy's teardown): returning the shard would pass it off as serial
+        raise RuntimeError(f"cannot gather a tensor split over the {d.axis} group: torch-harmonics' {d.axis} group does not exist")
     complex_ = t.is_complex()
     # gloo has no complex all_gather: move the real/imaginary pair into a trailing dim (dims before it unchanged)
     x = torch.view_as_real(t) if complex_ else t
@@ -120,3 +129,96 @@ def gather_state_dict(local: Mapping[str, torch.Tensor], model: nn.Module) -> di
             value = _all_gather_dim(value.detach(), d)
         out[name] = value
     return out
+
+
+# --- optimizer state ------------------------------------------------------------------------------
+
+
+def optimizer_param_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[str]:
+    """The parameter name of every index of ``optimizer.state_dict()`` (torch numbers the parameters of all
+    param_groups consecutively, in order)."""
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    names = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in by_id:
+                raise ValueError(f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not one of {type(model).__name__}'s")
+            names.append(by_id[id(p)])
+    return names
+
+
+def _param_state_specs(
+    state: Mapping[Any, Any], names: Sequence[str], model: nn.Module
+) -> list[tuple[Any, tuple[ShardedDim, ...], torch.Size]]:
+    """(state index, split dims, local parameter shape) of the sharded parameters that have optimizer state, in
+    index order (the same on every rank: the collectives of the gather follow it)."""
+    specs = sharded_entries(model)
+    if not specs or "state" not in state:
+        return []
+    params = dict(model.named_parameters())
+    out = []
+    for idx in sorted(state["state"]):
+        if not 0 <= idx < len(names):
+            raise ValueError(f"optimizer state index {idx} is out of range for {len(names)} parameters")
+        name = names[idx]
+        if name in specs:
+            out.append((idx, specs[name], params[name].shape))
+    return out
+
+
+def _is_per_element(value: Any, ndim: int) -> bool:
+    # moments have the parameter's dims (plus trailing ones for real views of complex parameters); 'step' is a scalar
+    return isinstance(value, torch.Tensor) and ndim > 0 and value.dim() >= ndim
+
+
+def gather_optimizer_state(state: Mapping[str, Any], names: Sequence[str], model: nn.Module) -> dict[str, Any]:
+    """The serial ``optimizer.state_dict()`` from this rank's (collective over the h / w groups, like
+    :func:`gather_state_dict`; every rank of the spatial group must call it).
+
+    ``names``: :func:`optimizer_param_names` of the optimizer. The input is not modified (torch's state_dict
+    shares the per-parameter dicts with the live optimizer).
+    """
+    todo = _param_state_specs(state, names, model)
+    if not todo:
+        return dict(state)
+    per_param = dict(state["state"])
+    for idx, dims, local in todo:
+        entry = dict(per_param[idx])
+        for key in sorted(entry):
+            value = entry[key]
+            if not _is_per_element(value, len(local)):
+                continue
+            if value.shape[: len(local)] != local:
+                raise ValueError(f"{names[idx]}: optimizer state {key!r} has shape {tuple(value.shape)}, the parameter {tuple(local)}")
+            for d in dims:
+                value = _all_gather_dim(value.detach(), d)
+            entry[key] = value
+        per_param[idx] = entry
+    return {**state, "state": per_param}
+
+
+def shard_optimizer_state(serial: Mapping[str, Any], names: Sequence[str], model: nn.Module) -> dict[str, Any]:
+    """This rank's part of a serial ``optimizer.state_dict()``, ready for ``optimizer.load_state_dict`` (no
+    communication; the reverse of :func:`gather_optimizer_state`). ``names``: :func:`optimizer_param_names`."""
+    todo = _param_state_specs(serial, names, model)
+    if not todo:
+        return dict(serial)
+    per_param = dict(serial["state"])
+    for idx, dims, local in todo:
+        full = list(local)
+        for d in dims:
+            full[d.dim] = sum(d.shapes)
+        entry = dict(per_param[idx])
+        for key, value in entry.items():
+            if not _is_per_element(value, len(local)):
+                continue
+            if list(value.shape[: len(local)]) != full:
+                raise ValueError(
+                    f"{names[idx]}: optimizer state {key!r} has shape {tuple(value.shape)}, expected the serial parameter "
+                    f"shape {tuple(full)}; was it saved from the same architecture?"
+                )
+            for d in dims:
+                value = value.narrow(d.dim, d.offset, d.size)
+            entry[key] = value.clone()
+        per_param[idx] = entry
+    return {**serial, "state": per_param}

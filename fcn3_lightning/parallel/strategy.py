@@ -18,13 +18,19 @@ initial weights are not broadcast by DDP either: the strategy broadcasts them it
 :meth:`layers_factory` (the spherical-layers factory to build the network with; None = the serial default). A
 LightningModule that builds its network on tiles and its ensemble on member shards declares so with a class
 attribute ``supports_spatial_parallel = True``; without it, only batch parallelism (h = w = ensemble = 1) is
-accepted, so a module never silently trains a serial network under a split. Checkpoints of a spatial split would
-hold rank 0's shards only: saving them raises until gathering is implemented.
+accepted, so a module never silently trains a serial network under a split.
+
+**Checkpoints** are layout-independent: exactly the serial layout a single-process run writes. Lightning builds the
+checkpoint dict on every rank; :meth:`lightning_module_state_dict` and :meth:`optimizer_state` gather the sharded
+spectral weights and their per-parameter optimizer state (Adam moments) over the spatial groups (collectives), and
+global rank 0 writes the file through the trainer's ``checkpoint_io`` (e.g. the atomic one). Loading
+(:meth:`load_model_state_dict`, :meth:`load_optimizer_state_dict`) cuts every rank's shard out of the serial tensors,
+so a checkpoint resumes under any layout, and a plain single-process Trainer reads it as it is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -33,6 +39,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
@@ -41,6 +48,14 @@ from torch.optim import Optimizer
 from fcn3_lightning.parallel.grads import GradTag, clip_grad_norm_, gradient_tags, reduce_gradients
 from fcn3_lightning.parallel.layers import DistributedSphericalLayers
 from fcn3_lightning.parallel.mesh import MeshSizes, ProcessMesh, mesh_sizes, rank_layout
+from fcn3_lightning.parallel.state import (
+    gather_optimizer_state,
+    gather_state_dict,
+    optimizer_param_names,
+    shard_optimizer_state,
+    shard_state_dict,
+    sharded_entries,
+)
 
 #: attribute a LightningModule sets to True when it builds its network through :meth:`SpatialParallelStrategy.layers_factory`
 SUPPORTS_ATTR = "supports_spatial_parallel"
@@ -205,14 +220,40 @@ class SpatialParallelStrategy(DDPStrategy):
 
     # --- checkpoints and teardown -------------------------------------------------------------------
 
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The module's state_dict in the serial layout (collective: every rank gathers, as Lightning calls it on all)."""
+        module = self.lightning_module
+        return gather_state_dict(module.state_dict(), module)
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """The optimizer's state_dict with the state of sharded parameters gathered to their serial shapes (collective)."""
+        state = super().optimizer_state(optimizer)
+        module = self.lightning_module
+        if not sharded_entries(module):
+            return state
+        if isinstance(optimizer, LightningOptimizer):
+            optimizer = optimizer._optimizer
+        return gather_optimizer_state(state, optimizer_param_names(optimizer, module), module)
+
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        if self.mesh is not None and self.mesh.sizes.model > 1:
-            # rank 0 would write its own shards of the spectral weights (and of their Adam moments) only
-            raise RuntimeError(
-                "SpatialParallelStrategy cannot save checkpoints under a spatial split yet (h_parallel_size x "
-                "w_parallel_size > 1): set trainer.enable_checkpointing=false"
-            )
+        """Global rank 0 writes the (already gathered, serial-layout) checkpoint through ``self.checkpoint_io``."""
         super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        """Load a serial-layout state_dict (from any layout, or a plain single-process run): each rank takes its shard."""
+        local = shard_state_dict(checkpoint["state_dict"], self.lightning_module, strict=strict)
+        super().load_model_state_dict({**checkpoint, "state_dict": local}, strict=strict)
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        """Load serial-layout optimizer states: the state of sharded parameters is cut to this rank's shard."""
+        module = self.lightning_module
+        states = checkpoint["optimizer_states"]
+        if sharded_entries(module):
+            states = [
+                shard_optimizer_state(state, optimizer_param_names(opt, module), module)
+                for opt, state in zip(self.optimizers, states, strict=False)
+            ]
+        super().load_optimizer_state_dict({**checkpoint, "optimizer_states": states})
 
     def teardown(self) -> None:
         if self.mesh is not None:

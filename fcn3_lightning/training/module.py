@@ -4,10 +4,17 @@ What is predicted (the network, its channels and grid) comes from the data modul
 settings; this module owns *how* it is trained: members folded into the batch with their own noise,
 autoregressive rollouts with backpropagation through every step, the CRPS loss, the optimiser and
 the schedule, and the validation scores.
+
+Under :class:`~fcn3_lightning.parallel.strategy.SpatialParallelStrategy` the module builds the network with the
+strategy's distributed layers, reads only its latitude/longitude tile of every sample, rolls out its own share of
+the members (global member ids, so the noise is the serial run's) and uses the distributed loss, which gathers the
+members and sums over the tiles. Validation scores are computed on the tiles and completed by all-reduces over the
+spatial group (members gathered first), so no rank's shard stands in for another's.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning as L
@@ -18,15 +25,20 @@ from fcn3_lightning.metrics.suite import DEFAULT_SCORES, PROVIDERS, ValidationSc
 from fcn3_lightning.model.build import model_kwargs
 from fcn3_lightning.model.fcn3 import FCN3
 from fcn3_lightning.model.noise import NoiseStreams, SphericalDiffusionNoise
+from fcn3_lightning.parallel import DistributedEnsembleCRPSLoss, ProcessMesh, all_reduce_, gather_members, split_slice
 from fcn3_lightning.training.forecaster import EnsembleForecaster, keyed_streams
 from fcn3_lightning.training.weights import load_initial_weights
+
+# Lightning recommends sync_dist=True for epoch-level values (warning at epoch end, once per value and rank); the
+# WB2 scores are torchmetrics values, synced over the processes already and identical on every rank
+warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
 
 #: channels logged individually by default when the channel list is long (those WB2 headlines that exist)
 HEADLINE_CHANNELS = ("z500", "t850", "q700", "u850", "v850", "t2m", "u10m", "msl", "tcwv")
 
 
 class FCN3Module(L.LightningModule):
-    """Trains FCN3 as an ensemble model.
+    """Trains FCN3 as an ensemble model (serially, or on tiles and member shards under SpatialParallelStrategy).
 
     Args:
         net: FCN3 architecture settings (sizes, depth, ...; see :class:`fcn3_lightning.model.FCN3`). The
@@ -54,6 +66,9 @@ class FCN3Module(L.LightningModule):
             :data:`fcn3_lightning.metrics.suite.PROVIDERS`; default crps, ensemble_mean_rmse, ensemble_spread,
             spread_skill_ratio, bias). Logged as ``val/{score}/{channel}/{lead}``.
     """
+
+    #: builds its network through the strategy's layers factory (see SpatialParallelStrategy)
+    supports_spatial_parallel = True
 
     def __init__(
         self,
@@ -102,7 +117,8 @@ class FCN3Module(L.LightningModule):
         if scheduler is not None and scheduler.get("name") not in ("plateau", "step"):
             raise ValueError(f"model.scheduler.name must be 'plateau' or 'step', got {scheduler.get('name')!r}")
         self.forecaster: EnsembleForecaster | None = None
-        self.loss_fn: EnsembleCRPSLoss | None = None
+        self.loss_fn: EnsembleCRPSLoss | DistributedEnsembleCRPSLoss | None = None
+        self.mesh: ProcessMesh | None = None
 
     # --- building -----------------------------------------------------------------------------------
 
@@ -113,7 +129,15 @@ class FCN3Module(L.LightningModule):
         dm = self.trainer.datamodule
         if dm is None:
             raise ValueError("FCN3Module needs a data module (it defines the channels and the grid)")
-        self.build(dm.channels, dm.aux_channels, dm.store.shape, dm.normalizer)
+        strategy = self.trainer.strategy
+        mesh = getattr(strategy, "mesh", None)
+        layers = None
+        if mesh is not None and (mesh.sizes.model > 1 or mesh.sizes.ensemble > 1):
+            self.mesh = mesh
+            layers = strategy.layers_factory()
+            if mesh.sizes.model > 1:
+                dm.set_tile(*mesh.tile(dm.store.shape))  # every sample is read on this rank's tile only
+        self.build(dm.channels, dm.aux_channels, dm.store.shape, dm.normalizer, layers=layers)
         self.register_buffer("static", dm.static, persistent=False)
         lead_hours = [(s + 1) * dm.hparams.step_hours for s in range(dm.hparams.valid_rollout)]
         h, w = dm.store.shape
@@ -129,9 +153,24 @@ class FCN3Module(L.LightningModule):
             spatial_group=getattr(self.trainer.strategy, "spatial_group", None),
         )
 
-    def build(self, channels: list[str], aux_channels: list[str], shape: tuple[int, int], normalizer: Any) -> None:
+    def build(
+        self, channels: list[str], aux_channels: list[str], shape: tuple[int, int], normalizer: Any, layers: Any | None = None
+    ) -> None:
+        """The network, noise process and loss for these channels and grid; ``layers``: a distributed layers factory
+        (spatial parallelism, with :attr:`mesh` set) or None (serial)."""
         hp = self.hparams
-        net = FCN3(inp_shape=shape, channel_names=channels, aux_channel_names=aux_channels, **self.net_kwargs)
+        if self.mesh is not None:
+            e = self.mesh.sizes.ensemble
+            for name, m in (("model.ensemble_size", hp.ensemble_size), ("model.valid_ensemble_size", hp.valid_ensemble_size)):
+                if m is not None and m % e:
+                    raise ValueError(f"{name}={m} is not divisible by the strategy's ensemble_parallel_size={e}")
+            if hp.antithetic and (hp.ensemble_size // e) % 2:
+                raise ValueError(
+                    f"antithetic noise pairs members 2k, 2k+1 on one rank: model.ensemble_size ({hp.ensemble_size}) / "
+                    f"ensemble_parallel_size ({e}) must be even"
+                )
+        extra = {} if layers is None else {"layers": layers}
+        net = FCN3(inp_shape=shape, channel_names=channels, aux_channel_names=aux_channels, **self.net_kwargs, **extra)
         noise = None
         if net.noise_channel_names:
             noise = SphericalDiffusionNoise(
@@ -140,21 +179,26 @@ class FCN3Module(L.LightningModule):
                 length_scales_km=hp.noise_length_scales_km,
                 sigma=hp.noise_sigma,
                 lambd=hp.noise_lambd,
+                **extra,
             )
         self.forecaster = EnsembleForecaster(net, noise)
         if hp.init_from:
             load_initial_weights(net, hp.init_from)
         weights = channel_weights(channels, normalizer.scale, normalizer.time_diff_std, mode=hp.channel_weighting)
-        self.loss_fn = EnsembleCRPSLoss(
-            shape,
-            weights,
+        loss_kw = dict(
             kind=hp.crps,
             alpha=hp.alpha,
             spectral_weight=hp.spectral_weight,
             spectral_normalization=hp.spectral_normalization,
             multistep_weighting=hp.multistep_weighting,
         )
-        self.register_buffer("quadrature", quadrature_weights(*shape, dtype=torch.float32), persistent=False)
+        q = quadrature_weights(*shape, dtype=torch.float32)
+        if self.mesh is None:
+            self.loss_fn = EnsembleCRPSLoss(shape, weights, **loss_kw)
+        else:
+            self.loss_fn = DistributedEnsembleCRPSLoss(self.mesh, shape, weights, **loss_kw)
+            q = q[self.mesh.tile(shape)[0]]  # this tile's rows: validation sums over the tile, then over the tiles
+        self.register_buffer("quadrature", q, persistent=False)
         self.channels = list(channels)
         self.normalizer = normalizer
         self.register_buffer("scale", torch.as_tensor(normalizer.scale, dtype=torch.float32), persistent=False)
@@ -169,17 +213,37 @@ class FCN3Module(L.LightningModule):
 
     # --- stepping -----------------------------------------------------------------------------------
 
-    def _streams(self, batch: dict[str, torch.Tensor], n_members: int, key: int, antithetic: bool) -> NoiseStreams | None:
+    def _members(self, n_members: int) -> slice:
+        """Global ids of this rank's members: all of them, or its share under ensemble parallelism."""
+        if self.mesh is None:
+            return slice(0, n_members)
+        return split_slice(n_members, self.mesh.sizes.ensemble, self.mesh.layout.ensemble_rank, what="ensemble (ensemble_parallel_size)")
+
+    def _streams(self, batch: dict[str, torch.Tensor], members: slice, key: int, antithetic: bool) -> NoiseStreams | None:
         if self.forecaster.noise is None:
             return None
-        # one reproducible stream per (sample, member) and step: resuming replays exactly the same noise
-        return keyed_streams(self.hparams.noise_seed, key, batch["index"].tolist(), n_members, antithetic)
+        # one reproducible stream per (sample, global member id) and step: resuming, or another layout, replays the
+        # same noise
+        ids = batch["index"].tolist()
+        return keyed_streams(self.hparams.noise_seed, key, ids, members.stop - members.start, antithetic, member_offset=members.start)
 
     def forward_rollout(
         self, batch: dict[str, torch.Tensor], n_members: int, n_steps: int, key: int, antithetic: bool = False
     ) -> torch.Tensor:
-        streams = self._streams(batch, n_members, key, antithetic)
-        return self.forecaster.rollout(batch["input"], batch["zenith"], self.static, streams, n_steps, n_members)
+        """``(B, M, n_steps, C, H, W)``: this rank's members (all ``n_members`` serially) on its tile."""
+        members = self._members(n_members)
+        streams = self._streams(batch, members, key, antithetic)
+        m = members.stop - members.start
+        return self.forecaster.rollout(batch["input"], batch["zenith"], self.static, streams, n_steps, m)
+
+    def _all_members(self, pred: torch.Tensor) -> torch.Tensor:
+        """Every member of the ensemble (gathered from the ensemble ranks; validation, not differentiated)."""
+        return pred if self.mesh is None else gather_members(pred.detach(), self.mesh.group("ensemble"), dim=1)
+
+    def _tile_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over (lat, lon), completed over the tiles of the spatial group."""
+        out = x.sum((-2, -1))
+        return out if self.mesh is None else all_reduce_(out.contiguous(), self.mesh.group("spatial"))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         n_steps = batch["target"].shape[1]
@@ -198,10 +262,11 @@ class FCN3Module(L.LightningModule):
         target = batch["target"]
         b = target.shape[0]
         loss, _ = self.loss_fn(pred[:, :, :1], target[:, :1])  # as in the reference: the loss at the first lead time
+        pred = self._all_members(pred)
         q = self.quadrature
         # area-weighted fair CRPS (normalised units) per lead and channel; persistence's CRPS is its MAE
-        crps = (crps_ensemble(pred, target, member_dim=1, kind="fair") * q).sum((-2, -1)).mean(0)  # (S, C)
-        persistence = ((batch["input"][:, None] - target).abs() * q).sum((-2, -1)).mean(0)  # (S, C)
+        crps = self._tile_sum(crps_ensemble(pred, target, member_dim=1, kind="fair") * q).mean(0)  # (S, C)
+        persistence = self._tile_sum((batch["input"][:, None] - target).abs() * q).mean(0)  # (S, C)
         self.log(f"{split}/loss", loss, batch_size=b, sync_dist=True)
         self.log(f"{split}/crps", crps[0].mean(), batch_size=b, sync_dist=True, prog_bar=split == "val")
         self.log(f"{split}/persistence_mae", persistence[0].mean(), batch_size=b, sync_dist=True)

@@ -45,6 +45,10 @@ def load_initial_weights(net: FCN3, path: str | Path) -> str:
     state, layout = _network_state(blob, str(path))
     if layout == "reference":
         state = convert_reference_state_dict(state, net)
+    if net.tiled:  # a network on tiles (spatial parallelism) holds its shard of the spectral weights
+        from fcn3_lightning.parallel import shard_state_dict
+
+        state = shard_state_dict(state, net, strict=False)
     target = net.state_dict()
     missing = sorted(set(target) - set(state))
     unexpected = sorted(set(state) - set(target))

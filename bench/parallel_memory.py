@@ -61,7 +61,6 @@ import argparse
 import contextlib
 import datetime
 import math
-import os
 import socket
 import sys
 import tempfile
@@ -73,6 +72,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from rss import peak_rss, reset_peak, rss  # bench/rss.py (the script's folder is on sys.path)
 
 #: 3 pressure levels x (z, t, u, v, q) and 5 surface fields: 20 prognostic channels (FCN3 has 13 levels, 72 channels)
 CHANNELS = [f"{v}{lev}" for lev in (250, 500, 850) for v in ("z", "t", "u", "v", "q")] + ["t2m", "u10m", "v10m", "msl", "tcwv"]
@@ -125,30 +125,6 @@ def net_config(args: argparse.Namespace) -> dict:
 
 
 # --- measurement ------------------------------------------------------------------------------------------
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _storages(t: torch.Tensor) -> list[tuple[int, int]]:
@@ -303,8 +279,8 @@ def _run_rank(rank: int, layout: Layout, port: int, workdir: Path, threads: int,
         if allocations
         else contextlib.nullcontext()
     )
-    reset = _reset_peak()
-    before = _rss()
+    reset = reset_peak()
+    before = rss()
     t0 = time.perf_counter()
     with profiler:
         with meter.hooks():
@@ -314,7 +290,7 @@ def _run_rank(rank: int, layout: Layout, port: int, workdir: Path, threads: int,
         at_forward_end = meter.live
         loss.backward()
     seconds = time.perf_counter() - t0
-    peak = _peak_rss()
+    peak = peak_rss()
     alloc_peak, alloc_top = None, []
     if allocations:
         trace = workdir / f"{layout.name}.rank{rank}.trace.json"

@@ -30,37 +30,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from rss import peak_rss, reset_peak, rss  # bench/rss.py (the script's folder is on sys.path)
 
 CHANNELS = ["tcwv", "u500", "v500", "z500"]
 LIMIT = 1.10
 #: the network of the synthetic case: small, so that the steps are quick and the outputs weigh in the peak
 SMALL_NET = {"atmo_embed_dim": 8, "surf_embed_dim": 8, "aux_embed_dim": 4, "num_layers": 2, "sfno_block_frequency": 2}
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        import os
-
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def child(args: argparse.Namespace) -> None:
@@ -74,8 +49,8 @@ def child(args: argparse.Namespace) -> None:
     times = p.store.times
     start = args.start or str(times[0])
     inits = init_times_in_range(p.store, start, str(times[-1]), 24)[: args.inits]
-    reset = _reset_peak()
-    before = _rss()
+    reset = reset_peak()
+    before = rss()
     t0 = time.perf_counter()
     predict(p, inits, args.output, members=args.members, steps=args.steps, progress=False)
     seconds = time.perf_counter() - t0
@@ -85,7 +60,7 @@ def child(args: argparse.Namespace) -> None:
             {
                 "steps": args.steps,
                 "inits": len(inits),
-                "peak": _peak_rss(),
+                "peak": peak_rss(),
                 "before": before,
                 "seconds": seconds,
                 "method": "VmHWM after clear_refs" if reset else "ru_maxrss",

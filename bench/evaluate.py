@@ -10,11 +10,13 @@ and a climatology (hour x dayofyear) of the valid times. Fields are smooth patte
 
 "Plain read" = the evaluation's inputs read once into memory with xarray, one init at a time: every forecast
 variable and the truth at the valid times, plus the climatology's fields of those variables once (what any
-evaluation must at least read). Each phase runs in its own process; peak memory is that
-process's peak RSS. The evaluation runs twice: first with an empty compiled-kernel cache (what the first evaluation
-on a new machine costs, ~15 s of it the one-off compilation of the fused metric kernels), then with the kernels
-cached (every later evaluation). The truth holds no earlier years, so the probabilistic-climatology baseline is
-skipped (with its warning); every metric, region and the other baselines are scored.
+evaluation must at least read). Each phase runs in its own process; peak memory is that process's peak RSS.
+The evaluation runs first with an empty compiled-kernel cache (what the first evaluation on a new machine costs,
+~15 s of it the one-off compilation of the fused metric kernels), then --repeat times with the kernels cached
+(every later evaluation). The plain read also runs --repeat times; the summary compares the best of each
+(every run is printed: a shared VM's timings vary by +-30% between runs). The truth holds no earlier years, so
+the probabilistic-climatology baseline is skipped (with its warning); every metric, region and the other
+baselines are scored.
 """
 
 from __future__ import annotations
@@ -199,30 +201,44 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_eval_out"))
     ap.add_argument("--end", help="last init to score (a subset of the inits)")
     ap.add_argument("--no-tune-malloc", action="store_true")
-    ap.add_argument("--runs", type=int, choices=(1, 2), default=2, help="2: also time a second run with the kernels cached")
+    ap.add_argument("--runs", type=int, choices=(1, 2), default=2, help="2: also time runs with the kernels cached")
+    ap.add_argument("--repeat", type=int, default=2, help="plain reads and cached evaluations to run (the best is compared)")
     args = ap.parse_args()
     if args.make:
         make(args.make, args.inits, args.leads, args.members)
     if args.data:
-        plain = _in_process(_plain_read, args.data, args.end)
-        print(
-            f"plain read: {plain['seconds']:.1f} s (CPU {plain['cpu_s']:.1f} s), {plain['gb']:.2f} GB, peak RSS {plain['peak_mb']:.0f} MB",
-            flush=True,
-        )
+        # Best of --repeat for the plain read and the cached evaluation: this shared 2-core VM's noise is +-30%
+        # between runs of the same read; every run is printed. The first run (empty kernel cache) happens once.
+        plains = [_in_process(_plain_read, args.data, args.end) for _ in range(args.repeat)]
+        for p in plains:
+            print(
+                f"plain read: {p['seconds']:.1f} s (CPU {p['cpu_s']:.1f} s), {p['gb']:.2f} GB, peak RSS {p['peak_mb']:.0f} MB", flush=True
+            )
+        plain = min(plains, key=lambda r: r["seconds"])
         kw = {"dtype": args.dtype, "block_mb": args.block_mb, "end": args.end, "tune_malloc": not args.no_tune_malloc}
         # Run 1 starts from an empty compiled-kernel cache (a new machine: it pays the one-off compilation of the
-        # fused metric kernels); run 2 finds them cached, as every later evaluation on the machine does.
+        # fused metric kernels); the later runs find them cached, as every later evaluation on the machine does.
+        runs: dict[str, list[dict]] = {"first run, empty kernel cache": [], "kernels cached": []}
         with tempfile.TemporaryDirectory(prefix="fcn3_bench_kernels_") as cache:
-            for run, label in enumerate(("first run, empty kernel cache", "kernels cached"), 1):
-                shutil.rmtree(args.out, ignore_errors=True)
-                ev = _in_process(_evaluate, args.data, args.out, kw, Path(cache))
-                print(
-                    f"evaluate ({label}): {ev['seconds']:.1f} s ({ev['seconds'] / plain['seconds']:.2f} x the plain read), "
-                    f"CPU {ev['cpu_s']:.1f} s ({ev['cpu_s'] / plain['cpu_s']:.2f} x), peak RSS {ev['peak_mb']:.0f} MB",
-                    flush=True,
-                )
-                if run == 1 and args.runs == 1:
-                    break
+            for label, n in zip(runs, (1, args.repeat if args.runs == 2 else 0), strict=True):
+                for _ in range(n):
+                    shutil.rmtree(args.out, ignore_errors=True)
+                    ev = _in_process(_evaluate, args.data, args.out, kw, Path(cache))
+                    runs[label].append(ev)
+                    print(
+                        f"evaluate ({label}): {ev['seconds']:.1f} s, CPU {ev['cpu_s']:.1f} s, peak RSS {ev['peak_mb']:.0f} MB",
+                        flush=True,
+                    )
+        print(f"\nsummary (best of {args.repeat} plain reads: {plain['seconds']:.1f} s; target <= 4x, peak RSS < 4000 MB)")
+        for label, evs in runs.items():
+            if not evs:
+                continue
+            best = min(evs, key=lambda r: r["seconds"])
+            peak = max(r["peak_mb"] for r in evs)
+            ratio = best["seconds"] / plain["seconds"]
+            verdict = "met" if ratio <= 4.0 and peak < 4000 else "NOT met"
+            what = f"evaluate ({label}, best of {len(evs)}): {best['seconds']:.1f} s"
+            print(f"  {what} = {ratio:.2f} x the plain read, peak RSS {peak:.0f} MB: {verdict}")
         print(json.dumps({k: ev[k] for k in ("timing", "blocks", "rows")}, indent=1))
 
 

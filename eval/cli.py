@@ -88,6 +88,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compile", choices=("auto", "on", "off"), default="auto", help="torch.compile the fused metric kernels (auto: for large data)"
     )
+    p.add_argument(
+        "--threads", type=int, dest="torch_threads", help="torch threads for scoring (default: the usable cores minus one for the readers)"
+    )
+    p.add_argument("--read-threads", type=int, default=4, help="threads reading the stores (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the rank histogram's tie-breaking")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -116,6 +120,8 @@ def options_from_args(args: argparse.Namespace) -> Any:
         seed=args.seed,
         progress=not args.no_progress,
         compile=args.compile,
+        torch_threads=args.torch_threads,
+        read_threads=args.read_threads,
     )
 
 

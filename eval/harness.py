@@ -10,6 +10,7 @@ metric states become long-form frames (:mod:`.collect`), written atomically with
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import xarray as xr
 from fcn3_lightning.eval import collect
 from fcn3_lightning.eval.fast import FusedUpdates
@@ -54,6 +56,9 @@ class Options:
     seed: int = 0
     progress: bool = True
     read_threads: int = 4
+    # torch's threads while scoring; None: one core fewer than the process may use (the readers' core), at least 1.
+    # On 2 cores a second torch thread was measured slower: its barriers wait on threads the readers displace.
+    torch_threads: int | None = None
     compile: str = "auto"  # torch.compile the fused metric kernels: auto (when the data are large), on, off
     tune_malloc: bool = True  # glibc: keep freed block-sized buffers for reuse (see memory.keep_freed_memory)
     memory_mb: float = 2600.0  # with tune_malloc: give freed memory back to the system above this resident size
@@ -71,6 +76,10 @@ class Evaluation:
         options: Options | None = None,
     ) -> None:
         self.opt = options or Options()
+        for name in ("torch_threads", "read_threads"):
+            n = getattr(self.opt, name)
+            if n is not None and n < 1:
+                raise ValueError(f"{name} (--{name.removeprefix('torch_').replace('_', '-')}) must be at least 1, got {n}")
         self.out = Path(out)
         self.plan = make_plan(forecast, obs, climatology, self.opt)
         self.fused = FusedUpdates(compile_mode(self.plan), lambda msg: warn(msg, self.plan.notes), self.plan.work_dtype)
@@ -80,11 +89,14 @@ class Evaluation:
         t_start = time.perf_counter()
         if self.opt.tune_malloc:
             keep_freed_memory()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.opt.torch_threads or max(1, len(os.sched_getaffinity(0)) - 1))
         self.fused.compile_in_background(compile_jobs(self.plan), self.plan.device)
         try:
             return self._run(t_start)
         finally:
             self.fused.wait()
+            torch.set_num_threads(threads)
 
     def _run(self, t_start: float) -> dict[str, Any]:
         plan = self.plan

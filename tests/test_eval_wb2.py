@@ -367,6 +367,19 @@ def test_errors(tmp_path, capsys, case, match):
     assert not Path(out).exists() or not any(Path(out).iterdir())  # nothing written
 
 
+@pytest.mark.parametrize("option", ["--threads", "--read-threads"])
+def test_thread_options(tmp_path, capsys, option):
+    import torch
+
+    fc, obs, clim = _small()
+    rc, _ = _cli(tmp_path, fc, obs, clim, option, "0")
+    err = capsys.readouterr().err
+    assert rc == 2 and f"({option}) must be at least 1, got 0" in err, err
+    before = torch.get_num_threads()
+    rc, _ = _cli(tmp_path / "ok", fc, obs, clim, option, "1", "--regions", "global", "--no-baselines", "--spectra", "none")
+    assert rc == 0 and torch.get_num_threads() == before  # the scoring threads are given back after the run
+
+
 def test_skipna(tmp_path):
     """--skipna: NaN points are left out of the spatial means (weights renormalised), here checked against numpy."""
     fc, obs, clim = _small()

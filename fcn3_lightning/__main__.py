@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if argv and argv[0] == "curriculum":
         return _curriculum(argv[1:])
+    if argv and argv[0] == "sweep":
+        from fcn3_lightning.sweep.cli import main as sweep
+
+        return sweep(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m fcn3_lightning", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -255,7 +255,10 @@ class FCN3Module(L.LightningModule):
         self.log("train/crps", details["spatial_crps"].mean(), batch_size=b)
         return loss
 
-    def _evaluate(self, batch: dict[str, torch.Tensor], split: str) -> None:
+    def _evaluate(self, batch: dict[str, torch.Tensor], split: str) -> dict[str, torch.Tensor]:
+        """Log the validation/test scores of a batch; returns the forecast for callbacks (``fcn3_lightning.callbacks``):
+        ``prediction`` (B, M, S, C, h, w) with every member and ``target`` (B, S, C, h, w), normalised, on this rank's tile.
+        """
         n_steps = batch["target"].shape[1]
         members = self.hparams.valid_ensemble_size or self.hparams.ensemble_size
         pred = self.forward_rollout(batch, members, n_steps, key=0)
@@ -277,6 +280,7 @@ class FCN3Module(L.LightningModule):
         shape = (len(idx), 1, 1)
         scale, offset = self.scale[idx].reshape(shape), self.offset[idx].reshape(shape)
         self.scores.update(pred[:, :, :, idx] * scale + offset, target[:, :, idx] * scale + offset)
+        return {"prediction": pred, "target": target}
 
     def _log_scores(self, split: str) -> None:
         if self.scores is None or not self.scores.updated:
@@ -285,11 +289,11 @@ class FCN3Module(L.LightningModule):
         self.log_dict({f"{split}/{k}": v for k, v in values.items()}, sync_dist=False, rank_zero_only=False)
         self.scores.reset()
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._evaluate(batch, "val")  # the outputs reach the callbacks' on_validation_batch_end (plots, calibration)
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._evaluate(batch, "test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         """Ensemble forecasts in physical units: ``prediction`` (B, M, S, C, H, W) for the batch's initial ``time``."""

@@ -1,0 +1,186 @@
+"""Ensemble calibration: the spread-skill ratio against lead time, and rank histograms.
+
+Both are accumulated over every forecast of the validation run with the WeatherBench2 metrics of
+:mod:`fcn3_lightning.metrics.ensemble` (area-weighted, summed over the tiles under the spatial-parallel strategy),
+in physical units. A calibrated ensemble has a spread-skill ratio near 1 and a flat rank histogram.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from fcn3_lightning.callbacks.forecast import (
+    EveryNValidations,
+    ForecastGrid,
+    forecast_grid,
+    forecast_outputs,
+    physical,
+    pick_channels,
+    pick_leads,
+)
+from fcn3_lightning.callbacks.plotting import ArtifactSink, PlotJobs, artifact_sink, lead_text, new_figure
+
+from fcn3_lightning.metrics.ensemble import RankHistogram, SpreadSkill
+
+
+class Calibration(L.Callback):
+    """Spread-skill ratio vs lead time (``calibration/spread_skill_step<step>.png``: the ratio per channel, and the
+    ensemble-mean RMSE with the spread in the channel's units) and rank histograms
+    (``calibration/rank_histogram_step<step>.png``: channels x lead times; frequency x (M + 1), so flat = 1).
+
+    Args:
+        channels: channels to analyse (default: the module's ``log_channels``).
+        histogram_lead_hours: lead times of the rank histograms (default: the first and the last).
+        every_n_validations: on every n-th validation run (0: never); accumulated over the whole run.
+        background, enabled, dpi: as for :class:`~fcn3_lightning.callbacks.maps.ForecastMaps`.
+    """
+
+    def __init__(
+        self,
+        channels: list[str] | None = None,
+        histogram_lead_hours: list[float] | None = None,
+        every_n_validations: int = 1,
+        background: bool = True,
+        enabled: bool = True,
+        dpi: int = 100,
+    ):
+        self.requested_channels, self.requested_leads = channels, histogram_lead_hours
+        self.every = EveryNValidations(every_n_validations if enabled else 0, "Calibration")
+        self.jobs = PlotJobs(background)
+        self.dpi = dpi
+        self.grid: ForecastGrid | None = None
+        self.spread_skill: SpreadSkill | None = None
+        self.rank_histogram: RankHistogram | None = None
+        self.n_forecasts = 0
+        #: the last results: spread_skill_ratio, rmse, spread (lead, channel); rank_histogram (lead, channel, M + 1)
+        self.last: dict[str, Any] | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._configure(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.grid is None:
+            self._configure(trainer, pl_module)
+
+    def _configure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        g = self.grid = forecast_grid(trainer, pl_module)
+        self.channels = pick_channels(self.requested_channels, g.channels, pl_module.log_channels, "Calibration")
+        self.histogram_leads = pick_leads(self.requested_leads, g.lead_hours, sorted({0, len(g.lead_hours) - 1}), "Calibration")
+        kw = {"tile": g.tile if g.sharded else None, "spatial_group": g.spatial_group}
+        self.spread_skill = SpreadSkill(g.lat, g.lon, self.channels, g.lead_hours, **kw).to(pl_module.device)
+        self.rank_histogram = RankHistogram(g.lat, g.lon, self.channels, g.lead_hours, n_members=g.n_members, **kw).to(pl_module.device)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.every.start(trainer):
+            self.spread_skill.reset()
+            self.rank_histogram.reset()
+            self.n_forecasts = 0
+
+    @torch.no_grad()
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if not self.every.due:
+            return
+        pred, target = forecast_outputs(outputs)
+        ch = [self.grid.channels.index(c) for c in self.channels]
+        x, o = physical(pl_module, pred, ch), physical(pl_module, target, ch)
+        self.spread_skill.update(x, o)
+        self.rank_histogram.update(x, o)
+        self.n_forecasts += target.shape[0]
+
+    @torch.no_grad()
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.every.due or self.spread_skill.update_count == 0:
+            return
+        ss = self.spread_skill.compute()  # collective: every rank computes
+        rh = self.rank_histogram.compute()["rank_histogram_latweighted_spatial_mean"]
+        self.spread_skill.reset()
+        self.rank_histogram.reset()
+        self.last = {
+            "spread_skill_ratio": ss["spread_skill_ratio"][0].cpu().numpy(),  # global region: (lead, channel)
+            "rmse": ss["ensemble_mean_rmse"][0].cpu().numpy(),
+            "spread": ss["ensemble_spread"][0].cpu().numpy(),
+            "rank_histogram": rh[0].cpu().numpy(),
+            "global_step": trainer.global_step,
+        }
+        if trainer.is_global_zero:
+            sink = artifact_sink(trainer)
+            where = "" if trainer.world_size == 1 else " per data-parallel rank"
+            what = f"{self.n_forecasts} validation forecasts{where}, {self.grid.n_members} members"
+            self.jobs.submit(self._draw, sink, self.last, self.grid, what)
+            ratios = ", ".join(f"{c} {r:.2f}" for c, r in zip(self.channels, self.last["spread_skill_ratio"][-1], strict=True))
+            print(f"step {trainer.global_step}: spread-skill ratio at {lead_text(self.grid.lead_hours[-1])}: {ratios} (1 = calibrated)")
+
+    def _draw(self, sink: ArtifactSink, last: dict[str, Any], g: ForecastGrid, what: str) -> None:
+        self._draw_spread_skill(sink, last, g, what)
+        self._draw_rank_histograms(sink, last, g, what)
+
+    def _draw_spread_skill(self, sink: ArtifactSink, last: dict[str, Any], g: ForecastGrid, what: str) -> None:
+        hours = np.asarray(g.lead_hours)
+        n_ch = len(self.channels)
+        fig = new_figure(3.4 * (n_ch + 1), 3.6, layout=None)  # fixed margins: cheaper than a layout engine
+        fig.subplots_adjust(left=0.05, right=0.99, bottom=0.14, top=0.85, wspace=0.3)
+        axes = fig.subplots(1, n_ch + 1, squeeze=False)[0]
+        ax = axes[0]
+        for c, channel in enumerate(self.channels):
+            ax.plot(hours, last["spread_skill_ratio"][:, c], marker="o", label=channel)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xlabel("lead time [h]")
+        ax.set_ylabel("spread-skill ratio (spread / RMSE of the mean)")
+        ax.set_title("spread-skill ratio (1 = calibrated)", fontsize=10)
+        ax.set_xticks(hours)
+        ax.legend(fontsize=7)
+        for c, channel in enumerate(self.channels):
+            ax = axes[c + 1]
+            ax.plot(hours, last["rmse"][:, c], marker="o", label="ensemble-mean RMSE")
+            ax.plot(hours, last["spread"][:, c], marker="s", label="ensemble spread")
+            ax.set_xlabel("lead time [h]")
+            ax.set_ylabel(f"{channel} [{g.units[channel]}]")
+            ax.set_title(f"{channel}: skill and spread", fontsize=10)
+            ax.set_xticks(hours)
+            ax.set_ylim(bottom=0.0)
+            ax.legend(fontsize=7)
+        for ax in axes:
+            ax.grid(True, lw=0.3, alpha=0.5)
+        fig.suptitle(f"Spread-skill at step {last['global_step']}: over {what} (area-weighted, WeatherBench2 definitions)", fontsize=9)
+        sink.save(fig, "calibration", f"spread_skill_step{last['global_step']:07d}.png", dpi=self.dpi)
+
+    def _draw_rank_histograms(self, sink: ArtifactSink, last: dict[str, Any], g: ForecastGrid, what: str) -> None:
+        hist = last["rank_histogram"]  # (lead, channel, M + 1), sums to 1 over the bins
+        bins = hist.shape[-1]
+        leads = self.histogram_leads
+        height = 2.4 * len(leads) + 0.8
+        fig = new_figure(2.8 * len(self.channels) + 0.6, height, layout=None)
+        fig.subplots_adjust(left=0.08, right=0.99, bottom=0.55 / height, top=1.0 - 0.6 / height, wspace=0.1, hspace=0.35)
+        axes = fig.subplots(len(leads), len(self.channels), squeeze=False, sharey=True)
+        top = max(1.5, float(hist[leads].max()) * bins * 1.1)
+        for r, s in enumerate(leads):
+            for c, channel in enumerate(self.channels):
+                ax = axes[r, c]
+                ax.bar(np.arange(bins), hist[s, c] * bins, width=0.85, color="#4c72b0")
+                ax.axhline(1.0, color="k", lw=0.8, ls="--")
+                ax.set_ylim(0.0, top)
+                ax.set_xticks(np.arange(bins))
+                ax.set_title(f"{channel} {lead_text(g.lead_hours[s])}", fontsize=9)
+                if r == len(leads) - 1:
+                    ax.set_xlabel("rank of the truth among the members")
+                if c == 0:
+                    ax.set_ylabel("frequency x (M + 1)")
+        fig.suptitle(
+            f"Rank histograms at step {last['global_step']}: over {what} (area-weighted; flat at 1 = calibrated, U = under-dispersed)",
+            fontsize=9,
+        )
+        sink.save(fig, "calibration", f"rank_histogram_step{last['global_step']:07d}.png", dpi=self.dpi)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.jobs.raise_errors()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.jobs.wait()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.jobs.wait()

@@ -1,0 +1,139 @@
+"""What the plotting callbacks read from a validation run: the module's forecasts, the grid, units, and the globe.
+
+:class:`~fcn3_lightning.training.module.FCN3Module`'s ``validation_step`` returns ``{"prediction", "target"}``
+(every member, normalised, on this rank's tile); the callbacks receive it in ``on_validation_batch_end``. Under
+:class:`~fcn3_lightning.parallel.strategy.SpatialParallelStrategy` a rank holds a latitude/longitude tile: the maps
+gather the whole globe (a collective of the spatial group, so every rank calls it), the metrics sum over the tiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from fcn3_lightning.callbacks.plotting import pretty_units
+
+from fcn3_lightning.channels import parse_channel
+
+
+@dataclass(frozen=True)
+class ForecastGrid:
+    """The validation forecasts' layout: channels, lead times, the full grid, this rank's tile and the units."""
+
+    channels: list[str]
+    lead_hours: list[float]
+    lat: np.ndarray  # full grid, 90N first
+    lon: np.ndarray
+    tile: tuple[slice, slice]
+    sharded: bool
+    spatial_group: Any
+    units: dict[str, str]  # for labels (mathtext exponents)
+    earth: bool  # real Earth data (coastlines make sense), not the synthetic default world
+    n_members: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.lat.size, self.lon.size
+
+
+def forecast_grid(trainer: L.Trainer, pl_module: L.LightningModule) -> ForecastGrid:
+    """The layout of ``pl_module``'s validation forecasts (call after ``configure_model``: from ``on_fit_start`` on)."""
+    dm = trainer.datamodule
+    if dm is None or not hasattr(dm, "store") or getattr(pl_module, "scores", None) is None:
+        raise TypeError(
+            "the fcn3_lightning plotting callbacks need FCN3Module with the WB2DataModule (channels, grid and lead times), "
+            f"got {type(pl_module).__name__} with {type(dm).__name__}"
+        )
+    store = dm.store
+    units = {}
+    for c in pl_module.channels:
+        attrs = store.dataset[parse_channel(c).long_name].attrs
+        units[c] = pretty_units(str(attrs.get("units", "units not in the store")))
+    h, w = store.shape
+    tile = (slice(*dm.lat.indices(h)[:2]), slice(*dm.lon.indices(w)[:2]))
+    hp = pl_module.hparams
+    return ForecastGrid(
+        channels=list(pl_module.channels),
+        lead_hours=list(pl_module.scores.lead_hours),
+        lat=np.asarray(store.lat),
+        lon=np.asarray(store.lon),
+        tile=tile,
+        sharded=(tile[0].stop - tile[0].start, tile[1].stop - tile[1].start) != (h, w),
+        spatial_group=getattr(trainer.strategy, "spatial_group", None),
+        units=units,
+        earth=not getattr(dm, "default_world", False),
+        n_members=int(hp.valid_ensemble_size or hp.ensemble_size),
+    )
+
+
+def forecast_outputs(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prediction, target)`` from a validation step's outputs, with a clear error for a module that returns none."""
+    if not isinstance(outputs, dict) or "prediction" not in outputs or "target" not in outputs:
+        raise TypeError(
+            "the fcn3_lightning plotting callbacks need validation_step to return {'prediction', 'target'} "
+            f"(FCN3Module does), got {type(outputs).__name__}"
+        )
+    return outputs["prediction"].detach(), outputs["target"].detach()
+
+
+def physical(pl_module: L.LightningModule, x: torch.Tensor, index: Sequence[int]) -> torch.Tensor:
+    """Channels ``index`` of normalised fields ``(..., C, h, w)`` in physical units (channel axis -3)."""
+    idx = torch.as_tensor(list(index), device=x.device)
+    shape = (len(index), 1, 1)
+    scale = pl_module.scale[idx].reshape(shape).to(x.dtype)
+    offset = pl_module.offset[idx].reshape(shape).to(x.dtype)
+    return x.index_select(-3, idx) * scale + offset
+
+
+def gather_globe(pl_module: L.LightningModule, x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """The whole globe of a tiled field ``(..., h, w)``; collective over the spatial group (every rank must call it)."""
+    mesh = getattr(pl_module, "mesh", None)
+    if mesh is None:
+        return x
+    return mesh.gather_tiles(x.contiguous(), shape)
+
+
+def pick_channels(requested: Sequence[str] | None, available: Sequence[str], default: Sequence[str], what: str) -> list[str]:
+    """The requested channels (each must exist), or ``default``."""
+    if requested is None:
+        return list(default)
+    missing = [c for c in requested if c not in available]
+    if missing:
+        raise ValueError(f"{what}: channels {missing} are not among the model's channels {list(available)}")
+    return list(requested)
+
+
+def pick_leads(requested: Sequence[float] | None, lead_hours: Sequence[float], default: Sequence[int], what: str) -> list[int]:
+    """Indices of the requested lead times (hours; each must be one of the rollout's), or ``default``."""
+    if requested is None:
+        return list(default)
+    out = []
+    for h in requested:
+        if float(h) not in lead_hours:
+            raise ValueError(f"{what}: lead time {h} h is not one of the validation rollout's lead times {list(lead_hours)} h")
+        out.append(list(lead_hours).index(float(h)))
+    return out
+
+
+class EveryNValidations:
+    """Frequency bookkeeping: due on every ``n``-th validation run (sanity checks excluded); ``n = 0`` never."""
+
+    def __init__(self, n: int, what: str):
+        if n < 0:
+            raise ValueError(f"{what}: every_n_validations must be >= 0 (0 = off), got {n}")
+        self.n = int(n)
+        self.count = 0
+        self.due = False
+
+    def start(self, trainer: L.Trainer) -> bool:
+        """Call at ``on_validation_epoch_start``; returns (and remembers) whether this run is due."""
+        if trainer.sanity_checking or self.n == 0:
+            self.due = False
+            return False
+        self.count += 1
+        self.due = self.count % self.n == 0
+        return self.due

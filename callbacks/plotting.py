@@ -8,6 +8,7 @@ callback keeps its own :class:`PlotJobs` to collect its errors and to wait for i
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import sys
@@ -82,8 +83,10 @@ class ArtifactSink:
     def save(self, fig: Any, subdir: str, name: str, dpi: int = 100) -> Path:
         """Write ``fig`` to ``<local_dir>/<subdir>/<name>`` atomically and log it to ``<subdir>/`` of the MLflow run."""
         path = self.local_dir / subdir / name
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=dpi)  # render first: the file is open only for the write (a kill then leaves no temp file)
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=dpi)
+            tmp.write_bytes(png.getvalue())
             tmp.chmod(0o644)  # mkstemp makes it private; plots are meant to be read by others
         if self.repository is not None:
             self.repository.log_artifact(str(path), subdir)
@@ -96,6 +99,9 @@ _WARNED_NO_MLFLOW: set[str] = set()
 def artifact_sink(trainer: L.Trainer) -> ArtifactSink:
     """The sink for this trainer: its first MLflow logger's run, else PNGs only under ``<default_root_dir>/plots`` (said once)."""
     local = Path(trainer.default_root_dir) / "plots"
+    if trainer.is_global_zero and local.is_dir():  # a killed run's temporary files (atomic_path's ".<name>.<random>.tmp")
+        for stale in local.rglob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     for logger in trainer.loggers:
         if isinstance(logger, MLFlowLogger):
             from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository

@@ -13,20 +13,20 @@ import lightning as L
 import numpy as np
 import torch
 from fcn3_lightning.callbacks.forecast import (
-    EveryNValidations,
     ForecastGrid,
+    ValidationPlots,
     forecast_grid,
     forecast_outputs,
     physical,
     pick_channels,
     pick_leads,
 )
-from fcn3_lightning.callbacks.plotting import ArtifactSink, PlotJobs, artifact_sink, lead_text, new_figure
+from fcn3_lightning.callbacks.plotting import ArtifactSink, artifact_sink, lead_text, new_figure
 
 from fcn3_lightning.metrics.ensemble import RankHistogram, SpreadSkill
 
 
-class Calibration(L.Callback):
+class Calibration(ValidationPlots):
     """Spread-skill ratio vs lead time (``calibration/spread_skill_step<step>.png``: the ratio per channel, and the
     ensemble-mean RMSE with the spread in the channel's units) and rank histograms
     (``calibration/rank_histogram_step<step>.png``: channels x lead times; frequency x (M + 1), so flat = 1).
@@ -48,22 +48,12 @@ class Calibration(L.Callback):
         dpi: int = 100,
     ):
         self.requested_channels, self.requested_leads = channels, histogram_lead_hours
-        self.every = EveryNValidations(every_n_validations if enabled else 0, "Calibration")
-        self.jobs = PlotJobs(background)
-        self.dpi = dpi
-        self.grid: ForecastGrid | None = None
+        super().__init__("Calibration", every_n_validations, enabled, background, dpi)
         self.spread_skill: SpreadSkill | None = None
         self.rank_histogram: RankHistogram | None = None
         self.n_forecasts = 0
         #: the last results: spread_skill_ratio, rmse, spread (lead, channel); rank_histogram (lead, channel, M + 1)
         self.last: dict[str, Any] | None = None
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._configure(trainer, pl_module)
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.grid is None:
-            self._configure(trainer, pl_module)
 
     def _configure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         g = self.grid = forecast_grid(trainer, pl_module)
@@ -175,12 +165,3 @@ class Calibration(L.Callback):
             fontsize=9,
         )
         sink.save(fig, "calibration", f"rank_histogram_step{last['global_step']:07d}.png", dpi=self.dpi)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.jobs.raise_errors()
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.jobs.wait()
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.jobs.wait()

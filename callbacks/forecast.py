@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from fcn3_lightning.callbacks.plotting import pretty_units
+from fcn3_lightning.callbacks.plotting import PlotJobs, pretty_units
 
 from fcn3_lightning.channels import parse_channel
 
@@ -137,3 +137,33 @@ class EveryNValidations:
         self.count += 1
         self.due = self.count % self.n == 0
         return self.due
+
+
+class ValidationPlots(L.Callback):
+    """What the plotting callbacks share: the frequency, the background plot jobs, and being configured from the
+    module and data at the start of ``fit`` (or of ``validate``). Subclasses implement :meth:`_configure`."""
+
+    def __init__(self, name: str, every_n_validations: int, enabled: bool, background: bool, dpi: int):
+        self.every = EveryNValidations(every_n_validations if enabled else 0, name)
+        self.jobs = PlotJobs(background)
+        self.dpi = dpi
+        self.grid: ForecastGrid | None = None
+
+    def _configure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        raise TypeError(f"{type(self).__name__} must define _configure")
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._configure(trainer, pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.grid is None:  # `validate` without `fit`
+            self._configure(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.jobs.raise_errors()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.jobs.wait()  # every PNG is in the MLflow run before the logger closes it
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.jobs.wait()

@@ -9,8 +9,8 @@ import lightning as L
 import numpy as np
 import torch
 from fcn3_lightning.callbacks.forecast import (
-    EveryNValidations,
     ForecastGrid,
+    ValidationPlots,
     forecast_grid,
     forecast_outputs,
     gather_globe,
@@ -18,7 +18,7 @@ from fcn3_lightning.callbacks.forecast import (
     pick_channels,
     pick_leads,
 )
-from fcn3_lightning.callbacks.plotting import ArtifactSink, PlotJobs, artifact_sink, cell_edges, lead_text, new_figure
+from fcn3_lightning.callbacks.plotting import ArtifactSink, artifact_sink, cell_edges, lead_text, new_figure
 from lightning.pytorch.utilities import rank_zero_info
 
 #: channels shown by default when the model has more than four: the classic pair
@@ -35,7 +35,7 @@ def _is_wind(channel: str) -> bool:
     return channel.startswith(("u", "v")) and not channel.startswith("vo")
 
 
-class ForecastMaps(L.Callback):
+class ForecastMaps(ValidationPlots):
     """Maps of the first validation sample (rank 0's first validation batch, first sample) at chosen lead times.
 
     One row per (channel, lead time): truth, member ``member``, ensemble mean (one colour scale for the three) and
@@ -69,23 +69,13 @@ class ForecastMaps(L.Callback):
             raise ValueError(f"ForecastMaps.coastlines must be one of {COASTLINES}, got {coastlines!r}")
         self.requested_channels, self.requested_leads = channels, lead_hours
         self.member = int(member)
-        self.every = EveryNValidations(every_n_validations if enabled else 0, "ForecastMaps")
+        super().__init__("ForecastMaps", every_n_validations, enabled, background, dpi)
         self.coastlines_setting = str(coastlines).lower()
-        self.jobs = PlotJobs(background)
-        self.dpi = dpi
-        self.grid: ForecastGrid | None = None
         self.channels: list[str] = []
         self.leads: list[int] = []
         self.coastlines = False
         #: the last fields drawn (rank 0): name -> (lead, channel, lat, lon) array in physical units, plus metadata
         self.last_fields: dict[str, Any] | None = None
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._configure(trainer, pl_module)
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.grid is None:  # `validate` without `fit`
-            self._configure(trainer, pl_module)
 
     def _configure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         g = self.grid = forecast_grid(trainer, pl_module)
@@ -203,12 +193,3 @@ class ForecastMaps(L.Callback):
             ax.set_xlabel("longitude", fontsize=8)
         if first_col:
             ax.set_ylabel("latitude", fontsize=8)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.jobs.raise_errors()
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.jobs.wait()  # every PNG is in the MLflow run before the logger closes it
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.jobs.wait()

@@ -15,15 +15,15 @@ import lightning as L
 import numpy as np
 import torch
 from fcn3_lightning.callbacks.forecast import (
-    EveryNValidations,
     ForecastGrid,
+    ValidationPlots,
     forecast_grid,
     forecast_outputs,
     physical,
     pick_channels,
     pick_leads,
 )
-from fcn3_lightning.callbacks.plotting import ArtifactSink, PlotJobs, artifact_sink, lead_text, new_figure
+from fcn3_lightning.callbacks.plotting import ArtifactSink, artifact_sink, lead_text, new_figure
 
 from fcn3_lightning.metrics.spectra import AngularPowerSpectrum
 
@@ -38,7 +38,7 @@ def high_k_ratio(pred: np.ndarray | torch.Tensor, truth: np.ndarray | torch.Tens
     return (p[..., first:] / t[..., first:]).mean(-1), first
 
 
-class SpectraPlots(L.Callback):
+class SpectraPlots(ValidationPlots):
     """Angular power spectra (log-log) of the members and of the truth per channel and lead time, their ratio, and
     the scalar ``val/spectral_ratio_high_k``: the mean ratio over the top ``high_k_fraction`` of the degrees, over
     the lead times and channels (1 = the truth's small-scale power; < 1 blurred, > 1 noisy), also per channel as
@@ -66,22 +66,12 @@ class SpectraPlots(L.Callback):
             raise ValueError(f"SpectraPlots.high_k_fraction must be in (0, 1], got {high_k_fraction}")
         self.requested_channels, self.requested_leads = channels, lead_hours
         self.high_k_fraction = float(high_k_fraction)
-        self.every = EveryNValidations(every_n_validations if enabled else 0, "SpectraPlots")
-        self.jobs = PlotJobs(background)
-        self.dpi = dpi
-        self.grid: ForecastGrid | None = None
+        super().__init__("SpectraPlots", every_n_validations, enabled, background, dpi)
         self.pred_spectrum: AngularPowerSpectrum | None = None
         self.true_spectrum: AngularPowerSpectrum | None = None
         self.n_forecasts = 0
         #: the last spectra (rank 0 and the others): prediction/truth (lead, channel, degree), ratio scalars
         self.last: dict[str, Any] | None = None
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._configure(trainer, pl_module)
-
-    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.grid is None:
-            self._configure(trainer, pl_module)
 
     def _configure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         g = self.grid = forecast_grid(trainer, pl_module)
@@ -174,12 +164,3 @@ class SpectraPlots(L.Callback):
             fontsize=9,
         )
         sink.save(fig, "spectra", f"spectra_step{last['global_step']:07d}.png", dpi=self.dpi)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.jobs.raise_errors()
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.jobs.wait()
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.jobs.wait()

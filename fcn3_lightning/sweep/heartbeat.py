@@ -98,14 +98,20 @@ def wait_for_dead_trials(
     """Before a worker leaves: trials of other workers that missed two heartbeats are probably dead; wait (at most
     ``grace`` seconds) until they are stale and fail them, so that a killed worker's trial does not stay RUNNING.
     Trials whose workers still beat are left alone (their workers finish them)."""
-    deadline = time.time() + grace + interval
+    start = time.time()
+    deadline = start + grace + interval
+    said = False
     while True:
         fail_stale_trials(study, storage, grace, on_failed)
         now = time.time()
         running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t._trial_id not in own]
-        suspects = [t for t in running if now - last_beat(t) > 2 * interval + 1]
-        if not suspects or now > deadline:
+        # a trial is known alive only once it beats after we began waiting: a worker killed a moment ago still
+        # looks fresh, and leaving then would leave its trial RUNNING
+        unproven = [t for t in running if last_beat(t) <= start]
+        if not unproven or now > deadline:
             return
-        numbers = [t.number for t in suspects]
-        print(f"sweep: trials {numbers} missed their heartbeats; waiting up to {grace:.0f} s to mark them failed", flush=True)
+        suspects = [t.number for t in unproven if now - last_beat(t) > 2 * interval + 1]
+        if suspects and not said:
+            said = True
+            print(f"sweep: trials {suspects} missed their heartbeats; waiting up to {grace:.0f} s to mark them failed", flush=True)
         time.sleep(min(interval, max(0.1, deadline - now)))

@@ -135,6 +135,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "fcn3_lightning" / "inductor"))
     from fcn3_lightning.eval.harness import evaluate
 
+    from fcn3_lightning.paths import local_path
+
+    for option, value in (("--forecast", args.forecast), ("--obs", args.obs), ("--climatology", args.climatology), ("--out", args.out)):
+        if value is not None:
+            local_path(value, option)  # a URL: say so before anything is opened or created
     meta = evaluate(args.forecast, args.obs, args.out, args.climatology, options_from_args(args))
     rows = meta["rows"]
     print(

@@ -551,7 +551,6 @@ def _write_text(path: Path, text: str) -> Path:
 
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        tmp.chmod(0o644)  # mkstemp makes it private; a report is meant to be read by others
     return path
 
 

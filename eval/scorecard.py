@@ -196,5 +196,4 @@ def plot_scorecard(
     out_png = Path(out_png)
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-        tmp.chmod(0o644)  # mkstemp makes it private; a report is meant to be read by others
     return out_png

@@ -104,6 +104,10 @@ def test_fit_logs_maps_spectra_calibration_and_health_to_mlflow(tmp_path: Path) 
     assert hist.shape == (2, 4, 3)
     np.testing.assert_allclose(hist.sum(-1), 1.0, rtol=1e-6)
     assert np.all(calib.last["spread_skill_ratio"] > 0)
+    # MLflow has both ratios: WB2's plain one and the Fortin-corrected one (x sqrt((M+1)/M), M = 2), which is 1 when calibrated
+    for lead in ("6h", "12h"):
+        plain, corrected = (metrics[f"val/{k}/z500/{lead}"] for k in ("spread_skill_ratio", "spread_skill_ratio_fortin_corrected"))
+        assert corrected == pytest.approx(plain * math.sqrt(3 / 2), rel=1e-6)
 
 
 class _PoisonAt(L.Callback):

@@ -2,11 +2,18 @@
 
 Both are accumulated over every forecast of the validation run with the WeatherBench2 metrics of
 :mod:`fcn3_lightning.metrics.ensemble` (area-weighted, summed over the tiles under the spatial-parallel strategy),
-in physical units. A calibrated ensemble has a spread-skill ratio near 1 and a flat rank histogram.
+in physical units. A calibrated ensemble has a flat rank histogram and a Fortin-corrected spread-skill ratio near 1.
+
+Which ratio is shown: for an ensemble of M members drawn from the same distribution as the truth, the ensemble-mean
+error has variance (1 + 1/M) sigma^2 and the members' variance is sigma^2, so WeatherBench2's plain ratio
+``spread_skill_ratio`` = spread / RMSE of the mean is sqrt(M / (M + 1)) when calibrated (0.89 for 4 members, 0.82
+for 2). The plots and the console show ``spread_skill_ratio_fortin_corrected`` = that x sqrt((M + 1) / M) (Fortin
+et al. 2014), which is 1 when calibrated whatever M; ``last`` keeps both.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -27,8 +34,8 @@ from fcn3_lightning.metrics.ensemble import RankHistogram, SpreadSkill
 
 
 class Calibration(ValidationPlots):
-    """Spread-skill ratio vs lead time (``calibration/spread_skill_step<step>.png``: the ratio per channel, and the
-    ensemble-mean RMSE with the spread in the channel's units) and rank histograms
+    """Spread-skill ratio vs lead time (``calibration/spread_skill_step<step>.png``: the Fortin-corrected ratio per
+    channel, 1 = calibrated; and the ensemble-mean RMSE with the spread in the channel's units) and rank histograms
     (``calibration/rank_histogram_step<step>.png``: channels x lead times; frequency x (M + 1), so flat = 1).
 
     Args:
@@ -52,7 +59,8 @@ class Calibration(ValidationPlots):
         self.spread_skill: SpreadSkill | None = None
         self.rank_histogram: RankHistogram | None = None
         self.n_forecasts = 0
-        #: the last results: spread_skill_ratio, rmse, spread (lead, channel); rank_histogram (lead, channel, M + 1)
+        #: the last results: spread_skill_ratio (WB2's, uncorrected), spread_skill_ratio_fortin_corrected (shown), rmse,
+        #: spread (lead, channel); rank_histogram (lead, channel, M + 1); n_members
         self.last: dict[str, Any] | None = None
 
     def _configure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -92,42 +100,52 @@ class Calibration(ValidationPlots):
         self.rank_histogram.reset()
         self.last = {
             "spread_skill_ratio": ss["spread_skill_ratio"][0].cpu().numpy(),  # global region: (lead, channel)
+            "spread_skill_ratio_fortin_corrected": ss["spread_skill_ratio_fortin_corrected"][0].cpu().numpy(),
             "rmse": ss["ensemble_mean_rmse"][0].cpu().numpy(),
             "spread": ss["ensemble_spread"][0].cpu().numpy(),
             "rank_histogram": rh[0].cpu().numpy(),
             "global_step": trainer.global_step,
+            "n_members": self.grid.n_members,
         }
         if trainer.is_global_zero:
             sink = artifact_sink(trainer)
             where = "" if trainer.world_size == 1 else " per data-parallel rank"
             what = f"{self.n_forecasts} validation forecasts{where}, {self.grid.n_members} members"
             self.jobs.submit(self._draw, sink, self.last, self.grid, what)
-            ratios = ", ".join(f"{c} {r:.2f}" for c, r in zip(self.channels, self.last["spread_skill_ratio"][-1], strict=True))
-            print(f"step {trainer.global_step}: spread-skill ratio at {lead_text(self.grid.lead_hours[-1])}: {ratios} (1 = calibrated)")
+            print(console_line(self.last, self.channels, self.grid.lead_hours[-1]))
 
     def _draw(self, sink: ArtifactSink, last: dict[str, Any], g: ForecastGrid, what: str) -> None:
         self._draw_spread_skill(sink, last, g, what)
         self._draw_rank_histograms(sink, last, g, what)
 
     def _draw_spread_skill(self, sink: ArtifactSink, last: dict[str, Any], g: ForecastGrid, what: str) -> None:
+        fig = self.spread_skill_figure(last, g, what)
+        sink.save(fig, "calibration", f"spread_skill_step{last['global_step']:07d}.png", dpi=self.dpi)
+
+    def spread_skill_figure(self, last: dict[str, Any], g: ForecastGrid, what: str) -> Any:
+        """The spread-skill figure of results ``last`` (a bare matplotlib Figure)."""
         hours = np.asarray(g.lead_hours)
+        m = last["n_members"]
+        calibrated_plain = math.sqrt(m / (m + 1))
         n_ch = len(self.channels)
         fig = new_figure(3.4 * (n_ch + 1), 3.6, layout=None)  # fixed margins: cheaper than a layout engine
         fig.subplots_adjust(left=0.05, right=0.99, bottom=0.14, top=0.85, wspace=0.3)
         axes = fig.subplots(1, n_ch + 1, squeeze=False)[0]
         ax = axes[0]
         for c, channel in enumerate(self.channels):
-            ax.plot(hours, last["spread_skill_ratio"][:, c], marker="o", label=channel)
-        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+            ax.plot(hours, last["spread_skill_ratio_fortin_corrected"][:, c], marker="o", label=channel)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--", label="calibrated")
         ax.set_xlabel("lead time [h]")
-        ax.set_ylabel("spread-skill ratio (spread / RMSE of the mean)")
-        ax.set_title("spread-skill ratio (1 = calibrated)", fontsize=10)
+        ax.set_ylabel(f"spread / RMSE of the mean x sqrt({m + 1}/{m})")
+        ax.set_title(f"spread-skill ratio, Fortin-corrected\n(1 = calibrated; the plain ratio would be {calibrated_plain:.3f})", fontsize=9)
         ax.set_xticks(hours)
         ax.legend(fontsize=7)
         for c, channel in enumerate(self.channels):
             ax = axes[c + 1]
             ax.plot(hours, last["rmse"][:, c], marker="o", label="ensemble-mean RMSE")
             ax.plot(hours, last["spread"][:, c], marker="s", label="ensemble spread")
+            calibrated = f"calibrated spread (RMSE x {calibrated_plain:.3f})"
+            ax.plot(hours, calibrated_plain * last["rmse"][:, c], color="k", lw=0.8, ls=":", label=calibrated)
             ax.set_xlabel("lead time [h]")
             ax.set_ylabel(f"{channel} [{g.units[channel]}]")
             ax.set_title(f"{channel}: skill and spread", fontsize=10)
@@ -137,7 +155,7 @@ class Calibration(ValidationPlots):
         for ax in axes:
             ax.grid(True, lw=0.3, alpha=0.5)
         fig.suptitle(f"Spread-skill at step {last['global_step']}: over {what} (area-weighted, WeatherBench2 definitions)", fontsize=9)
-        sink.save(fig, "calibration", f"spread_skill_step{last['global_step']:07d}.png", dpi=self.dpi)
+        return fig
 
     def _draw_rank_histograms(self, sink: ArtifactSink, last: dict[str, Any], g: ForecastGrid, what: str) -> None:
         hist = last["rank_histogram"]  # (lead, channel, M + 1), sums to 1 over the bins
@@ -165,3 +183,13 @@ class Calibration(ValidationPlots):
             fontsize=9,
         )
         sink.save(fig, "calibration", f"rank_histogram_step{last['global_step']:07d}.png", dpi=self.dpi)
+
+
+def console_line(last: dict[str, Any], channels: list[str], lead_hours: float) -> str:
+    """The console summary of a validation run's calibration: the Fortin-corrected ratio at the last lead time."""
+    ratios = ", ".join(f"{c} {r:.2f}" for c, r in zip(channels, last["spread_skill_ratio_fortin_corrected"][-1], strict=True))
+    m = last["n_members"]
+    return (
+        f"step {last['global_step']}: spread-skill ratio, Fortin-corrected (x sqrt({m + 1}/{m})), at {lead_text(lead_hours)}: "
+        f"{ratios} (1 = calibrated, < 1 under-dispersed)"
+    )

@@ -16,6 +16,7 @@ import lightning as L
 import numpy as np
 import torch
 from fcn3_lightning.callbacks.plotting import PlotJobs, pretty_units
+from lightning.pytorch.utilities import rank_zero_info
 
 from fcn3_lightning.channels import parse_channel
 
@@ -89,6 +90,15 @@ def physical(pl_module: L.LightningModule, x: torch.Tensor, index: Sequence[int]
     return x.index_select(-3, idx) * scale + offset
 
 
+def ensemble_spread(pl_module: L.LightningModule, x: torch.Tensor, index: Sequence[int], dim: int = 0) -> torch.Tensor:
+    """The standard deviation over the members (axis ``dim``, ddof 1) of channels ``index`` of normalised fields, in
+    physical units: the normalised spread times the channel's scale. The offset cancels in a spread; adding it first
+    would leave a float32 difference of large numbers (z500 ~ 58,000 m2 s-2, one ulp 0.004, for spreads of ~10)."""
+    idx = torch.as_tensor(list(index), device=x.device)
+    scale = pl_module.scale[idx].reshape(len(index), 1, 1).to(x.dtype).abs()
+    return torch.std(x.index_select(-3, idx), dim=dim, correction=1) * scale
+
+
 def gather_globe(pl_module: L.LightningModule, x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """The whole globe of a tiled field ``(..., h, w)``; collective over the spatial group (every rank must call it)."""
     mesh = getattr(pl_module, "mesh", None)
@@ -120,7 +130,13 @@ def pick_leads(requested: Sequence[float] | None, lead_hours: Sequence[float], d
 
 
 class EveryNValidations:
-    """Frequency bookkeeping: due on every ``n``-th validation run (sanity checks excluded); ``n = 0`` never."""
+    """Frequency bookkeeping: due on every ``n``-th validation run of the training run (sanity checks excluded), and
+    on the last validation of a ``fit`` (so that a run shorter than ``n`` validations, or one whose length is not a
+    multiple of ``n``, ends with plots) and the one of ``validate``; ``n = 0`` never.
+
+    ``count`` is the number of validation runs so far; the callbacks save it in the checkpoint (their
+    ``state_dict``), so a resumed run keeps the cadence of the run it continues instead of starting from zero.
+    """
 
     def __init__(self, n: int, what: str):
         if n < 0:
@@ -128,6 +144,8 @@ class EveryNValidations:
         self.n = int(n)
         self.count = 0
         self.due = False
+        self.last_seen: int | None = None  # global step of the latest validation run of this fit
+        self.last_due: int | None = None  # ... and of the latest one that was due
 
     def start(self, trainer: L.Trainer) -> bool:
         """Call at ``on_validation_epoch_start``; returns (and remembers) whether this run is due."""
@@ -135,8 +153,27 @@ class EveryNValidations:
             self.due = False
             return False
         self.count += 1
-        self.due = self.count % self.n == 0
+        self.due = self.count % self.n == 0 or final_validation(trainer)
+        self.last_seen = trainer.global_step
+        if self.due:
+            self.last_due = trainer.global_step
         return self.due
+
+
+def final_validation(trainer: L.Trainer) -> bool:
+    """Whether the validation run that starts now is the last one: that of ``validate``, or in ``fit`` the one after
+    the last training batch that ``max_steps`` or ``max_epochs`` allow. (A stop the trainer cannot foresee, such as
+    early stopping or ``max_time``, is not; :meth:`ValidationPlots.on_fit_end` says when it left the last one undrawn.)
+    """
+    if trainer.state.fn != "fit":
+        return True
+    if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
+        return True
+    if trainer.max_epochs in (None, -1) or trainer.current_epoch + 1 < trainer.max_epochs:
+        return False
+    batches = trainer.num_training_batches
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    return batches != float("inf") and done >= batches
 
 
 class ValidationPlots(L.Callback):
@@ -152,6 +189,19 @@ class ValidationPlots(L.Callback):
     def _configure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         raise TypeError(f"{type(self).__name__} must define _configure")
 
+    @property
+    def state_key(self) -> str:
+        # two instances of one class (e.g. maps of other channels appended on the command line) keep separate counts
+        return self._generate_state_key(
+            channels=getattr(self, "requested_channels", None), lead_hours=getattr(self, "requested_leads", None)
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"validations": self.every.count}  # saved in the checkpoint: a resumed run keeps the cadence
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.every.count = int(state_dict.get("validations", 0))
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._configure(trainer, pl_module)
 
@@ -164,6 +214,13 @@ class ValidationPlots(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.jobs.wait()  # every PNG is in the MLflow run before the logger closes it
+        e = self.every
+        if e.n and e.last_seen is not None and e.last_seen != e.last_due:
+            latest = f"the latest are of step {e.last_due}" if e.last_due is not None else "this run drew none"
+            rank_zero_info(
+                f"{type(self).__name__}: the last validation of this fit (step {e.last_seen}) was not drawn: every_n_validations="
+                f"{e.n}, and the run stopped where the trainer could not foresee it (early stopping, max_time); {latest}"
+            )
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.jobs.wait()

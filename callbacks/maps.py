@@ -11,6 +11,7 @@ import torch
 from fcn3_lightning.callbacks.forecast import (
     ForecastGrid,
     ValidationPlots,
+    ensemble_spread,
     forecast_grid,
     forecast_outputs,
     gather_globe,
@@ -102,9 +103,11 @@ class ForecastMaps(ValidationPlots):
         pred, target = forecast_outputs(outputs)
         ch = [g.channels.index(c) for c in self.channels]
         leads = torch.as_tensor(self.leads, device=pred.device)
-        x = physical(pl_module, pred[0].index_select(1, leads), ch)  # (M, S', C', h, w)
+        members = pred[0].index_select(1, leads)  # (M, S', C, h, w), normalised
+        x = physical(pl_module, members, ch)  # (M, S', C', h, w)
         truth = physical(pl_module, target[0].index_select(0, leads), ch)
-        std, mean = torch.std_mean(x, dim=0, correction=1)
+        mean = x.mean(0)
+        std = ensemble_spread(pl_module, members, ch)
         # reduce over the members first, then gather 4 fields instead of M (collective: every rank takes part)
         fields = gather_globe(pl_module, torch.stack([truth, x[self.member], mean, std]), g.shape)
         if not trainer.is_global_zero:

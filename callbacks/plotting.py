@@ -87,7 +87,6 @@ class ArtifactSink:
         fig.savefig(png, format="png", dpi=dpi)  # render first: the file is open only for the write (a kill then leaves no temp file)
         with atomic_path(path) as tmp:
             tmp.write_bytes(png.getvalue())
-            tmp.chmod(0o644)  # mkstemp makes it private; plots are meant to be read by others
         if self.repository is not None:
             self.repository.log_artifact(str(path), subdir)
         return path

@@ -130,6 +130,11 @@ class SpectraPlots(ValidationPlots):
             print(f"step {trainer.global_step}: {METRIC} = {ratio:.3f} (mean power ratio members/truth for degrees l >= {first})")
 
     def _draw(self, sink: ArtifactSink, last: dict[str, Any], g: ForecastGrid, what: str) -> None:
+        fig = self.figure(last, g, what)
+        sink.save(fig, "spectra", f"spectra_step{last['global_step']:07d}.png", dpi=self.dpi)
+
+    def figure(self, last: dict[str, Any], g: ForecastGrid, what: str) -> Any:
+        """The spectra figure of results ``last`` (a bare matplotlib Figure)."""
         from matplotlib import colormaps
         from matplotlib.ticker import NullFormatter
 
@@ -156,6 +161,8 @@ class SpectraPlots(ValidationPlots):
             bottom.set_xlabel("total wavenumber (degree) l")
             for ax in (top, bottom):
                 ax.grid(True, which="both", lw=0.3, alpha=0.5)
+            readable_log_ticks(bottom.yaxis, *bottom.get_ylim())
+        readable_log_ticks(axes[1, 0].xaxis, *axes[1, 0].get_xlim())  # shared by every panel
         axes[0, 0].legend(fontsize=6, ncol=2)
         axes[1, 0].legend(fontsize=6)
         fig.suptitle(
@@ -163,4 +170,29 @@ class SpectraPlots(ValidationPlots):
             f"member mean); {METRIC} = {last['ratio_high_k'][METRIC]:.3f}",
             fontsize=9,
         )
-        sink.save(fig, "spectra", f"spectra_step{last['global_step']:07d}.png", dpi=self.dpi)
+        return fig
+
+
+def readable_log_ticks(axis: Any, lo: float, hi: float, at_least: int = 3) -> None:
+    """Labelled ticks on a log ``axis`` spanning ``lo ... hi``: the powers of ten when there are ``at_least`` of them
+    in range, else 1-2-5 steps, else evenly spaced values (a ratio axis from 0.8 to 1.2 would otherwise carry a
+    single label, at 1)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    lo, hi = sorted((float(lo), float(hi)))
+    if not (lo > 0.0 and hi > lo):
+        return
+    candidates = [
+        LogLocator(base=10.0, subs=(1.0,)),
+        LogLocator(base=10.0, subs=(1.0, 2.0, 5.0)),
+        MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]),
+    ]
+    for k, locator in enumerate(candidates):
+        ticks = [t for t in locator.tick_values(lo, hi) if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9)]
+        if len(ticks) >= at_least or k == len(candidates) - 1:
+            break
+    if k == 0:
+        return  # matplotlib's own decade labels (10^k)
+    axis.set_major_locator(locator)
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.10g}"))
+    axis.set_minor_formatter(NullFormatter())  # matplotlib labels minor log ticks on short ranges: they would crowd these

@@ -11,6 +11,7 @@ This module imports nothing heavy: the harness is imported when the command runs
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Any
 
@@ -33,11 +34,10 @@ def _floats(text: str) -> list[float]:
 
 
 def _years(text: str) -> tuple[int, int]:
-    a, _, b = text.partition(":")
-    try:
-        return int(a), int(b or a)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"years must be YEAR or FIRST:LAST, got {text!r}") from None
+    m = re.fullmatch(r"\s*(\d{1,4})\s*(?:[:-]\s*(\d{1,4})\s*)?", text)
+    if m is None or int(m[2] or m[1]) < int(m[1]):
+        raise argparse.ArgumentTypeError(f"years must be YEAR or FIRST:LAST (or FIRST-LAST), got {text!r}")
+    return int(m[1]), int(m[2] or m[1])
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -66,14 +66,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--no-baselines", action="store_true", help="score no baseline")
     p.add_argument(
-        "--prob-clim-years", type=_years, help="years of the probabilistic climatology, FIRST:LAST (default: all earlier years of --obs)"
+        "--prob-clim-years",
+        type=_years,
+        help="years of the probabilistic climatology, FIRST:LAST (default: the years of --obs before the first scored init)",
     )
-    p.add_argument("--clim-years", type=_years, help="years the computed climatology averages, FIRST:LAST (default: all of --obs)")
+    p.add_argument(
+        "--clim-years",
+        type=_years,
+        help="years the computed climatology averages, FIRST:LAST (default: the years of --obs before the first scored init, "
+        "as WB2 scores 2020 against 1990-2019; years holding scored times are allowed, with a warning)",
+    )
     p.add_argument(
         "--spectra",
         type=_list,
         default=None,
-        help="channels for zonal energy spectra: VAR or VAR/LEVEL, comma-separated, or 'none' (default geopotential/500,2m_temperature)",
+        help="channels for zonal energy spectra: VAR or VAR/LEVEL, comma-separated, or 'none' "
+        "(default: those of geopotential/500, 2m_temperature that are scored; a channel named here that is not scored is a warning)",
     )
     p.add_argument(
         "--dtype",
@@ -97,9 +105,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> Any:
-    from fcn3_lightning.eval.harness import DEFAULT_SPECTRA, Options
+    from fcn3_lightning.eval.harness import Options
 
-    spectra = DEFAULT_SPECTRA if args.spectra is None else ([] if args.spectra == ["none"] else args.spectra)
+    spectra = None if args.spectra is None else ([] if args.spectra == ["none"] else args.spectra)
     return Options(
         name=args.name,
         regions=args.regions,
@@ -135,6 +143,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "fcn3_lightning" / "inductor"))
     from fcn3_lightning.eval.harness import evaluate
 
+    from fcn3_lightning.paths import local_path
+
+    for option, value in (("--forecast", args.forecast), ("--obs", args.obs), ("--climatology", args.climatology), ("--out", args.out)):
+        if value is not None:
+            local_path(value, option)  # a URL: say so before anything is opened or created
     meta = evaluate(args.forecast, args.obs, args.out, args.climatology, options_from_args(args))
     rows = meta["rows"]
     print(

@@ -87,6 +87,7 @@ def meta(plan: Plan, frames: dict[str, pd.DataFrame], timing: dict[str, float]) 
         "forecast": plan.paths["forecast"],
         "obs": plan.paths["obs"],
         "climatology": plan.clim_desc,
+        "climatology_years": plan.clim_years,  # None: a climatology Zarr was given (--climatology)
         "forecast_kind": "ensemble" if plan.ensemble else "deterministic",
         "members": plan.members,
         "inits": [iso(t) for t in plan.inits],

@@ -16,6 +16,8 @@ import numpy as np
 import xarray as xr
 from fcn3_lightning.eval.derived import wind_of, wind_speed
 
+from fcn3_lightning.paths import local_path
+
 Index = np.ndarray | slice
 
 # WB2's by-init forecast layout: the names of the initialisation, member and lead time dimensions
@@ -28,7 +30,7 @@ def open_store(source: str | Path | xr.Dataset, what: str) -> xr.Dataset:
     """A Zarr store (or netCDF file) opened lazily; datasets pass through."""
     if isinstance(source, xr.Dataset):
         return source
-    path = Path(source)
+    path = local_path(source, f"the {what}")
     if not path.exists():
         raise FileNotFoundError(f"the {what} {path} does not exist")
     try:

@@ -30,8 +30,6 @@ from fcn3_lightning.eval.results import commit
 from fcn3_lightning.eval.score import Scorer, compile_jobs, compile_mode
 from tqdm.auto import tqdm
 
-DEFAULT_SPECTRA = ("geopotential/500", "2m_temperature")
-
 
 @dataclass
 class Options:
@@ -49,7 +47,7 @@ class Options:
     baselines: Sequence[str] | None = None  # None: all three, each skipped (loudly) when its data are missing
     prob_clim_years: tuple[int, int] | None = None
     clim_years: tuple[int, int] | None = None
-    spectra: Sequence[str] = DEFAULT_SPECTRA
+    spectra: Sequence[str] | None = None  # None: those of plan.DEFAULT_SPECTRA that are scored (no warning for the others)
     dtype: str = "float32"  # the pointwise work (the sums over forecasts are float64 whatever this is)
     device: str = "cpu"
     block_mb: float = 128.0

@@ -165,6 +165,17 @@ def block_decimals(values: Iterable[float], digits: int = 4) -> int | None:
     return max(0, digits - 1 - exp)
 
 
+def year_span(years: Iterable[int]) -> str:
+    """``2000-2001``, ``2000``, ``1990, 2002-2003``: years sorted, consecutive runs collapsed."""
+    out: list[list[int]] = []
+    for y in sorted({int(y) for y in years}):
+        if out and y == out[-1][-1] + 1:
+            out[-1].append(y)
+        else:
+            out.append([y])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else f"{r[0]}" for r in out) if out else "none"
+
+
 def format_value(v: float, decimals: int | None = 4) -> str:
     if v is None or not math.isfinite(v):
         return "–"
@@ -439,17 +450,75 @@ def _score_unit(score: str, var_unit: str) -> str:
     return "dimensionless" if u == "1" else (u or var_unit or "units of the variable")
 
 
+# meta.json fields shown with the baselines instead of with the model
+_BASELINE_FIELDS = ("climatology", "climatology_years", "probabilistic_climatology_years")
+
+
 def _runs_lines(runs: Mapping[str, pd.DataFrame]) -> list[tuple[str, str]]:
-    """(name, details) per run: the result directory and scalar fields of meta.json."""
+    """(name, details) per run: the result directory and the scalar fields of meta.json, in full."""
     out = []
     for name, df in runs.items():
         meta = df.attrs.get("meta", {}) or {}
         parts = [f"source: {df.attrs['source']}"] if df.attrs.get("source") else []
+        inits = meta.get("inits")
+        if isinstance(inits, list) and inits:
+            parts.append(f"{len(inits)} inits {inits[0]} to {inits[-1]}" if len(inits) > 1 else f"init {inits[0]}")
         for k, v in meta.items():
-            if k != "name" and isinstance(v, str | int | float | bool):
-                parts.append(f"{k}: {str(v)[:80]}")
-        out.append((name, "; ".join(parts[:8])))
+            if k not in ("name", "created", *_BASELINE_FIELDS) and isinstance(v, str | int | float | bool):
+                parts.append(f"{k}: {v}")
+        out.append((name, "; ".join(parts)))
     return out
+
+
+def baseline_notes(meta: Mapping[str, Any]) -> dict[str, str]:
+    """What each baseline of an evaluation was made of (meta.json), by leaderboard name; the years of the truth it
+    used, so that a reader can tell a baseline of earlier years from one that has seen the scored period."""
+    notes = {"persistence": "the truth at the initialisation time"}
+    clim = meta.get("climatology")
+    years = meta.get("climatology_years")
+    if isinstance(years, list) and years:
+        notes["climatology"] = f"WB2 hour x day-of-year climatology of the truth, years {year_span(years)} (61-day window)"
+    elif clim:
+        notes["climatology"] = f"the climatology {clim}" if not str(clim).startswith("computed") else str(clim)
+    pyears = meta.get("probabilistic_climatology_years")
+    if isinstance(pyears, list) and pyears:
+        notes["probabilistic climatology"] = f"the truth of the years {year_span(pyears)} at the valid times' dates (one member a year)"
+    return notes
+
+
+def baseline_years(meta: Mapping[str, Any]) -> dict[str, str]:
+    """The years each year-based baseline used (``{"climatology": "2000-2001", ...}``), where meta.json records them."""
+    out = {}
+    for name, key in (("climatology", "climatology_years"), ("probabilistic climatology", "probabilistic_climatology_years")):
+        years = meta.get(key)
+        if isinstance(years, list) and years:
+            out[name] = year_span(years)
+    return out
+
+
+def _baseline_lines(table: pd.DataFrame, runs: Mapping[str, pd.DataFrame]) -> list[tuple[str, str]]:
+    """(baseline, description) for each baseline row of the table, from the meta.json of the run(s) it comes from."""
+    kinds, sources = table.attrs.get("kinds", {}), table.attrs.get("sources", {})
+    out = []
+    for entry, kind in kinds.items():
+        if kind != "baseline":
+            continue
+        base = entry.split(" [", 1)[0].removesuffix(" (baseline)")
+        texts: dict[str, list[str]] = {}
+        for run, df in runs.items():
+            if run == sources.get(entry) or (entry == base and is_baseline_of(df, base)):
+                text = baseline_notes(df.attrs.get("meta", {}) or {}).get(base)
+                if text:
+                    texts.setdefault(text, []).append(run)
+        if texts:
+            many = len(runs) > 1
+            out.append((entry, "; ".join(f"{t} ({', '.join(r)})" if many else t for t, r in texts.items())))
+    return out
+
+
+def is_baseline_of(df: pd.DataFrame, name: str) -> bool:
+    """Whether the scores ``df`` hold the baseline shown as ``name``."""
+    return any(is_baseline(ev) and baseline_name(ev) == name for ev in df["eval"].dropna().unique())
 
 
 def render_markdown(table: pd.DataFrame, runs: Mapping[str, pd.DataFrame] | None = None) -> str:
@@ -467,6 +536,9 @@ def render_markdown(table: pd.DataFrame, runs: Mapping[str, pd.DataFrame] | None
     ]
     if runs:
         lines += ["Models:", ""] + [f"- **{n}**" + (f" — {d}" if d else "") for n, d in _runs_lines(runs)] + [""]
+        notes = _baseline_lines(table, runs)
+        if notes:
+            lines += ["Baselines:", ""] + [f"- *{n}* — {d}" for n, d in notes] + [""]
     heads = [lead_label(h) for h in table.columns]
     for key, block in table.groupby(level="variable", sort=False):
         vi = info.get(key, {})
@@ -520,6 +592,11 @@ def render_html(table: pd.DataFrame, runs: Mapping[str, pd.DataFrame] | None = N
         out.append("<p>Models:</p><ul>")
         out += [f"<li><b>{esc(n)}</b>" + (f" — {esc(d)}" if d else "") + "</li>" for n, d in _runs_lines(runs)]
         out.append("</ul>")
+        notes = _baseline_lines(table, runs)
+        if notes:
+            out.append("<p>Baselines:</p><ul>")
+            out += [f"<li><i>{esc(n)}</i> — {esc(d)}</li>" for n, d in notes]
+            out.append("</ul>")
     heads = "".join(f"<th>{esc(lead_label(h))}</th>" for h in table.columns)
     for key, block in table.groupby(level="variable", sort=False):
         vi = info.get(key, {})
@@ -551,7 +628,6 @@ def _write_text(path: Path, text: str) -> Path:
 
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
-        tmp.chmod(0o644)  # mkstemp makes it private; a report is meant to be read by others
     return path
 
 

@@ -35,11 +35,16 @@ from fcn3_lightning.eval.data import (
     open_store,
 )
 from fcn3_lightning.eval.derived import WINDS, wind_of
+from fcn3_lightning.eval.leaderboard import year_span
 
 from fcn3_lightning.metrics import REGIONS
 
 if TYPE_CHECKING:  # harness imports this module: Options only as a type here
     from fcn3_lightning.eval.harness import Options
+
+
+#: the channels with zonal energy spectra when the user names none (those the forecast has)
+DEFAULT_SPECTRA = ("geopotential/500", "2m_temperature")
 
 
 def warn(msg: str, notes: list[str]) -> None:
@@ -114,6 +119,7 @@ class Plan:
     targets: list[tuple[int, int]]  # (dayofyear, hour) of every valid time, init-major
     clim: ZarrClimatology | ObsClimatology
     clim_desc: str
+    clim_years: list[int] | None  # years of the truth the computed climatology averages (None: given as a Zarr)
     seeps_on: bool
     p1: Any  # SEEPS's dry probability (None without SEEPS)
     spectra: set[str]  # labels of the channels with zonal energy spectra
@@ -349,21 +355,64 @@ class _Planner:
                     continue
                 self.pers_index = idx
             elif b == "probabilistic_climatology":
-                plan = prob_clim_plan(self.obs_times.values, self.valid, _range_years(self.opt.prob_clim_years))
+                explicit_years = _range_years(self.opt.prob_clim_years)
+                plan = prob_clim_plan(self.obs_times.values, self.valid, explicit_years or self.earlier_years)
                 for n in plan.notes:
                     warn(f"probabilistic climatology: {n}", self.notes)
                 if len(plan.years) < 2:
+                    which = "of --prob-clim-years" if explicit_years else f"before the first scored init ({self.first_init_text})"
                     skip(
                         b,
-                        f"{self.obs_where} holds the valid times' calendar dates in {len(plan.years)} earlier years ({plan.years}); "
-                        "at least 2 are needed",
+                        f"{self.obs_where} holds the valid times' calendar dates in {len(plan.years)} year(s) {which} ({plan.years}); "
+                        "at least 2 are needed (--prob-clim-years FIRST:LAST chooses them)",
                     )
                     continue
+                if explicit_years:
+                    self._warn_if_scored("probabilistic climatology (--prob-clim-years)", plan.years)
                 self.pclim = plan
             self.baselines.append(b)
 
+    @property
+    def first_init_text(self) -> str:
+        return iso(self.inits.min())
+
+    @property
+    def earlier_years(self) -> list[int]:
+        """The years of the truth before that of the first scored initialisation: a baseline made of them has not
+        seen any scored init or valid time (as WB2 scores 2020 against a 1990-2019 climatology)."""
+        first = pd.Timestamp(self.inits.min()).year
+        return sorted(y for y in set(self.obs_times.year.tolist()) if y < first)
+
+    def _warn_if_scored(self, what: str, years: Sequence[int]) -> None:
+        """Loudly, when years the user chose hold scored valid times (a baseline that has seen the answer)."""
+        scored = sorted(set(pd.DatetimeIndex(self.valid.reshape(-1)).year.tolist()) & set(years))
+        if scored:
+            warn(f"the {what} uses years holding scored valid times ({scored}): it has seen the truth it is scored against", self.notes)
+
+    def _climatology_years(self) -> list[int]:
+        """--clim-years, else the years before the first scored init (an error names the options when there are none)."""
+        have = sorted(set(self.obs_times.year.tolist()))
+        if self.opt.clim_years is not None:
+            years = _range_years(self.opt.clim_years)
+            if not set(years) & set(have):
+                raise ValueError(f"--clim-years {year_span(years)}: {self.obs_where} has no time in these years (it has {year_span(have)})")
+            self._warn_if_scored("climatology (--clim-years)", years)
+            return years
+        years = self.earlier_years
+        if not years:
+            later = [y for y in have if y > pd.DatetimeIndex(self.valid.reshape(-1)).year.max()]
+            hint = f"; the truth has years after the scored period: --clim-years {later[0]}:{later[-1]}" if later else ""
+            raise ValueError(
+                f"the climatology (for the ACC and the climatology baseline) is computed from the years of the truth before the first "
+                f"scored init ({self.first_init_text}), and {self.obs_where} has none (it has {year_span(have)}): pass --climatology "
+                f"(a WB2 climatology Zarr) or --clim-years FIRST:LAST{hint} (years holding scored times give a baseline that has "
+                "seen the answer)"
+            )
+        return years
+
     def _plan_climatology(self, source: str | Path | xr.Dataset | None) -> None:
         self.targets = targets_of(self.valid)  # (dayofyear, hour) of every valid time, init-major
+        self.clim_years = None
         if source is not None:
             self.clim = ZarrClimatology(source, self.lat, self.lon)
             self.clim_desc = f"{self.paths['climatology']}"
@@ -382,11 +431,12 @@ class _Planner:
                 )
                 self.channels = [c for c in self.channels if c not in lacking]
         else:
-            years = _range_years(self.opt.clim_years) or sorted(set(self.obs_times.year.tolist()))
+            years = self._climatology_years()
             self.clim = ObsClimatology(self.obs_times.values, years, (self.lat.size, self.lon.size))
             self.clim_desc = (
-                f"computed from the truth: WB2 hour x dayofyear climatology, 61-day triangular window, years {years[0]}-{years[-1]}"
+                f"computed from the truth: WB2 hour x dayofyear climatology, 61-day triangular window, years {year_span(years)}"
             )
+            self.clim_years = years
             if len(years) < 3:
                 warn(
                     f"the climatology is computed from only {len(years)} year(s) of truth ({years}); "
@@ -405,14 +455,16 @@ class _Planner:
         self.p1 = self.clim.p1() if self.seeps_on else None
 
     def _spectra_channels(self) -> set[str]:
-        """Labels of the scored channels named by ``Options.spectra`` (a name matching none is a warning)."""
+        """Labels of the scored channels named by ``Options.spectra`` (a name matching none is a warning); without
+        ``Options.spectra``, those of :data:`DEFAULT_SPECTRA` that are scored (the others silently: nobody asked)."""
         out: set[str] = set()
-        for spec in self.opt.spectra:
+        asked = self.opt.spectra is not None
+        for spec in self.opt.spectra if asked else DEFAULT_SPECTRA:
             var, _, lev = spec.partition("/")
             hit = [
                 c.label for c in self.channels if c.variable == var and (not lev or (c.level is not None and c.level == level_value(lev)))
             ]
-            if not hit:
+            if not hit and asked:
                 warn(f"spectra: {spec!r} is not among the scored channels; no spectrum for it", self.notes)
             out.update(hit)
         return out

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -131,8 +130,6 @@ def commit(out: Path, writers: dict[str, Callable[[Path], None]], meta: dict[str
     folder describes one run.
     """
     out.mkdir(parents=True, exist_ok=True)
-    umask = os.umask(0)
-    os.umask(umask)
     old: list[str] = []
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         old = list(json.loads((out / "meta.json").read_text())["files"])
@@ -145,8 +142,6 @@ def commit(out: Path, writers: dict[str, Callable[[Path], None]], meta: dict[str
         for name in names:
             writers[name](temps[name])
         meta_tmp.write_text(json.dumps(meta, indent=1, default=str) + "\n")
-        for tmp in [meta_tmp, *temps.values()]:  # mkstemp makes 0600 files: give them the usual permissions
-            os.chmod(tmp, 0o666 & ~umask)
     for name in old:
         if name not in meta["files"] and "/" not in name and not name.startswith("."):
             with contextlib.suppress(FileNotFoundError):

@@ -24,6 +24,7 @@ from fcn3_lightning.eval.leaderboard import (
     _NO_LEVEL,
     HEADLINE,
     SCORES,
+    baseline_years,
     collect_entries,
     select_leads,
     variable_key,
@@ -46,6 +47,7 @@ class Panel:
     score: str
     baseline: str
     rel: pd.DataFrame  # relative difference in %, rows variable keys, columns lead hours
+    years: str = ""  # the years of the truth the baseline used (climatologies; from meta.json), e.g. "2000-2001"
 
 
 def _as_runs(runs: Mapping[str, pd.DataFrame] | pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -74,6 +76,7 @@ def scorecard_panels(
         entries = collect_entries({run: df}, region)
         models = [e for e in entries if e.kind == "model"]
         baselines = {e.name: e for e in entries if e.kind == "baseline"}
+        years = baseline_years(df.attrs.get("meta") or {})
         for model in models:
             for score, base in pairs:
                 if score not in SCORES:
@@ -89,8 +92,17 @@ def scorecard_panels(
                 order = _row_order(list(grid.index))
                 grid = grid.loc[order]
                 grid.index = pd.Index([variable_key(v, lev) for v, lev in order], name="variable")
-                panels.append(Panel(model.name, score, base, grid))
+                panels.append(Panel(model.name, score, base, grid, years.get(base, "")))
     return panels
+
+
+def wrap_title(parts: Sequence[str], width_in: float, fontsize: float) -> str:
+    """Lines of ``parts`` wrapped at word boundaries to fit ``width_in`` inches at ``fontsize`` points (a panel title
+    wider than its panel runs into the next one); each part starts a new line."""
+    import textwrap
+
+    chars = max(12, int(width_in * 72.0 / (0.58 * fontsize)))  # ~0.58 em per character of DejaVu Sans
+    return "\n".join(textwrap.fill(p, chars, break_long_words=False, break_on_hyphens=False) for p in parts)
 
 
 def _nice_ceiling(x: float) -> float:
@@ -179,7 +191,8 @@ def plot_scorecard(
             if ci % wrap == 0:
                 ax.set_ylabel("variable")
             better = "higher" if SCORES[score].higher_is_better else "lower"
-            ax.set_title(f"{model}: {score} vs {base}\n({better} is better)", fontsize=10)
+            used = f"years {p.years}; " if p.years else ""
+            ax.set_title(wrap_title([f"{model}: {score} vs {base}", f"({used}{better} is better)"], panel_w - 0.6, 10), fontsize=10)
             ax.set_xticks(np.arange(-0.5, len(leads)), minor=True)
             ax.set_yticks(np.arange(-0.5, len(rel.index)), minor=True)
             ax.grid(which="minor", color="white", linewidth=1.0)
@@ -196,5 +209,4 @@ def plot_scorecard(
     out_png = Path(out_png)
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
-        tmp.chmod(0o644)  # mkstemp makes it private; a report is meant to be read by others
     return out_png

@@ -58,6 +58,7 @@ def _stats(args: argparse.Namespace) -> None:
     from fcn3_lightning.channels import FCN3_CHANNELS
     from fcn3_lightning.data.stats import compute_stats
     from fcn3_lightning.data.store import WB2Store
+    from fcn3_lightning.paths import local_path
 
     channels = _channels(args.channels)
     if args.data is None:
@@ -67,7 +68,7 @@ def _stats(args: argparse.Namespace) -> None:
         channels = channels or list(DEFAULT_WORLD_CHANNELS)
         start, end = args.start or DEFAULT_WORLD_SPLITS["train"][0], args.end or DEFAULT_WORLD_SPLITS["train"][1]
     else:
-        path = Path(args.data)
+        path = local_path(args.data, "--data")
         channels = channels or list(FCN3_CHANNELS)
         if not (args.start and args.end):
             raise ValueError("stats: --start and --end (the training range) are required with --data")

@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fcn3_lightning.paths import local_path
+
 if TYPE_CHECKING:  # the heavy imports (torch, torch-harmonics, zarr) wait until a command runs
     import torch
 
@@ -710,6 +712,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run_cli(args: argparse.Namespace) -> None:
     """``predict``: the argparse entry point."""
     # cheap checks before the (slow) model load
+    if args.data_path is not None:
+        local_path(args.data_path, "--data-path")
+    local_path(args.output, "--output")
     if args.members is not None:
         _check_count("--members", args.members, 1)
     if args.steps is not None:

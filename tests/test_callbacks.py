@@ -12,7 +12,7 @@ import pytest
 import torch
 from fcn3_lightning.callbacks import Calibration, ForecastMaps, GradNorm, NonFiniteError, NonFiniteGuard, SpectraPlots, Throughput
 from fcn3_lightning.callbacks.plotting import cell_edges, pretty_units
-from fcn3_lightning.callbacks.spectra import high_k_ratio
+from fcn3_lightning.callbacks.spectra import high_k_ratio, readable_log_ticks
 from lightning.pytorch.loggers import MLFlowLogger
 
 from fcn3_lightning.data.datamodule import WB2DataModule
@@ -57,6 +57,32 @@ def test_high_k_ratio_averages_the_top_quarter_of_the_degrees() -> None:
 def test_plot_helpers() -> None:
     np.testing.assert_allclose(cell_edges(np.array([90.0, 45.0, 0.0, -45.0, -90.0]), -90, 90), [90, 67.5, 22.5, -22.5, -67.5, -90])
     assert pretty_units("m**2 s**-2") == "m$^{2}$ s$^{-2}$"
+
+
+@pytest.mark.parametrize(
+    "lo, hi, want",
+    [
+        (0.8, 1.2, [0.8, 0.9, 1.0, 1.1, 1.2]),  # a ratio near 1: evenly spaced
+        (1.0, 32.0, [1.0, 2.0, 5.0, 10.0, 20.0]),  # the degrees of a T31 grid: 1-2-5
+        (0.3, 3.0, [0.5, 1.0, 2.0]),
+        (1e-4, 1.0, None),  # several decades: matplotlib's own powers of ten
+    ],
+)
+def test_log_axes_get_readable_ticks(lo: float, hi: float, want: list[float] | None) -> None:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import LogFormatterSciNotation
+
+    ax = Figure().subplots()
+    ax.set_yscale("log")
+    ax.set_ylim(lo, hi)
+    readable_log_ticks(ax.yaxis, lo, hi)
+    ticks = [t for t in ax.yaxis.get_major_locator().tick_values(lo, hi) if lo * (1 - 1e-9) <= t <= hi * (1 + 1e-9)]
+    if want is None:
+        assert isinstance(ax.yaxis.get_major_formatter(), LogFormatterSciNotation) and len(ticks) >= 3
+        return
+    np.testing.assert_allclose(ticks, want)
+    labels = [ax.yaxis.get_major_formatter()(t, i) for i, t in enumerate(ticks)]
+    assert labels == [f"{v:g}" for v in want]
 
 
 def test_fit_logs_maps_spectra_calibration_and_health_to_mlflow(tmp_path: Path) -> None:
@@ -104,6 +130,10 @@ def test_fit_logs_maps_spectra_calibration_and_health_to_mlflow(tmp_path: Path) 
     assert hist.shape == (2, 4, 3)
     np.testing.assert_allclose(hist.sum(-1), 1.0, rtol=1e-6)
     assert np.all(calib.last["spread_skill_ratio"] > 0)
+    # MLflow has both ratios: WB2's plain one and the Fortin-corrected one (x sqrt((M+1)/M), M = 2), which is 1 when calibrated
+    for lead in ("6h", "12h"):
+        plain, corrected = (metrics[f"val/{k}/z500/{lead}"] for k in ("spread_skill_ratio", "spread_skill_ratio_fortin_corrected"))
+        assert corrected == pytest.approx(plain * math.sqrt(3 / 2), rel=1e-6)
 
 
 class _PoisonAt(L.Callback):

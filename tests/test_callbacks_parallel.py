@@ -115,16 +115,30 @@ def test_plots_are_made_once_on_rank_0(runs) -> None:
     assert ranks[0]["grad_norm"] > 0 and ranks[0]["grad_norm"] == pytest.approx(ranks[1]["grad_norm"], rel=1e-6)
 
 
+# Serial and parallel forecasts differ by the round-off of the distributed transforms' reduction order: a few 1e-7 of a
+# channel's normalisation scale, plus one float32 ulp of the physical value (z500 ~ 58,000 m2 s-2: ulp 0.004 = 1.7e-6
+# of its scale). The tolerance is stated in those units, where the network computes.
+MEMBER_ATOL = 1e-5  # x the channel's normalisation scale
+
+
 def test_plots_show_the_whole_globe_as_the_serial_run(runs) -> None:
     _, serial, ranks = runs
     par = ranks[0]
-    shape = WB2DataModule(**DATA_KW).store.shape
+    dm = WB2DataModule(**DATA_KW)
+    shape = dm.store.shape
+    sigma = np.asarray(dm.normalizer.scale, dtype=np.float64).reshape(1, -1, 1, 1)
+    # the spread is a function of the members: with M = 2, std = |x1 - x2| / sqrt(2), so it may move by up to
+    # sqrt(2) x what a member moves. (Its own size is no yardstick: a spread of ~30 m2 s-2 is the difference of two
+    # z500 values of ~58,000 and carries their round-off, not round-off relative to 30.)
+    tolerance = {"member": MEMBER_ATOL, "ensemble mean": MEMBER_ATOL, "ensemble spread (std)": np.sqrt(2.0) * MEMBER_ATOL}
     for panel in ("truth", "member", "ensemble mean", "ensemble spread (std)"):
         got, want = par["maps"][panel], serial["maps"][panel]
         assert got.shape == want.shape == (2, 4, *shape), panel
-        scale = np.abs(want).max(axis=(-2, -1), keepdims=True) + 1e-12
-        np.testing.assert_allclose(got / scale, want / scale, rtol=0, atol=1e-4, err_msg=panel)
-    np.testing.assert_array_equal(par["maps"]["truth"], serial["maps"]["truth"])
+        if panel == "truth":
+            np.testing.assert_array_equal(got, want)  # read from the store, gathered: bit for bit
+            continue
+        diff = np.abs(got.astype(np.float64) - want.astype(np.float64)) / sigma
+        np.testing.assert_array_less(diff, tolerance[panel], err_msg=f"{panel}: |parallel - serial| / channel scale")
     for key in ("prediction", "truth"):
         np.testing.assert_allclose(par["spectra"][key], serial["spectra"][key], rtol=1e-3, atol=0, err_msg=key)
     for r in range(WORLD):  # the scalar is the same on every rank (logged by each)

@@ -9,6 +9,7 @@ with xarray). The fair CRPS the harness writes is checked against an independent
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,10 @@ def scored(tmp_path_factory) -> tuple[Path, xr.Dataset, xr.Dataset]:
         str(tmp / "out"),
         "--name",
         "era5-ens",
+        # the sample is 2 days of 2017: no earlier year for the climatology (ACC, climatology baseline), so it is told
+        # to use the scored year itself (evaluate then warns that this baseline has seen the truth)
+        "--clim-years",
+        "2017",
         cwd=tmp,
     )
     return tmp / "out", forecast.load(), xr.open_zarr(tmp / "truth.zarr").load()
@@ -76,6 +81,9 @@ def test_era5_ensemble_against_a_member_is_scored(scored):
     assert set(prob["lead_time_hours"]) == {0, 12}
     for name in ("leaderboard.md", "leaderboard.html", "meta.json", "probabilistic.nc"):
         assert (out / name).is_file(), name
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["climatology_years"] == [2017]
+    assert any("climatology (--clim-years) uses years holding scored valid times ([2017])" in w for w in meta["warnings"])
 
 
 def test_era5_crps_equals_independent_numpy(scored):

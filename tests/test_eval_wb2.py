@@ -10,6 +10,7 @@ definition, SEEPS' pieces, the netCDF layout, atomic outputs and the error cases
 from __future__ import annotations
 
 import calendar
+import html
 import json
 import time
 from pathlib import Path
@@ -558,3 +559,118 @@ def test_compiled_kernels_equal_eager():
     torch.testing.assert_close(
         torch.compile(deterministic_kernel, dynamic=True)(o, x[0], x[1], torch.float64), deterministic_kernel(o, x[0], x[1], torch.float64)
     )
+
+
+# --- the years of the baselines (issue 15) ------------------------------------------------------------------
+
+
+def _clim_baseline_mse(obs: xr.Dataset, years: list[int], inits: np.ndarray, lead: np.timedelta64) -> float:
+    """The climatology baseline's global MSE of 2m_temperature at one lead, with the climatology of ``years`` written
+    out in numpy (``_numpy_climatology``) and cos-latitude weights (= cell-edge weights on this equiangular grid)."""
+    da = obs["2m_temperature"]
+    times = pd.DatetimeIndex(da["time"].values)
+    keep = times.year.isin(years)
+    x = da.values[keep].astype(np.float64)
+    w = np.cos(np.deg2rad(obs["latitude"].values))[:, None] * np.ones(obs.sizes["longitude"])
+    mse = []
+    for t in pd.DatetimeIndex(inits + lead):
+        with np.errstate(invalid="ignore"):  # days of the year without truth in any window: NaN, not used here
+            clim = _numpy_climatology(times[keep], x, t.hour)[t.day_of_year - 1]
+        truth = da.sel(time=t).values.astype(np.float64)
+        mse.append((w * (clim - truth) ** 2).sum() / w.sum())
+    return float(np.mean(mse))
+
+
+def _clim_record(out: Path, lead_hours: int = 24) -> float:
+    df = _read(out / "scores.csv")
+    sel = df.query(
+        "eval == 'climatology_baseline_deterministic' and variable == '2m_temperature' and metric == 'mse' "
+        "and region == 'global' and lead_time_hours == @lead_hours"
+    )
+    return float(sel["value"].item())
+
+
+def test_climatology_baselines_use_only_years_before_the_scored_inits(tmp_path):
+    """Default: the computed climatology and the probabilistic climatology average the years before the first scored
+    init (2017-2019 for inits in 2020), not the scored year; meta.json and the leaderboard say which years."""
+    fc, obs, _ = _small("ens")
+    meta = evaluate(fc, obs, tmp_path, None, Options(progress=False, regions=["global"], spectra=()))
+    assert meta["climatology_years"] == [2017, 2018, 2019] and meta["probabilistic_climatology_years"] == [2017, 2018, 2019]
+    assert meta["climatology"].endswith("years 2017-2019")
+    assert not any("seen the truth" in w for w in meta["warnings"])
+    inits, lead = fc["time"].values, fc["prediction_timedelta"].values[0]
+    got = _clim_record(tmp_path)
+    want = _clim_baseline_mse(obs, [2017, 2018, 2019], inits, lead)
+    leaky = _clim_baseline_mse(obs, [2017, 2018, 2019, 2020], inits, lead)  # what the baseline was before
+    print(f"climatology baseline t2m MSE at 24 h: {got:.4f} (2017-2019: {want:.4f}; with the scored year 2020: {leaky:.4f})")
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert abs(leaky - want) > 100 * 1e-5 * want  # the check tells the two apart
+
+    # the reports name the years
+    from fcn3_lightning.eval.leaderboard import write_reports
+    from fcn3_lightning.eval.scorecard import scorecard_panels
+
+    write_reports(tmp_path)
+    for name in ("leaderboard.md", "leaderboard.html"):
+        text = html.unescape((tmp_path / name).read_text())
+        assert "climatology of the truth, years 2017-2019" in text, name
+        assert "the truth of the years 2017-2019 at the valid times' dates" in text, name
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert "triangular win;" not in md and "…" not in md  # nothing cut short
+    years = {p.baseline: p.years for p in scorecard_panels(_read_run(tmp_path))}
+    assert years == {"persistence": "", "climatology": "2017-2019", "probabilistic climatology": "2017-2019"}
+
+
+def _read_run(out: Path) -> dict[str, pd.DataFrame]:
+    from fcn3_lightning.eval.leaderboard import load_runs
+
+    return load_runs([out])
+
+
+def test_climatology_years_given_by_the_user_are_honoured(tmp_path, capsys):
+    fc, obs, _ = _small()
+    inits, lead = fc["time"].values, fc["prediction_timedelta"].values[0]
+    rc, out = _cli(tmp_path, fc, obs, None, "--regions", "global", "--spectra", "none", "--clim-years", "2018-2019")
+    assert rc == 0, capsys.readouterr().err
+    meta = json.loads((Path(out) / "meta.json").read_text())
+    assert meta["climatology_years"] == [2018, 2019] and meta["climatology"].endswith("years 2018-2019")
+    np.testing.assert_allclose(_clim_record(Path(out)), _clim_baseline_mse(obs, [2018, 2019], inits, lead), rtol=1e-5)
+    # years holding the scored period: done as asked, with a warning in the log and in meta.json
+    rc, out = _cli(tmp_path / "b", fc, obs, None, "--regions", "global", "--spectra", "none", "--clim-years", "2019:2020")
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    meta = json.loads((Path(out) / "meta.json").read_text())
+    assert meta["climatology_years"] == [2019, 2020]
+    msg = "the climatology (--clim-years) uses years holding scored valid times ([2020]): it has seen the truth it is scored against"
+    assert msg in err and msg in meta["warnings"]
+    np.testing.assert_allclose(_clim_record(Path(out)), _clim_baseline_mse(obs, [2019, 2020], inits, lead), rtol=1e-5)
+
+
+def test_no_earlier_year_for_the_climatology_is_a_clear_error(tmp_path, capsys):
+    fc, obs, _ = _small()
+    obs = obs.sel(time=obs["time"] >= np.datetime64("2020-01-01"))  # only the scored year
+    rc, out = _cli(tmp_path, fc, obs, None, "--regions", "global", "--spectra", "none")
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "before the first scored init (2020-01-01T00:00:00)" in err and "has none (it has 2020)" in err, err
+    assert "--climatology" in err and "--clim-years FIRST:LAST" in err
+    assert not Path(out).exists() or not any(Path(out).iterdir())
+    # the probabilistic climatology, when asked for by name with too few earlier years, names its option
+    fc2, obs2, clim2 = _small()
+    obs2 = obs2.sel(time=obs2["time"] >= np.datetime64("2019-01-01"))  # one earlier year: 2 are needed
+    rc, _ = _cli(tmp_path / "p", fc2, obs2, clim2, "--regions", "global", "--spectra", "none", "--baselines", "probabilistic_climatology")
+    err = capsys.readouterr().err
+    assert rc == 2 and "before the first scored init" in err and "--prob-clim-years" in err, err
+
+
+def test_default_spectra_are_those_the_store_has(tmp_path, capsys):
+    """No warning about spectra nobody asked for (the default world has no 2m_temperature); one for those asked for."""
+    fc, obs, clim = _small()
+    fc, obs, clim = (ds.drop_vars("2m_temperature") for ds in (fc, obs, clim))
+    meta = evaluate(fc, obs, tmp_path / "a", clim, Options(progress=False, regions=["global"]))
+    assert meta["spectra"] == ["geopotential/500"] and not any("spectra" in w for w in meta["warnings"]), meta["warnings"]
+    assert "spectra" not in capsys.readouterr().err
+    opts = Options(progress=False, regions=["global"], spectra=["geopotential/500", "2m_temperature"])
+    meta = evaluate(fc, obs, tmp_path / "b", clim, opts)
+    assert meta["spectra"] == ["geopotential/500"]
+    assert meta["warnings"] == ["spectra: '2m_temperature' is not among the scored channels; no spectrum for it"]

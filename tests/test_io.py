@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -32,3 +36,33 @@ def test_checkpoint_io_saves_atomically(tmp_path):
         io.save_checkpoint({"state_dict": {"a": torch.zeros(2)}, "bad": _Unpicklable()}, path)
     assert torch.equal(io.load_checkpoint(path)["state_dict"]["a"], torch.arange(3))
     assert [p.name for p in path.parent.iterdir()] == ["best.ckpt"]
+
+
+_WRITE = """
+import os, stat, sys, threading
+from fcn3_lightning.io import atomic_path, atomic_torch_save, current_umask
+out = sys.argv[1]
+with atomic_path(out + "/a.txt") as tmp:
+    tmp.write_text("a")
+atomic_torch_save({"w": 1}, out + "/b.pt")
+def plot():  # plots are published from a background thread
+    with atomic_path(out + "/c.png") as tmp:
+        tmp.write_bytes(b"png")
+t = threading.Thread(target=plot)
+t.start()
+t.join()
+before = current_umask()
+after = os.umask(0o077)  # reading it must not have changed it
+print(oct(before), oct(after), *(oct(stat.S_IMODE(os.stat(out + "/" + n).st_mode)) for n in ("a.txt", "b.pt", "c.png")))
+"""
+
+
+@pytest.mark.parametrize(("umask", "want"), [(0o022, "0o644"), (0o027, "0o640"), (0o077, "0o600")])
+def test_published_files_get_the_mode_the_umask_gives(tmp_path, umask, want):
+    """mkstemp makes 0600 files; that mode used to survive the rename, so others could not read checkpoints."""
+    res = subprocess.run(
+        [sys.executable, "-c", _WRITE, str(tmp_path)], capture_output=True, text=True, preexec_fn=lambda: os.umask(umask), timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    print(f"umask {oct(umask)}: {res.stdout.strip()}")
+    assert res.stdout.split() == [oct(umask), oct(umask), want, want, want]

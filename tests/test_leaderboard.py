@@ -55,10 +55,10 @@ def _block(t: pd.DataFrame, var: str, score: str) -> pd.DataFrame:
     return t[sel].droplevel(["variable", "score"])
 
 
-def _write_run(tmp: Path, name: str, df: pd.DataFrame) -> Path:
+def _write_run(tmp: Path, name: str, df: pd.DataFrame, **meta: object) -> Path:
     tmp.mkdir(parents=True, exist_ok=True)
     df.to_csv(tmp / "scores.csv", index=False)
-    (tmp / "meta.json").write_text(json.dumps({"name": name, "checkpoint": "x.ckpt"}))
+    (tmp / "meta.json").write_text(json.dumps({"name": name, "checkpoint": "x.ckpt", **meta}))
     return tmp
 
 
@@ -237,3 +237,60 @@ def test_lead_selection():
     assert lb.select_leads(six_hourly, 6) == [24 * d for d in (1, 3, 5, 7, 10, 14)]
     assert lb.select_leads(range(6, 61, 6), 3) == [24, 48]  # the whole days, though fewer than allowed
     assert lb.select_leads(range(6, 67, 12), 3) == [6, 30, 66]  # no whole days: evenly thinned, ends kept
+
+
+def test_reports_say_which_years_the_baselines_used_and_cut_nothing_short(tmp_path, fixture_runs):
+    """Issue 15: the baselines' years (meta.json) in the Markdown, the HTML and the scorecard; no field truncated."""
+    import html as html_lib
+
+    long_obs = "/a/very/long/path/to/a/shared/store/of/the/ground/truth/" + "x" * 60 + "/era5_1959-2023_6h-64x32_equiangular.zarr"
+    clim_text = "computed from the truth: WB2 hour x dayofyear climatology, 61-day triangular window, years 2017-2019"
+    a = _write_run(
+        tmp_path / "a",
+        "det-model",
+        fixture_runs["det-model"],
+        obs=long_obs,
+        climatology=clim_text,
+        climatology_years=[2017, 2018, 2019],
+        inits=["2020-01-01T00:00:00", "2020-01-02T12:00:00"],
+    )
+    b = _write_run(
+        tmp_path / "b",
+        "ens-model",
+        fixture_runs["ens-model"],
+        climatology=clim_text.replace("2017-2019", "2018-2019"),
+        climatology_years=[2018, 2019],
+        probabilistic_climatology_years=[2016, 2017, 2019],
+    )
+    runs = lb.load_runs([a, b])
+    paths = lb.write_all(runs, tmp_path / "board")
+    md = (tmp_path / "board" / "leaderboard.md").read_text()
+    page = html_lib.unescape((tmp_path / "board" / "leaderboard.html").read_text())
+    for text in (md, page):
+        assert f"obs: {long_obs}" in text  # in full (it was cut at 80 characters)
+        assert "2 inits 2020-01-01T00:00:00 to 2020-01-02T12:00:00" in text
+        # the same climatology values in both runs (the fixture's): one row, the years of each run named
+        assert "climatology of the truth, years 2017-2019 (61-day window) (det-model)" in text
+        assert "climatology of the truth, years 2018-2019 (61-day window) (ens-model)" in text
+        assert "the truth of the years 2016-2017, 2019 at the valid times' dates (one member a year) (ens-model)" in text
+    baselines = md.split("Baselines:", 1)[1].split("##", 1)[0]
+    assert [line.split(" — ")[0] for line in baselines.strip().splitlines()] == [
+        "- *persistence*",
+        "- *climatology*",
+        "- *probabilistic climatology*",
+    ]
+    assert "scorecard.png" in {p.name for p in paths}
+    years = {(p.model, p.baseline): p.years for p in scorecard_panels(runs)}
+    assert years[("det-model", "climatology")] == "2017-2019" and years[("ens-model", "climatology")] == "2018-2019"
+    assert years[("ens-model", "probabilistic climatology")] == "2016-2017, 2019" and years[("det-model", "persistence")] == ""
+
+
+def test_scorecard_titles_wrap_at_word_boundaries():
+    from fcn3_lightning.eval.scorecard import wrap_title
+
+    parts = ["fcn3-small-model: CRPS vs probabilistic climatology", "(years 2000-2001; lower is better)"]
+    narrow = wrap_title(parts, 1.9, 10)
+    assert narrow.replace("\n", " ") == " ".join(parts)  # every word kept whole, in order
+    assert all(len(line) <= 23 for line in narrow.splitlines()) and len(narrow.splitlines()) > 2
+    assert wrap_title(parts, 8.0, 10) == "\n".join(parts)  # wide panels: one line per part
+    assert lb.year_span([2019, 2017, 2018, 2021]) == "2017-2019, 2021" and lb.year_span([]) == "none"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -221,3 +222,59 @@ def test_killed_worker_trial_ends_failed_and_the_other_finishes(tmp_path):
     _, runs = _mlflow_runs(tmp_path)
     run = next(r for r in runs if r.info.run_name == f"trial_{killed}")
     assert run.info.status == "FAILED" and run.data.tags["optuna.state"] == "FAIL"
+
+
+def _run(cwd: Path, *extra: str, umask: int = 0o022) -> subprocess.CompletedProcess:
+    """A sweep worker under ``umask`` (set in the child: the test does not depend on the runner's umask)."""
+    return subprocess.run(
+        _argv(cwd, *extra), cwd=cwd, env=ENV, capture_output=True, text=True, timeout=400, preexec_fn=lambda: os.umask(umask)
+    )
+
+
+def test_a_study_of_the_same_name_in_another_storage_stops_before_touching_the_folder(tmp_path):
+    _write(tmp_path / "tiny.yaml")
+    first = _run(tmp_path, "--n-trials", "1", "--storage", f"sqlite:///{tmp_path / 'a.db'}")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    folder = tmp_path / "sweeps" / "s"
+    best = (folder / "best.yaml").read_bytes()
+    before = sorted(p.name for p in folder.iterdir())
+    modes = {name: oct(stat.S_IMODE((folder / name).stat().st_mode)) for name in ("best.yaml", "study.json", "trial_0", "plots")}
+    print(f"sweep outputs under umask 022: {modes}")
+    assert modes == {"best.yaml": "0o644", "study.json": "0o644", "trial_0": "0o755", "plots": "0o755"}
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in (folder / "plots").iterdir()} == {"0o644"}
+
+    # another study of the same name, in another storage, into the same folder: refused at once
+    other = _run(tmp_path, "--n-trials", "1", "--storage", f"sqlite:///{tmp_path / 'b.db'}")
+    err = other.stderr.strip().splitlines()
+    print(f"second study: exit {other.returncode}: {err[-1] if err else ''}")
+    assert other.returncode == 2, other.stdout[-3000:] + other.stderr[-3000:]
+    line = err[-1]
+    for word in ("sweeps/s belongs to", str(tmp_path / "a.db"), str(tmp_path / "b.db"), "--out", "--study-name"):
+        assert word in line, line
+    assert (folder / "best.yaml").read_bytes() == best and sorted(p.name for p in folder.iterdir()) == before
+    assert optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 'b.db'}").trials == []
+    _, runs = _mlflow_runs(tmp_path)
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1  # no parent run for the refused study
+
+    # the same study, under another spelling of its storage (relative path): shares the folder
+    again = _run(tmp_path, "--n-trials", "1", "--storage", "sqlite:///a.db")
+    assert again.returncode == 0 and "this worker ran []" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
+
+
+def test_a_folder_of_an_unrecorded_study_is_not_taken_by_a_new_one(tmp_path):
+    """Folders written before they recorded their study: a new, empty study cannot be the one that wrote them."""
+    from fcn3_lightning.sweep.folder import OWNER_FILE, claim
+    from fcn3_lightning.sweep.space import SweepError
+    from fcn3_lightning.sweep.storage import make_storage
+
+    folder = tmp_path / "sweeps" / "s"
+    (folder / "trial_0").mkdir(parents=True)
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    storage = make_storage(url)
+    study = optuna.create_study(storage=storage, study_name="s")
+    with pytest.raises(SweepError, match="holds trials of an earlier sweep whose study is not recorded"):
+        claim(folder, study, storage, url)
+    assert not (folder / OWNER_FILE).exists()
+    study.add_trial(optuna.trial.create_trial(value=1.0))  # a study with trials (the one that wrote them): it claims the folder
+    claim(folder, study, storage, url)
+    assert (folder / OWNER_FILE).is_file()

@@ -28,6 +28,7 @@ from fcn3_lightning.data.statics import static_fields
 from fcn3_lightning.data.stats import ChannelStats, Normalizer, compute_stats
 from fcn3_lightning.data.store import WB2Store
 from fcn3_lightning.data.zenith import cos_zenith
+from fcn3_lightning.paths import local_path
 from fcn3_lightning.training.sampler import EpochShuffleSampler
 
 
@@ -142,6 +143,8 @@ class WB2DataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
+        if data_path is not None:
+            local_path(data_path, "data.data_path")  # a URL fails here, before any training setup
         self.save_hyperparameters()
         self.default_world = data_path is None
         if self.default_world:

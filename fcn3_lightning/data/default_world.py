@@ -39,6 +39,8 @@ import math
 import numbers
 import os
 import shutil
+import sys
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -47,9 +49,9 @@ import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
 
 from fcn3_lightning.data.zenith import sun_position
+from fcn3_lightning.progress import progress_bar
 
 #: bump whenever the generated data change: it is part of the cache file name, so stale caches are never reused
 GENERATOR_VERSION = "1"
@@ -683,7 +685,7 @@ def generate_default_world(
         years: length of the stored 6-hourly trajectory in (calendar) years.
         nlat, nlon: output grid, equiangular with both poles (latitude 90 .. -90, longitude 0 .. 360 - 360/nlon).
         start: first stored valid time (UTC, on a 6-hour boundary); the spin-up runs before it.
-        progress: show a progress bar.
+        progress: show progress on stderr (a bar on a terminal, a line every 10 % in a log).
         spinup_days: simulated days discarded before ``start`` so the stored data are statistically stationary.
 
     Returns:
@@ -714,14 +716,25 @@ def _generate(
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # bit-reproducible reductions; a T31 step is too small to gain from threads anyway
+    started = time.monotonic()
+    if progress:
+        print(
+            f"default world: simulating {years:g} years ({len(times)} states, 6-hourly) on a {nlat}x{nlon} grid after a "
+            f"{spinup_days:g}-day spin-up, into {path}",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         world = _World(seed, nlat, nlon, np.datetime64(t0 - pd.Timedelta(hours=STEP_HOURS * n_spin), "ns"))
-        with tqdm(total=n_spin + len(times), desc=f"default world {path.name}", unit="6h", disable=not progress) as bar:
-            for _ in range(n_spin):
+        with progress_bar(n_spin + len(times), f"default world {path.name}", "6h steps", disable=not progress) as bar:
+            for k in range(n_spin):
+                bar.set_postfix_str(f"spin-up day {(k + 1) * STEP_HOURS / 24:g} of {spinup_days:g}", refresh=False)
                 world.advance()
                 bar.update()
             states: list[torch.Tensor] = []
+            days = len(times) * STEP_HOURS / 24
             for i in range(len(times)):
+                bar.set_postfix_str(f"simulated day {(i + 1) * STEP_HOURS / 24:g} of {days:g} (stored every 6 h)", refresh=False)
                 states.append(world.state)
                 if len(states) == _BLOCK or i == len(times) - 1:
                     _write_block(tmp, world, states, times[i + 1 - len(states) : i + 1], attrs, first=i < _BLOCK)
@@ -730,6 +743,8 @@ def _generate(
                     world.advance()
                 bar.update()
         _publish(tmp, path, replace=replace)
+        if progress:
+            print(f"default world: wrote {path} in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from fcn3_lightning.io import give_default_mode
+
 # cfgrib short name -> WB2 long name (the names of the WB2 ERA5 Zarr archives)
 CFGRIB_TO_WB2: dict[str, str] = {
     "z": "geopotential",
@@ -248,10 +250,7 @@ def convert_cfgrib_to_wb2(
 
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
         try:
-            # mkdtemp makes the directory 0700; the finished store should get the usual permissions
-            umask = os.umask(0)
-            os.umask(umask)
-            tmp.chmod(0o777 & ~umask)
+            give_default_mode(tmp)  # mkdtemp makes it 0700, which the rename into place would keep
             # one time step per write keeps memory at one state (a full ERA5 year would not fit otherwise)
             for i in range(ds.sizes["time"]):
                 step = ds.isel(time=slice(i, i + 1))

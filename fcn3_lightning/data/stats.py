@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from fcn3_lightning.channels import parse_channel
 from fcn3_lightning.data.store import WB2Store
 from fcn3_lightning.grid import cell_area_weights
 from fcn3_lightning.io import atomic_path
+from fcn3_lightning.progress import progress_bar
 
 FORMAT = "fcn3_lightning.stats/v1"
 STD_FLOOR = 1e-4
@@ -167,7 +167,7 @@ def compute_stats(store: WB2Store, start: str, end: str, *, chunk: int | None = 
     state, tend = _Moments(c), _Moments(c)
     lo, hi = np.full(c, np.inf), np.full(c, -np.inf)
     carry = np.empty((0, c, *store.shape))  # the last `stride` times of the previous chunk, for tendencies
-    bar = tqdm(total=n, desc="stats", unit="time", disable=not progress)
+    bar = progress_bar(n, f"stats of {store.path.name}", "times", disable=not progress)  # lines, not a bar, in a log
     for a in range(i0, i1 + 1, chunk):
         b = min(a + chunk, i1 + 1)
         x = store.read(range(a, b)).astype(np.float64)

@@ -18,6 +18,7 @@ import zarr
 from zarr.core.buffer.cpu import NDBuffer
 
 from fcn3_lightning.channels import parse_channel
+from fcn3_lightning.paths import local_path
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class WB2Store:
     """
 
     def __init__(self, path: str | Path, channels: Sequence[str], *, step_hours: int = 6):
-        self.path = Path(path)
+        self.path = local_path(path, "data store")
         if not self.path.exists():
             raise FileNotFoundError(f"data store {self.path} does not exist")
         try:

@@ -38,7 +38,8 @@ PROVIDERS: dict[str, type[GriddedMetric]] = {
     **dict.fromkeys(ENERGY_SCORES, EnergyScore),
     **dict.fromkeys(("bias", "mae"), DeterministicScores),
 }
-DEFAULT_SCORES = ("crps", "ensemble_mean_rmse", "ensemble_spread", "spread_skill_ratio", "bias")
+# spread_skill_ratio is WB2's plain ratio (calibrated at sqrt(M/(M+1))); the Fortin-corrected one is 1 when calibrated
+DEFAULT_SCORES = ("crps", "ensemble_mean_rmse", "ensemble_spread", "spread_skill_ratio", "spread_skill_ratio_fortin_corrected", "bias")
 
 
 def lead_label(hours: float) -> str:

@@ -7,6 +7,6 @@ RDB URL); each trial is an MLflow run nested under the study's parent run.
 
 Modules: :mod:`.space` (the search-space file), :mod:`.fitconfig` (fit configs resolved and checked like ``fit``
 does), :mod:`.storage` (Optuna storages and the cross-process lock), :mod:`.heartbeat` (dead workers' trials end
-as FAIL), :mod:`.objective` (one trial = one fit), :mod:`.tracking` (MLflow), :mod:`.plots`, :mod:`.study` (the
-worker loop) and :mod:`.cli`.
+as FAIL), :mod:`.folder` (which study a sweep folder belongs to), :mod:`.objective` (one trial = one fit),
+:mod:`.tracking` (MLflow), :mod:`.plots`, :mod:`.study` (the worker loop) and :mod:`.cli`.
 """

@@ -38,7 +38,7 @@ def make_storage(spec: str) -> optuna.storages.BaseStorage:
 def file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock on ``path`` across processes (and machines, on a filesystem whose flock is shared)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides: workers of other users may need to lock it
     try:
         import fcntl
 

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 
 from fcn3_lightning.io import atomic_path
 from fcn3_lightning.sweep.fitconfig import FitConfig
+from fcn3_lightning.sweep.folder import claim
 from fcn3_lightning.sweep.heartbeat import Heartbeat, fail_stale_trials, wait_for_dead_trials
 from fcn3_lightning.sweep.objective import ObjectiveReporter, run_fit
 from fcn3_lightning.sweep.plots import save_plots
@@ -165,6 +166,7 @@ def run_sweep(opts: SweepOptions) -> SweepResult:
             study.set_user_attr(SPEC_ATTR, objective)
         elif stored != objective or study.direction.name.lower() != spec.direction:
             raise SweepError(f"study {opts.study_name!r} in {opts.storage} optimises {stored}; {spec.path} asks for {objective}")
+        claim(study_dir, study, storage, opts.storage)  # a folder of another study of the same name: stop before touching it
         logger = base_cfg["trainer"]["logger"]["init_args"]
         tracking = Tracking(uri, logger.get("experiment_name") or "lightning_logs", logger.get("artifact_location"))
         parent = tracking.parent_run(study, spec, opts.storage)

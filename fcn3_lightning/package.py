@@ -36,6 +36,7 @@ import torch
 
 from fcn3_lightning.data.conventions import REFERENCE_PACKAGE, InputConventions
 from fcn3_lightning.data.stats import ChannelStats
+from fcn3_lightning.io import give_default_mode
 from fcn3_lightning.model.convert import kwargs_to_reference_config, ours_to_reference_state_dict, reference_config_to_kwargs
 from fcn3_lightning.model.noise import NoiseSettings
 
@@ -416,9 +417,7 @@ def write_package(
 
 def _publish_folder(root: Path) -> None:
     """mkdtemp makes a private (0700) folder: give the package the modes the umask gives, like any other output."""
-    umask = os.umask(0)
-    os.umask(umask)
     for d, _, files in os.walk(root):
-        os.chmod(d, 0o777 & ~umask)
+        give_default_mode(d)
         for f in files:
-            os.chmod(os.path.join(d, f), 0o666 & ~umask)
+            give_default_mode(os.path.join(d, f))

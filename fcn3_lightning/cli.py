@@ -267,7 +267,7 @@ def _prepare_run(command: str, cfg: Any, mlflow: dict[str, Any] | None) -> Run:
 
     if rank0:  # the one process that writes
         lock_folder(folder)
-        if command == "fit":
+        if command == "fit" and checkpoints:
             if not ckpt_dir.resolve().is_relative_to(folder.resolve()):
                 lock_folder(ckpt_dir)
             check_writable(ckpt_dir, "checkpoint folder")
@@ -278,10 +278,9 @@ def _prepare_run(command: str, cfg: Any, mlflow: dict[str, Any] | None) -> Run:
                     f"with --ckpt_path {ckpt_dir / ('last.ckpt' if 'last.ckpt' in old else old[0])}, or start a new run "
                     "(leave out --run_name / --trainer.default_root_dir, or name another)"
                 )
-            if folder.resolve().parent == RUNS_ROOT.resolve():
-                update_latest(folder)
-        else:
-            check_writable(folder, "run folder")
+        check_writable(folder, "run folder")
+        if command == "fit" and folder.resolve().parent == RUNS_ROOT.resolve():
+            update_latest(folder)
 
     cfg.trainer.default_root_dir = str(folder)
     cfg.run_name = name

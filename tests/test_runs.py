@@ -189,8 +189,11 @@ def _run_all(cases: dict[str, tuple[list[str], dict]], cwd: Path) -> dict[str, s
     return done
 
 
-def test_unreadable_checkpoints_give_one_line_and_exit_2(tiny, tmp_path):
+def test_errors_give_one_line_and_exit_2(tiny, tmp_path):
     files = _bad_files(tmp_path)
+    taken = tmp_path / "taken"  # a folder with an earlier run's checkpoints
+    (taken / "checkpoints").mkdir(parents=True)
+    (taken / "checkpoints" / "last.ckpt").write_bytes(b"an earlier run's")
     predict = ["--init-times", "2000-01-10T00", "--steps", "1", "--output", str(tmp_path / "fc.zarr"), "--device", "cpu"]
     cases: dict[str, tuple[list[str], dict]] = {}
     for kind, path in files.items():
@@ -199,11 +202,16 @@ def test_unreadable_checkpoints_give_one_line_and_exit_2(tiny, tmp_path):
         cases[f"predict {kind}"] = (_cli("predict", "--checkpoint", str(path), *predict), {})
     cases["init_from random"] = (_cli("fit", *tiny, "--model.init_from", str(files["random"]), "--run_name", "init"), {})
     cases["ckpt_path last without a run"] = (_cli("fit", *tiny, "--ckpt_path", "last"), {})
+    cases["ckpt_path last of a run without one"] = (_cli("fit", *tiny, "--ckpt_path", "last", "--run_name", "none"), {})
+    cases["a folder with checkpoints"] = (_cli("fit", *tiny, "--trainer.default_root_dir", str(taken)), {})
+    want = {f"{c} {kind}": str(path) for kind, path in files.items() for c in ("fit", "validate", "predict")}
+    want["init_from random"] = str(files["random"])
+    want["ckpt_path last without a run"] = "--ckpt_path runs/latest/checkpoints/last.ckpt"
+    want["ckpt_path last of a run without one"] = "runs/none/checkpoints/last.ckpt"
+    want["a folder with checkpoints"] = f"--ckpt_path {taken / 'checkpoints' / 'last.ckpt'}"  # the command that resumes it
     results = _run_all(cases, tmp_path)
     for name, res in results.items():
-        kind = name.split()[-1]
-        names = str(files[kind]) if kind in files else "runs/latest/checkpoints/last.ckpt"
-        print(f"{name}: exit {res.returncode}: {_check_one_line(name, res, names)}")
+        print(f"{name}: exit {res.returncode}: {_check_one_line(name, res, want[name])}")
     assert not (tmp_path / "fc.zarr").exists() and not (tmp_path / "fc.zarr.partial").exists()
     assert not list(tmp_path.glob("runs/*/checkpoints/*.ckpt"))
 

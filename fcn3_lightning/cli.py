@@ -22,6 +22,7 @@ from fcn3_lightning.io import read_checkpoint
 from fcn3_lightning.runs import (
     LATEST,
     RUNS_ROOT,
+    Footprint,
     RunError,
     check_run_name,
     check_writable,
@@ -167,7 +168,42 @@ class FCN3CLI(LightningCLI):
             logger["init_args"]["tracking_uri"] = uri
         self.run = _prepare_run(str(self.subcommand), cfg, logger["init_args"] if mlflow else None)
         if mlflow:
-            prepare_sqlite_store(str(logger["init_args"].get("tracking_uri") or ""))
+            try:
+                prepare_sqlite_store(str(logger["init_args"].get("tracking_uri") or ""))
+            except BaseException:
+                self._abandon()
+                raise
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except BaseException:
+            self._abandon()
+            raise
+
+    # the subcommands, so that a run that fails before writing anything leaves no trace
+    def fit(self, model: LightningModule, **kwargs: Any) -> None:
+        self._guarded(self.trainer.fit, model, **kwargs)
+
+    def validate(self, model: LightningModule, **kwargs: Any) -> None:
+        self._guarded(self.trainer.validate, model, **kwargs)
+
+    def test(self, model: LightningModule, **kwargs: Any) -> None:
+        self._guarded(self.trainer.test, model, **kwargs)
+
+    def _guarded(self, method: Any, model: LightningModule, **kwargs: Any) -> None:
+        try:
+            method(model, **kwargs)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _abandon(self) -> None:
+        """A run that failed: release its folder and take back what its start made, where the run wrote nothing."""
+        run = getattr(self, "run", None)
+        if run is not None:
+            release_folder(run.folder)
+            run.footprint.undo()
 
     def after_fit(self) -> None:
         self._finish()
@@ -207,6 +243,7 @@ class Run:
     name: str
     folder: Path
     checkpoint_dir: Path
+    footprint: Footprint
 
 
 def _prepare_run(command: str, cfg: Any, mlflow: dict[str, Any] | None) -> Run:
@@ -214,6 +251,7 @@ def _prepare_run(command: str, cfg: Any, mlflow: dict[str, Any] | None) -> Run:
     the checkpoint folder, ``run_name``) and in the MLflow logger's ``init_args`` (run name and tags, or the run id
     of the run a fit resumes). All before anything is built, so a bad folder costs no training time."""
     rank0 = is_rank_zero()
+    made = Footprint()
     given_name = cfg.get("run_name")
     explicit: Path | None = None
     if given_name:
@@ -251,9 +289,9 @@ def _prepare_run(command: str, cfg: Any, mlflow: dict[str, Any] | None) -> Run:
     elif command == "fit" and source_folder is not None:
         folder = source_folder  # a resumed fit continues in its own folder
     elif command == "fit":
-        folder = new_run_folder("-".join(["fit", *_config_stems(cfg)]))
+        folder = new_run_folder("-".join(["fit", *_config_stems(cfg)]), footprint=made)
     else:  # validate, test: a run of their own, named after what they score
-        folder = new_run_folder("-".join([command, *([slug(source["run_name"])] if source else [])]))
+        folder = new_run_folder("-".join([command, *([slug(source["run_name"])] if source else [])]), footprint=made)
     resumes_here = command == "fit" and bool(source) and source_folder is not None and source_folder.resolve() == folder.resolve()
     if given_name:
         name = given_name
@@ -266,21 +304,13 @@ def _prepare_run(command: str, cfg: Any, mlflow: dict[str, Any] | None) -> Run:
     ckpt_dir = configured_dir or folder / "checkpoints"
 
     if rank0:  # the one process that writes
-        lock_folder(folder)
-        if command == "fit" and checkpoints:
-            if not ckpt_dir.resolve().is_relative_to(folder.resolve()):
-                lock_folder(ckpt_dir)
-            check_writable(ckpt_dir, "checkpoint folder")
-            old = sorted(p.name for p in ckpt_dir.glob("*.ckpt"))
-            if old and not (source and source["path"].resolve().parent == ckpt_dir.resolve()):
-                raise RunError(
-                    f"checkpoint folder {ckpt_dir} already holds checkpoints of an earlier run ({', '.join(old[:3])}): resume it "
-                    f"with --ckpt_path {ckpt_dir / ('last.ckpt' if 'last.ckpt' in old else old[0])}, or start a new run "
-                    "(leave out --run_name / --trainer.default_root_dir, or name another)"
-                )
-        check_writable(folder, "run folder")
-        if command == "fit" and folder.resolve().parent == RUNS_ROOT.resolve():
-            update_latest(folder)
+        try:
+            _check_and_lock(command, folder, ckpt_dir if checkpoints else None, source, made)
+        except BaseException:
+            release_folder(folder)
+            release_folder(ckpt_dir)
+            made.undo()
+            raise
 
     cfg.trainer.default_root_dir = str(folder)
     cfg.run_name = name
@@ -304,7 +334,27 @@ def _prepare_run(command: str, cfg: Any, mlflow: dict[str, Any] | None) -> Run:
     if rank0:
         what = f"resuming {source['path']}" if resumes_here else (f"from {source['path']}" if source else "")
         print(f"{command}: run {name} in {folder}" + (f" ({what})" if what else ""), flush=True)
-    return Run(name, folder, ckpt_dir)
+    return Run(name, folder, ckpt_dir, made)
+
+
+def _check_and_lock(command: str, folder: Path, ckpt_dir: Path | None, source: dict[str, Any], made: Footprint) -> None:
+    """Rank 0: lock the run folder, check that it (and the checkpoint folder) can be written and that a fit does not
+    mix with an earlier run's checkpoints, and point runs/latest at a new fit's folder."""
+    lock_folder(folder, made)
+    if command == "fit" and ckpt_dir is not None:
+        if not ckpt_dir.resolve().is_relative_to(folder.resolve()):
+            lock_folder(ckpt_dir, made)
+        check_writable(ckpt_dir, "checkpoint folder", made)
+        old = sorted(p.name for p in ckpt_dir.glob("*.ckpt"))
+        if old and not (source and source["path"].resolve().parent == ckpt_dir.resolve()):
+            raise RunError(
+                f"checkpoint folder {ckpt_dir} already holds checkpoints of an earlier run ({', '.join(old[:3])}): resume it "
+                f"with --ckpt_path {ckpt_dir / ('last.ckpt' if 'last.ckpt' in old else old[0])}, or start a new run "
+                "(leave out --run_name / --trainer.default_root_dir, or name another)"
+            )
+    check_writable(folder, "run folder", made)
+    if command == "fit" and folder.resolve().parent == RUNS_ROOT.resolve():
+        update_latest(folder, made)
 
 
 def run_cli(args: list[str] | None = None) -> FCN3CLI:
@@ -348,29 +398,34 @@ def run_curriculum(stages: list[str] | None = None, extra: list[str] | None = No
     stages = stages or [str(p) for p in STAGES]
     extra = list(extra or [])
     name, root = _pop_option(extra, "--run_name"), _pop_option(extra, "--trainer.default_root_dir")
+    stems = [slug(Path(s).stem) for s in stages]
+    if len(set(stems)) != len(stems):
+        raise RunError(f"curriculum: stage configs must have different file names (each names its stage folder): {stages}")
+    made = Footprint()  # taken back if the curriculum fails before a stage writes anything
     if root:
         folder = Path(root)
     elif name:
         folder = RUNS_ROOT / check_run_name(name)
     else:
-        folder = new_run_folder("curriculum")
-    if is_rank_zero():
-        check_writable(folder, "curriculum folder")
-        if folder.resolve().parent == RUNS_ROOT.resolve():
-            update_latest(folder)
-        print(f"curriculum: {len(stages)} stages in {folder}", flush=True)
-    stems = [slug(Path(s).stem) for s in stages]
-    if len(set(stems)) != len(stems):
-        raise RunError(f"curriculum: stage configs must have different file names (each names its stage folder): {stages}")
-    best: list[str] = []
-    for i, (stage, stem) in enumerate(zip(stages, stems, strict=True)):
-        args = ["fit", "--config", str(stage), *extra, "--trainer.default_root_dir", str(folder / stem)]
-        if best:
-            args += ["--model.init_from", best[-1]]
-        print(f"curriculum: stage {i + 1}/{len(stages)}: {stage}" + (f" (from {best[-1]})" if best else ""), flush=True)
-        cli = run_cli(args)
-        ckpt = cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
-        if not ckpt:
-            raise RuntimeError(f"curriculum: stage {stage} wrote no checkpoint to hand on")
-        best.append(ckpt)
+        folder = new_run_folder("curriculum", footprint=made)
+    try:
+        if is_rank_zero():
+            check_writable(folder, "curriculum folder", made)
+            if folder.resolve().parent == RUNS_ROOT.resolve():
+                update_latest(folder, made)
+            print(f"curriculum: {len(stages)} stages in {folder}", flush=True)
+        best: list[str] = []
+        for i, (stage, stem) in enumerate(zip(stages, stems, strict=True)):
+            args = ["fit", "--config", str(stage), *extra, "--trainer.default_root_dir", str(folder / stem)]
+            if best:
+                args += ["--model.init_from", best[-1]]
+            print(f"curriculum: stage {i + 1}/{len(stages)}: {stage}" + (f" (from {best[-1]})" if best else ""), flush=True)
+            cli = run_cli(args)
+            ckpt = cli.trainer.checkpoint_callback.best_model_path or cli.trainer.checkpoint_callback.last_model_path
+            if not ckpt:
+                raise RuntimeError(f"curriculum: stage {stage} wrote no checkpoint to hand on")
+            best.append(ckpt)
+    except BaseException:
+        made.undo()
+        raise
     return best

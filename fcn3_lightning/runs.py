@@ -22,6 +22,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -52,17 +53,55 @@ def check_run_name(name: str) -> str:
     return name
 
 
-def claim_new_folder(root: Path, prefix: str, stamp: str | None = None) -> Path:
+@dataclass
+class Footprint:
+    """What the start of a run made on disk (folders, its lock file, ``runs/latest``), so that a run that fails before
+    it writes anything takes it back: a bad option leaves no empty folders behind and ``runs/latest`` where it was."""
+
+    made: list[Path] = field(default_factory=list)  # in the order they were made
+    latest: tuple[Path, str | None, str] | None = None  # the link, its previous target and the one it got
+
+    def mkdir(self, folder: Path) -> None:
+        missing = [p for p in (folder, *folder.parents) if not p.exists()]
+        folder.mkdir(parents=True, exist_ok=True)
+        self.made += reversed(missing)
+
+    def undo(self) -> None:
+        """Remove what was made, newest first, folders only where empty: nothing the run wrote is ever removed.
+        ``runs/latest`` goes back to where it was if the folder it was given is gone (and no run has moved it since)."""
+        self._remove()
+        if self.latest is not None:
+            link, previous, ours = self.latest
+            if link.is_symlink() and os.readlink(link) == ours and not (link.parent / ours).exists():
+                if previous is None:
+                    link.unlink(missing_ok=True)
+                    self._remove()  # runs/ itself, if this run made it and the link was all that was left
+                else:
+                    _point(link, previous)
+        self.made.clear()
+        self.latest = None
+
+    def _remove(self) -> None:
+        for p in reversed(self.made):
+            try:
+                p.rmdir() if p.is_dir() else p.unlink(missing_ok=True)
+            except OSError:  # not empty: the run wrote something there
+                pass
+
+
+def claim_new_folder(root: Path, prefix: str, stamp: str | None = None, footprint: Footprint | None = None) -> Path:
     """Create ``root/<prefix>-<stamp>`` (``-2``, ``-3``, ... when taken) and return it."""
     stamp = stamp or utc_stamp()
+    footprint = footprint if footprint is not None else Footprint()
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        footprint.mkdir(root)
     except OSError as e:
         raise RunError(f"cannot create the runs folder {root}: {e.strerror}") from None
     for i in itertools.count(1):
         folder = root / (f"{prefix}-{stamp}" + (f"-{i}" if i > 1 else ""))
         try:
             folder.mkdir()
+            footprint.made.append(folder)
             return folder
         except FileExistsError:
             continue
@@ -96,7 +135,7 @@ def _srun_step() -> str | None:
 _calls = itertools.count()
 
 
-def new_run_folder(prefix: str, root: Path = RUNS_ROOT) -> Path:
+def new_run_folder(prefix: str, root: Path = RUNS_ROOT, footprint: Footprint | None = None) -> Path:
     """A new folder ``root/<prefix>-<UTC time>`` (see :func:`claim_new_folder`), the same in every process of a launch.
 
     Global rank 0 creates it; the other ranks learn its name from rank 0 through torchrun's agent store or the
@@ -109,12 +148,12 @@ def new_run_folder(prefix: str, root: Path = RUNS_ROOT) -> Path:
     if not is_rank_zero() and key in env:  # started by Lightning's launcher, which copied the parent's environment
         return Path(env[key])
     if world > 1 and "TORCHELASTIC_RUN_ID" in env:
-        folder = _agree_torchrun(key, lambda: claim_new_folder(root, prefix))
+        folder = _agree_torchrun(key, lambda: claim_new_folder(root, prefix, footprint=footprint))
     elif world > 1 and (step := _srun_step()) is not None:
         folder = root / f"{prefix}-{step}"  # every task knows it: nothing to send
         if is_rank_zero():
             try:
-                folder.mkdir(parents=True, exist_ok=True)  # exists after a requeue: the lock and the checks decide
+                (footprint or Footprint()).mkdir(folder)  # exists after a requeue: the lock and the checks decide
             except OSError as e:
                 raise RunError(f"cannot create the run folder {folder}: {e.strerror}") from None
     elif not is_rank_zero():
@@ -123,7 +162,7 @@ def new_run_folder(prefix: str, root: Path = RUNS_ROOT) -> Path:
             "chose: name the run (--run_name NAME or --trainer.default_root_dir DIR)"
         )
     else:
-        folder = claim_new_folder(root, prefix)
+        folder = claim_new_folder(root, prefix, footprint=footprint)
     env[key] = str(folder)  # for the processes Lightning's launcher may start from this one
     return folder
 
@@ -154,7 +193,7 @@ def _agree_torchrun(key: str, claim: Callable[[], Path]) -> Path:
 _held: dict[Path, IO[str]] = {}
 
 
-def lock_folder(folder: Path) -> None:
+def lock_folder(folder: Path, footprint: Footprint | None = None) -> None:
     """Hold ``folder/run.lock`` (``fcntl.flock``) until :func:`release_folder` or the end of the process.
 
     A second process that tries stops at once with :class:`RunError` naming the holder. The kernel releases the lock
@@ -164,9 +203,13 @@ def lock_folder(folder: Path) -> None:
     if key in _held:  # this process holds it already (e.g. a second fit in one Python session)
         return
     path = folder / LOCK_FILE
+    footprint = footprint if footprint is not None else Footprint()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        footprint.mkdir(folder)
+        new = not path.exists()
         f = open(path, "a+")  # noqa: SIM115 - held open for the life of the run
+        if new and folder in footprint.made:  # in a folder this run made, so nobody else waits on this file
+            footprint.made.append(path)
     except OSError as e:
         raise RunError(f"cannot write to the run folder {folder}: {e.strerror}") from None
     try:
@@ -198,25 +241,34 @@ def release_folder(folder: Path) -> None:
         f.close()  # closing the file releases the lock
 
 
-def check_writable(folder: Path, what: str) -> None:
+def check_writable(folder: Path, what: str, footprint: Footprint | None = None) -> None:
     """Create ``folder`` and write a file in it, so that a folder nobody can write fails now, not after an epoch."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        (footprint if footprint is not None else Footprint()).mkdir(folder)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
         raise RunError(f"cannot write to the {what} {folder}: {e.strerror}") from None
 
 
-def update_latest(folder: Path) -> Path | None:
+def update_latest(folder: Path, footprint: Footprint | None = None) -> Path | None:
     """Point ``<parent>/latest`` at ``folder`` (a relative symlink, replaced atomically). None where symlinks fail."""
     link = folder.parent / LATEST
-    tmp = folder.parent / f".{LATEST}.{os.getpid()}.tmp"
+    previous = os.readlink(link) if link.is_symlink() else None
+    if not _point(link, folder.name):
+        return None
+    if footprint is not None:
+        footprint.latest = (link, previous, folder.name)
+    return link
+
+
+def _point(link: Path, target: str) -> bool:
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
     try:
         tmp.unlink(missing_ok=True)
-        tmp.symlink_to(folder.name, target_is_directory=True)
+        tmp.symlink_to(target, target_is_directory=True)
         os.replace(tmp, link)
     except OSError:  # e.g. Windows without the symlink privilege: the printed folder is all there is
         tmp.unlink(missing_ok=True)
-        return None
-    return link
+        return False
+    return True

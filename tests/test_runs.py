@@ -112,6 +112,7 @@ def test_a_second_fit_in_the_same_folder_stops_at_once(tiny, tmp_path):
         second = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=300)
         took = time.perf_counter() - t0
         assert first.poll() is None, "the first fit must go on"
+        assert f"pid {first.pid} " in lock.read_text(), "the refused fit must leave the first one's folder and lock alone"
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()

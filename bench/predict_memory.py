@@ -2,7 +2,7 @@
 
     python bench/predict_memory.py                          # 1-degree synthetic store, 8 members, 10 vs 60 steps (~5 min, 2 cores)
     python bench/predict_memory.py --steps 10 60 240 --members 4
-    python bench/predict_memory.py --checkpoint runs/default/checkpoints/best.ckpt   # the default world and a trained model
+    python bench/predict_memory.py --checkpoint runs/latest/checkpoints/best.ckpt    # the default world and a trained model
 
 Without ``--checkpoint`` the bench builds its own case in a temporary folder: a WB2-style store on a
 1-degree grid (181x360, channels tcwv, u500, v500, z500, smooth random fields, static fields), its

@@ -1,4 +1,4 @@
-"""Command line: ``python -m fcn3_lightning <command>``."""
+"""Command line: ``python -m fcn3_lightning <command>`` (``<command> --help`` for its options)."""
 
 from __future__ import annotations
 
@@ -103,12 +103,29 @@ def _era5_sample(args: argparse.Namespace) -> None:
 
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+#: the commands that parse their own options (``<command> --help`` shows them), with their line in ``--help``
+OWN_PARSERS = {
+    "fit": "train a model (configs/base.yaml, then --config files); each run in its own folder runs/<run name>",
+    "validate": "score a checkpoint (--ckpt_path) on the validation range, as an MLflow run of its own",
+    "test": "score a checkpoint (--ckpt_path) on the test range, as an MLflow run of its own",
+    "curriculum": "train the curriculum stages (stage1, stage2, finetune) one after the other",
+    "sweep": "search the hyperparameters of a fit config with Optuna (one trial = one fit)",
+}
+CURRICULUM_HELP = """usage: python -m fcn3_lightning curriculum [--stages A.yaml B.yaml ...] [--run_name NAME] [fit options]
+
+Runs `fit` for each stage config in turn (default: configs/stage1.yaml configs/stage2.yaml configs/finetune.yaml),
+each stage starting from the previous stage's best weights (weights only). The stages live in one folder,
+runs/curriculum-<UTC time>/<stage> (runs/NAME/<stage> with --run_name NAME). Every other option is a fit option
+for every stage (see `python -m fcn3_lightning fit --help`), e.g. --trainer.max_epochs 1."""
 
 
 def _curriculum(argv: list[str]) -> int:
     """``curriculum [--stages a.yaml b.yaml ...] [fit options for every stage]``."""
     from fcn3_lightning.cli import run_curriculum
 
+    if argv[:1] in (["-h"], ["--help"]):
+        print(CURRICULUM_HELP)
+        return 0
     stages = None
     if argv[:1] == ["--stages"]:
         argv = argv[1:]
@@ -132,13 +149,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if argv and argv[0] == "curriculum":
-        return _curriculum(argv[1:])
+        try:
+            return _curriculum(argv[1:])
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if argv and argv[0] == "sweep":
         from fcn3_lightning.sweep.cli import main as sweep
 
         return sweep(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m fcn3_lightning", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    for name, line in OWN_PARSERS.items():  # dispatched above; listed here so that --help shows every command
+        sub.add_parser(name, help=line, add_help=False)
 
     p = sub.add_parser("summary", help="build a model config and print its parts and parameter counts")
     p.add_argument("config", help="model YAML, e.g. configs/model/fcn3.yaml")

@@ -193,14 +193,10 @@ def _sha256(path: Path) -> str:
 
 
 def _torch_load(path: Path) -> Any:
-    import torch
+    from fcn3_lightning.io import read_checkpoint
 
-    try:  # mmap: only the metadata is read here; the weights are loaded once, into the network
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a clear message instead of an unpickling traceback
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+    # mmap: only the metadata is read here; the weights are loaded once, into the network
+    return read_checkpoint(path, "checkpoint", mmap=True)
 
 
 def load_predictor(

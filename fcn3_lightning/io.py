@@ -1,9 +1,12 @@
-"""Atomic file writing: a crash or kill never leaves a half-written file where a good one stood."""
+"""Files on disk: atomic writing (a crash or kill never leaves a half-written file where a good one stood) and the one
+reader of checkpoints and model files (clear one-line errors, never unpickling objects)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,3 +84,52 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` through a temporary file and an atomic rename."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or model file that cannot be read; the message is one line naming the file."""
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+_PICKLE_MAGIC = b"\x80"  # a pickle (protocol >= 2): torch.save's legacy format, or a plain pickled state dict
+
+
+def read_checkpoint(path: str | Path, what: str = "checkpoint", *, map_location: Any = "cpu", mmap: bool = True) -> Any:
+    """Read a checkpoint or model file from disk: the one place that calls ``torch.load`` on a user's file.
+
+    Only tensors and plain data are loaded (``weights_only=True``): unpickling arbitrary objects runs code from the
+    file. A missing file raises ``FileNotFoundError``; a truncated or damaged file, a file that is not a PyTorch
+    file (random bytes, text) or one that holds Python objects raises :class:`CheckpointError`, each with a one-line
+    message naming ``what`` and the path. ``mmap`` maps the weights instead of reading them (zip-format files), so
+    reading the metadata of a large checkpoint is cheap.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a folder, not a checkpoint file")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        size = path.stat().st_size
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what} {path}: {e.strerror}") from None
+    is_zip = head == _ZIP_MAGIC
+    if not is_zip and not head.startswith(_PICKLE_MAGIC):
+        kind = "empty" if size == 0 else "not a PyTorch file (neither torch.save's zip format nor a pickle)"
+        raise CheckpointError(f"{what} {path} is {kind}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=is_zip and mmap)
+    except pickle.UnpicklingError as e:
+        # torch's message suggests weights_only=False: never do that for a file one did not write oneself
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        if found:
+            raise CheckpointError(
+                f"{what} {path} holds a Python object ({found[1]}) that is not loaded: only tensors and plain data are read "
+                "from files (unpickling objects runs code from the file)"
+            ) from None
+        raise CheckpointError(f"{what} {path} is damaged or not a PyTorch file ({size} bytes)") from None
+    except Exception:  # noqa: BLE001 - truncated archives, garbage pickles (IndexError, KeyError, EOFError, ...)
+        if is_zip:
+            raise CheckpointError(f"{what} {path} is truncated or damaged ({size} bytes; torch.save's zip archive is incomplete)") from None
+        raise CheckpointError(f"{what} {path} is damaged or not a PyTorch file ({size} bytes)") from None

@@ -81,7 +81,7 @@ def fit(store: Path, tmp_path_factory) -> tuple[Path, subprocess.CompletedProces
 
 def test_fit_and_stats_outputs_are_0644_under_umask_022(store: Path, fit):
     cwd, _ = fit
-    ckpts = cwd / "runs" / "default" / "checkpoints"
+    ckpts = cwd / "runs" / "latest" / "checkpoints"  # the fit's own run folder (fcn3_lightning.runs)
     modes = {p.name: _mode(p) for p in sorted(ckpts.iterdir())}
     modes[f"{store.name}.stats.json"] = _mode(store.with_name(store.name + ".stats.json"))
     modes["checkpoints/"] = _mode(ckpts)
@@ -105,7 +105,7 @@ def test_the_umask_decides_not_a_fixed_mode(store: Path, tmp_path: Path):
 def test_predict_store_is_0755_with_0644_files(store: Path, fit, tmp_path: Path):
     cwd, _ = fit
     out = tmp_path / "forecast.zarr"
-    ckpt = cwd / "runs" / "default" / "checkpoints" / "last.ckpt"
+    ckpt = cwd / "runs" / "latest" / "checkpoints" / "last.ckpt"
     args = ["predict", "--checkpoint", str(ckpt), "--data-path", str(store), "--init-times", VALID[0], "--steps", "1"]
     _ok(_cli(tmp_path, 0o022, *args, "--members", "1", "--device", "cpu", "--output", str(out)))
     dirs = {_mode(p) for p in [out, *out.rglob("*")] if p.is_dir()}

@@ -25,7 +25,11 @@ def test_curriculum_chains_stage1_stage2_finetune(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
-    ckpts = {s: tmp_path / "runs" / s / "checkpoints" / "best.ckpt" for s in ("stage1", "stage2", "finetune")}
+    # one folder for the curriculum (runs/latest points at it), one subfolder per stage
+    folder = (tmp_path / "runs" / "latest").resolve()
+    assert folder.name.startswith("curriculum-")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(["latest", folder.name])
+    ckpts = {s: folder / s / "checkpoints" / "best.ckpt" for s in ("stage1", "stage2", "finetune")}
     for stage, path in ckpts.items():
         assert path.is_file(), f"{stage}: {path} missing\n{res.stdout[-2000:]}"
     blobs = {s: torch.load(p, map_location="cpu", weights_only=False) for s, p in ckpts.items()}
@@ -40,3 +44,10 @@ def test_curriculum_chains_stage1_stage2_finetune(tmp_path):
     assert (hp["finetune"]["antithetic"], hp["finetune"]["ensemble_size"]) == (True, 4)
     assert all(b["global_step"] == 2 for b in blobs.values())
     assert blobs["stage2"]["datamodule_hyper_parameters"]["train_rollout"] == 4
+    # one MLflow run per stage, named after the curriculum and the stage
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fcn3").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(f"{folder.name}/{s}" for s in ckpts), [r.info.run_name for r in runs]
+    assert {blobs[s]["mlflow_run_id"] for s in ckpts} == {r.info.run_id for r in runs}

@@ -2,8 +2,8 @@
 
 Resuming after ``kill -9`` must reproduce the uninterrupted run, ``validate`` on the best checkpoint must
 reproduce the validation scores logged during fit, MLflow must hold what users look for, and bad configs
-must fail with an error that names the culprit. Every run has its own working directory, so MLflow's
-``mlruns.db`` and ``runs/`` land there.
+must fail with an error that names the culprit. Every test has its own working directory, so MLflow's
+``mlruns.db`` and ``runs/`` land there; each fit makes its own run folder ``runs/<run name>`` (``runs/latest`` points at it).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ CHANNELS = ["tcwv", "u500", "v500", "z500"]
 TRAIN = ["2000-01-01", "2000-01-20T18"]  # the first 80 of 120 six-hourly times
 VALID = ["2000-01-21", "2000-01-30T18"]
 EPOCHS, BATCHES = 3, 4
-CKPT_DIR = Path("runs/default/checkpoints")  # configs/base.yaml, relative to the working directory
+LATEST_CKPTS = Path("runs/latest/checkpoints")  # the last fit started in a working directory (fcn3_lightning.runs)
 TINY = {
     "trainer": {"max_epochs": EPOCHS, "limit_train_batches": BATCHES, "limit_val_batches": 2, "log_every_n_steps": 1},
     "model": {
@@ -77,6 +77,14 @@ def run_a(setup: Setup, tmp_path_factory) -> Path:
     return cwd
 
 
+def _run_folder(cwd: Path) -> Path:
+    """The one run folder a working directory holds: what runs/latest points at, and nothing beside it."""
+    folders = sorted(p.name for p in (cwd / "runs").iterdir())
+    latest = (cwd / "runs" / "latest").resolve()
+    assert folders == sorted(["latest", latest.name]), f"expected one run folder and runs/latest in {cwd / 'runs'}: {folders}"
+    return latest
+
+
 def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -107,7 +115,7 @@ def _leftovers(cwd: Path) -> list[Path]:
 def test_resume_after_kill_9_equals_the_uninterrupted_run(setup, run_a, tmp_path):
     cwd = tmp_path / "run_b"
     cwd.mkdir()
-    last = cwd / CKPT_DIR / "last.ckpt"
+    last = cwd / LATEST_CKPTS / "last.ckpt"  # runs/latest exists from the start of the fit
     with open(cwd / "killed.out", "w") as out, open(cwd / "killed.err", "w") as err:
         t0 = time.monotonic()
         proc = subprocess.Popen(setup.argv("fit"), cwd=cwd, stdout=out, stderr=err, env=ENV)
@@ -128,14 +136,17 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run(setup, run_a, tmp_path
     assert killed_at["epoch"] == 0 and killed_at["global_step"] == BATCHES, "the kill did not land after the first epoch"
     assert not _leftovers(cwd), f"partial files after the kill: {_leftovers(cwd)}"
 
+    folder = _run_folder(cwd)
+    assert killed_at["run_name"] == folder.name, (killed_at["run_name"], folder)
     t0 = time.perf_counter()
-    setup.run("fit", cwd, "--ckpt_path", "last")
+    setup.run("fit", cwd, "--ckpt_path", str(LATEST_CKPTS / "last.ckpt"))  # the README's resume command
     print(f"resumed fit: {time.perf_counter() - t0:.1f} s")
 
-    files = sorted(p.name for p in (cwd / CKPT_DIR).iterdir())
+    assert _run_folder(cwd) == folder, "the resumed fit must continue in the killed fit's folder"
+    files = sorted(p.name for p in (folder / "checkpoints").iterdir())
     assert files == ["best.ckpt", "last.ckpt"], files
     assert not _leftovers(cwd), f"partial files left: {_leftovers(cwd)}"
-    a, b = _load(run_a / CKPT_DIR / "last.ckpt"), _load(last)
+    a, b = _load(_run_folder(run_a) / "checkpoints" / "last.ckpt"), _load(last)
     assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (EPOCHS - 1, EPOCHS * BATCHES)
     diff = _max_diff(a["state_dict"], b["state_dict"])
     opt_a, opt_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
@@ -144,12 +155,12 @@ def test_resume_after_kill_9_equals_the_uninterrupted_run(setup, run_a, tmp_path
     print(f"resume vs uninterrupted: max |diff| of the weights {diff:.3g}, of Adam's state {opt_diff:.3g}")
     assert diff <= 1e-6 and opt_diff <= 1e-6, (diff, opt_diff)
     # the best checkpoint is the same one too: ModelCheckpoint's state survived the kill
-    best_a, best_b = _load(run_a / CKPT_DIR / "best.ckpt"), _load(cwd / CKPT_DIR / "best.ckpt")
+    best_a, best_b = _load(_run_folder(run_a) / "checkpoints" / "best.ckpt"), _load(folder / "checkpoints" / "best.ckpt")
     assert best_a["epoch"] == best_b["epoch"] and _max_diff(best_a["state_dict"], best_b["state_dict"]) <= 1e-6
     # MLflow: the resumed fit continues the killed fit's run (its id travels in the checkpoint)
     _, runs = _mlflow(cwd)
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", [(r.info.run_id, r.info.status) for r in runs]
-    assert runs[0].info.run_id == killed_at["mlflow_run_id"]
+    assert runs[0].info.run_id == killed_at["mlflow_run_id"] and runs[0].info.run_name == folder.name
 
 
 _TABLE_ROW = re.compile(r"^[│|]\s*(\S+)\s*[│|]\s*(\S+)\s*[│|]\s*$")
@@ -163,12 +174,18 @@ def test_validate_on_the_best_checkpoint_reproduces_the_logged_metrics(setup, ru
     assert len(history["val/crps"]) == EPOCHS
     best = min(history["val/crps"], key=lambda m: m.value)
     logged = {k: next(m.value for m in h if m.step == best.step) for k, h in history.items()}
-    assert _load(run_a / CKPT_DIR / "best.ckpt")["global_step"] == best.step + 1  # logged at the epoch's last step
+    best_ckpt = _run_folder(run_a) / "checkpoints" / "best.ckpt"
+    assert _load(best_ckpt)["global_step"] == best.step + 1  # logged at the epoch's last step
 
-    res = setup.run("validate", tmp_path, "--ckpt_path", str(run_a / CKPT_DIR / "best.ckpt"))
+    res = setup.run("validate", tmp_path, "--ckpt_path", str(best_ckpt))
     table = {m[1]: float(m[2]) for line in res.stdout.splitlines() if (m := _TABLE_ROW.match(line.strip())) and m[1].startswith("val/")}
     _, vruns = _mlflow(tmp_path)
     assert len(vruns) == 1
+    # a run of its own, marked as validation of the training run (not the training run's name)
+    tags, training = vruns[0].data.tags, runs[0]
+    assert vruns[0].info.run_name.startswith(f"validate-{training.info.run_name}-"), vruns[0].info.run_name
+    assert tags["fcn3.command"] == "validate" and tags["fcn3.checkpoint"] == str(best_ckpt.resolve()), tags
+    assert tags["fcn3.training_run_id"] == run_id and tags["fcn3.training_run_name"] == training.info.run_name, tags
     for key, want in logged.items():
         got_table, got_mlflow = table[key], vruns[0].data.metrics[key]
         print(f"{key}: fit {want!r}, validate {got_table!r} (table) {got_mlflow!r} (MLflow)")
@@ -245,5 +262,6 @@ def test_bad_configs_exit_nonzero_naming_the_culprit(setup, tmp_path):
         print(f"{name}: exit {proc.returncode}: {tail}")
         if proc.returncode == 0 or not all(w in stderr for w in wanted):
             failures.append(f"{name}: exit {proc.returncode}, wanted {wanted} in stderr:\n{stderr[-2000:]}")
-    written = [str(p) for p in tmp_path.glob(f"case*/{CKPT_DIR}/*.ckpt")]
-    assert not failures and not written, "\n\n".join(failures + [f"checkpoints written: {written}"])
+    # a run that fails before it writes anything takes back the folders its start made
+    written = [str(p) for p in tmp_path.glob("case*/runs/**/*")]
+    assert not failures and not written, "\n\n".join(failures + [f"left behind: {written}"])

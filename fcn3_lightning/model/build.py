@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import yaml
 
-from fcn3_lightning.io import atomic_torch_save
+from fcn3_lightning.io import atomic_torch_save, read_checkpoint
 from fcn3_lightning.model.fcn3 import FCN3
 from fcn3_lightning.model.layers import parameters_on_meta
 
@@ -56,7 +56,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> FC
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")
-    blob = torch.load(path, map_location=map_location, weights_only=True)
+    blob = read_checkpoint(path, "model file", map_location=map_location, mmap=False)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} file (for reference-layout checkpoints use the convert command)")
     model = FCN3(**blob["config"])

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fcn3_lightning.io import read_checkpoint
 from fcn3_lightning.model.fcn3 import FCN3
 
 _Reshape = Callable[[torch.Tensor, torch.Size], torch.Tensor]
@@ -192,7 +193,7 @@ def load_reference_state_dict(model: FCN3, reference: Mapping[str, Any] | str | 
         path = Path(reference)
         if not path.is_file():
             raise FileNotFoundError(f"reference checkpoint {path} does not exist")
-        reference = torch.load(path, map_location="cpu", weights_only=True)
+        reference = read_checkpoint(path, "reference checkpoint", mmap=False)
     model.load_state_dict(convert_reference_state_dict(reference, model, progress=progress), strict=True)
     return model
 

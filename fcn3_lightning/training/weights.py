@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from fcn3_lightning.io import read_checkpoint
 from fcn3_lightning.model.build import FORMAT as MODEL_FORMAT
 from fcn3_lightning.model.convert import convert_reference_state_dict, reference_to_ours
 from fcn3_lightning.model.fcn3 import FCN3
@@ -41,7 +42,7 @@ def load_initial_weights(net: FCN3, path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"init_from: {path} does not exist")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = read_checkpoint(path, "init_from file")
     state, layout = _network_state(blob, str(path))
     if layout == "reference":
         state = convert_reference_state_dict(state, net)

@@ -36,17 +36,16 @@ from fcn3_lightning.data.conventions import PROJECT, InputConventions
 from fcn3_lightning.data.statics import STATIC_AUX, static_channels
 from fcn3_lightning.data.stats import ChannelStats, Normalizer
 from fcn3_lightning.data.zenith import cos_zenith
-from fcn3_lightning.io import atomic_torch_save
+from fcn3_lightning.io import atomic_torch_save, read_checkpoint
+from fcn3_lightning.model.build import FORECASTER_FORMAT as FORMAT
 from fcn3_lightning.model.build import FORMAT as NETWORK_FORMAT
-from fcn3_lightning.model.build import model_kwargs
+from fcn3_lightning.model.build import model_kwargs, save_model
 from fcn3_lightning.model.convert import convert_reference_state_dict, reference_config_to_kwargs, reference_to_ours
 from fcn3_lightning.model.fcn3 import FCN3
 from fcn3_lightning.model.noise import NoiseSettings, NoiseStreams
 from fcn3_lightning.package import Package, is_package, package_config, read_package, write_package
 from fcn3_lightning.training.forecaster import EnsembleForecaster, keyed_streams
 
-#: a model file with everything a forecaster needs (what ``convert`` writes)
-FORMAT = "fcn3_lightning.forecaster/v1"
 #: validation's noise key: inference draws exactly the noise that validation draws for the same sample id
 NOISE_KEY = 0
 #: FCN3Module's default noise seed, and the reference's
@@ -337,16 +336,8 @@ class NetworkFile:
 
 
 def _load(path: Path) -> Any:
-    # one reader of files from disk: weights only (no code runs), memory-mapped where the format allows
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
-            raise ValueError(f"cannot read {path} as a checkpoint or model file: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    except Exception as e:  # noqa: BLE001 - one line naming the file instead of an unpickling traceback
-        raise ValueError(f"cannot read {path} as a checkpoint or model file: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    # memory-mapped: only the metadata is read here; the weights are copied once, into the network
+    return read_checkpoint(path, "checkpoint or model file", mmap=True)
 
 
 def _package_of(checkpoint: Path) -> Path | None:
@@ -355,8 +346,12 @@ def _package_of(checkpoint: Path) -> Path | None:
     return folder if is_package(folder) else None
 
 
-def read_network(path: str | Path, *, config: str | Path | None = None) -> NetworkFile:
-    """Read a network (architecture + weights) from any supported source; see :func:`load_forecaster`."""
+def read_network(path: str | Path, *, config: str | Path | None = None, like: FCN3 | None = None) -> NetworkFile:
+    """Read a network (architecture + weights) from any supported source; see :func:`load_forecaster`.
+
+    ``like``: for a bare reference state dict without its config (``init_from``), the network whose architecture
+    it is taken to have.
+    """
     path = Path(path)
     if path.is_dir():
         if not is_package(path):
@@ -372,19 +367,26 @@ def read_network(path: str | Path, *, config: str | Path | None = None) -> Netwo
         return NetworkFile("forecaster", path, dict(blob["config"]), dict(blob["state_dict"]), blob)
     if blob.get("format") == NETWORK_FORMAT:
         return NetworkFile("network", path, dict(blob["config"]), dict(blob["state_dict"]), blob)
-    if "hyper_parameters" in blob and "state_dict" in blob:
+    if isinstance(blob.get("state_dict"), Mapping) and any(str(k).startswith(_LIGHTNING_PREFIX) for k in blob["state_dict"]):
         sd = {k[len(_LIGHTNING_PREFIX) :]: v for k, v in blob["state_dict"].items() if k.startswith(_LIGHTNING_PREFIX)}
-        if not sd:
-            raise ValueError(f"{path}: a Lightning checkpoint without FCN3 weights ({_LIGHTNING_PREFIX}*)")
         return NetworkFile("lightning", path, None, sd, blob)
     state = blob.get("model_state", blob)
     names = [k.removeprefix("module.").removeprefix("model.") for k in state]
-    if not any(reference_to_ours(n) is not None for n in names):
-        raise ValueError(f"{path} holds no FCN3 weights this project knows (neither its own layout nor the reference's)")
+    if not any(reference_to_ours(n) is not None and ("_conv." in n or ".fwd." in n) for n in names):
+        # a bare state dict in our own layout: its architecture is the target network's, if there is one
+        if like is not None and any(n in like.state_dict() for n in state):
+            return NetworkFile("network", path, None, dict(state), {})
+        raise ValueError(f"{path} holds no FCN3 weights in a layout this project can place (its own model files or the reference's)")
     package = _package_of(path)
     if config is None and package is not None:
         pkg = read_package(package)
         return _reference_network(path, pkg.config, "package", pkg, blob)
+    if config is None and like is not None:
+        try:
+            state = convert_reference_state_dict(blob, like)
+        except ValueError as e:
+            raise ValueError(f"init_from {path} does not fit the network (check the channel list and the model settings): {e}") from e
+        return NetworkFile("reference", path, None, state, {})
     if config is None:
         raise ValueError(
             f"{path} is a reference (Makani) checkpoint: pass its architecture with --config config.json "
@@ -447,17 +449,19 @@ def load_forecaster(
         stats_path: statistics for such sources (default: the checkpoint's, else ``<store>.stats.json``).
         noise_seed: base seed of the noise streams (default: the source's, else 333).
     """
-    src = read_network(path, config=config)
-    if src.kind == "package":
-        f = _from_package(src)
-    elif src.kind == "forecaster":
-        f = _from_model_file(src)
-    else:
-        f = _from_store(src, data_path, stats_path)
+    f = _assemble(read_network(path, config=config), data_path, stats_path)
     if noise_seed is not None and f.noise_settings is not None:
         f.noise_settings = NoiseSettings.from_dict({**f.noise_settings.to_dict(), "seed": int(noise_seed)})
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return f.to(dev).eval()
+
+
+def _assemble(src: NetworkFile, data_path: str | Path | None, stats_path: str | Path | None) -> Forecaster:
+    if src.kind == "package":
+        return _from_package(src)
+    if src.kind == "forecaster":
+        return _from_model_file(src)
+    return _from_store(src, data_path, stats_path)
 
 
 def _build(src: NetworkFile, kwargs: dict[str, Any], **forecaster_kwargs: Any) -> Forecaster:
@@ -535,8 +539,10 @@ def _from_store(src: NetworkFile, data_path: str | Path | None, stats_path: str 
     step_hours, train_store, train_stats, world_seed, train_range = 6, None, None, 0, None
     noise = NoiseSettings()
     if src.kind == "lightning":
-        hp = src.blob["hyper_parameters"]
+        hp = src.blob.get("hyper_parameters")
         dm = src.blob.get("datamodule_hyper_parameters")
+        if hp is None:
+            raise ValueError(f"{src.path}: the checkpoint holds no model settings (hyper_parameters); use a model file instead")
         if dm is None:
             raise ValueError(f"{src.path}: the checkpoint holds no data settings (datamodule_hyper_parameters); use a model file instead")
         world_seed = int(dm.get("seed") or 0)
@@ -630,6 +636,31 @@ def _from_store(src: NetworkFile, data_path: str | Path | None, stats_path: str 
             "data": str(store.path),
         },
     )
+
+
+def convert(
+    source: str | Path,
+    out: str | Path,
+    *,
+    config: str | Path | None = None,
+    data_path: str | Path | None = None,
+    stats_path: str | Path | None = None,
+) -> str:
+    """Write ``source`` as one model file of this project; returns what was written.
+
+    A package, a model file or a checkpoint of this project becomes a model file with everything (network,
+    statistics, static fields, noise, conventions): ``load_forecaster`` and ``predict`` need nothing else. A bare
+    reference checkpoint with only its architecture config becomes a network-only model file (``predict`` then takes
+    the statistics and static fields from a data store, ``--data-path``/``--stats``).
+    """
+    src = read_network(source, config=config)
+    if src.kind == "reference":
+        net = FCN3(**src.net_kwargs)
+        net.load_state_dict(src.state_dict)
+        save_model(net, src.net_kwargs, out)
+        return "network only: no statistics or static fields in the source"
+    _assemble(src, data_path, stats_path).save(out)
+    return "network, statistics, static fields and noise settings"
 
 
 def fingerprint(forecaster: Forecaster) -> str:

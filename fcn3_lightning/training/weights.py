@@ -2,50 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from fcn3_lightning.io import read_checkpoint
-from fcn3_lightning.model.build import FORMAT as MODEL_FORMAT
-from fcn3_lightning.model.convert import convert_reference_state_dict, reference_to_ours
+from fcn3_lightning.forecaster import read_network
 from fcn3_lightning.model.fcn3 import FCN3
-
-_LIGHTNING_PREFIX = "forecaster.net."
-
-
-def _network_state(blob: Any, source: str) -> tuple[dict[str, torch.Tensor], str]:
-    """The network's parameters in some layout, and which layout: "ours" or "reference"."""
-    if not isinstance(blob, Mapping):
-        raise ValueError(f"{source}: not a state dict or checkpoint")
-    if blob.get("format") == MODEL_FORMAT:  # a model file written by `convert` / save_model
-        return dict(blob["state_dict"]), "ours"
-    if "state_dict" in blob and any(k.startswith(_LIGHTNING_PREFIX) for k in blob["state_dict"]):  # a Lightning checkpoint
-        sd = blob["state_dict"]
-        return {k[len(_LIGHTNING_PREFIX) :]: v for k, v in sd.items() if k.startswith(_LIGHTNING_PREFIX)}, "ours"
-    state = blob.get("model_state", blob)  # reference checkpoints keep the weights under model_state
-    names = [k.removeprefix("module.").removeprefix("model.") for k in state]
-    if any(reference_to_ours(n) is not None and ("_conv." in n or ".fwd." in n) for n in names):
-        return dict(blob), "reference"
-    return dict(state), "ours"
 
 
 def load_initial_weights(net: FCN3, path: str | Path) -> str:
-    """Load network weights (nothing else) from ``path`` into ``net``; returns the layout found.
+    """Load network weights (nothing else) from ``path`` into ``net``; returns the layout found ("ours" or "reference").
 
-    Accepts a checkpoint of this project, a model file from ``python -m fcn3_lightning convert``, or a
-    reference-layout (Makani) state dict or checkpoint. Missing, unexpected or misshapen tensors raise
-    a ``ValueError`` naming them.
+    Accepts whatever :func:`fcn3_lightning.load_forecaster` reads: a model package folder, a checkpoint of this project,
+    a model file from ``python -m fcn3_lightning convert``, or a reference-layout (Makani) checkpoint or state dict
+    (whose architecture is then ``net``'s). Missing, unexpected or misshapen tensors raise a ``ValueError`` naming them.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"init_from: {path} does not exist")
-    blob = read_checkpoint(path, "init_from file")
-    state, layout = _network_state(blob, str(path))
-    if layout == "reference":
-        state = convert_reference_state_dict(state, net)
+    src = read_network(path, like=net)
+    state = src.state_dict
     if net.tiled:  # a network on tiles (spatial parallelism) holds its shard of the spectral weights
         from fcn3_lightning.parallel import shard_state_dict
 
@@ -64,4 +38,4 @@ def load_initial_weights(net: FCN3, path: str | Path) -> str:
             f"missing {missing}; unexpected {unexpected}; misshapen {misshapen}"
         )
     net.load_state_dict(state)
-    return layout
+    return "reference" if src.kind in ("package", "reference") else "ours"

@@ -346,6 +346,40 @@ def _package_of(checkpoint: Path) -> Path | None:
     return folder if is_package(folder) else None
 
 
+#: FCN3 keyword arguments that come from the data, not from a network's settings
+DATA_SETTINGS = ("inp_shape", "channel_names", "aux_channel_names")
+
+
+def network_settings(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """What a source says about its network, cheaply (no weights are read): ``(settings, data)`` where ``settings`` are
+    the architecture's FCN3 keyword arguments and ``data`` its channels and grid (``DATA_SETTINGS``; may be partial);
+    None for a source that does not describe its network (a bare state dict)."""
+    path = Path(path)
+    if path.is_dir():
+        kwargs = read_package(path).net_kwargs if is_package(path) else None
+    elif path.is_file():
+        blob = _load(path)
+        if not isinstance(blob, dict):
+            return None
+        if blob.get("format") in (FORMAT, NETWORK_FORMAT):
+            kwargs = dict(blob["config"])
+        elif isinstance(blob.get("hyper_parameters"), Mapping):
+            kwargs = model_kwargs(dict(blob["hyper_parameters"].get("net") or {}))
+            dm = blob.get("datamodule_hyper_parameters") or {}
+            for key, value in (("channel_names", dm.get("channels")), ("aux_channel_names", dm.get("aux_channels"))):
+                if value is not None:
+                    kwargs[key] = list(value)
+        else:
+            package = _package_of(path)
+            kwargs = read_package(package).net_kwargs if package is not None else None
+    else:
+        raise FileNotFoundError(f"{path} does not exist")
+    if kwargs is None:
+        return None
+    kwargs = _plain(kwargs)
+    return {k: v for k, v in kwargs.items() if k not in DATA_SETTINGS}, {k: kwargs[k] for k in DATA_SETTINGS if k in kwargs}
+
+
 def read_network(path: str | Path, *, config: str | Path | None = None, like: FCN3 | None = None) -> NetworkFile:
     """Read a network (architecture + weights) from any supported source; see :func:`load_forecaster`.
 

@@ -2,10 +2,42 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from fcn3_lightning.forecaster import read_network
+from fcn3_lightning.forecaster import network_settings, read_network
 from fcn3_lightning.model.fcn3 import FCN3
+
+
+def initial_architecture(
+    configured: Mapping[str, Any], path: str | Path, channels: Sequence[str], aux_channels: Sequence[str]
+) -> dict[str, Any]:
+    """The network settings to build for ``init_from``: the source's (its weights fix the architecture), said loudly
+    where they differ from the configured ``model.net``; channels the data does not have are refused here, naming them.
+    """
+    found = network_settings(path)
+    if found is None:  # a bare state dict: its architecture is the configured one
+        return dict(configured)
+    settings, data = found
+    for key, ours, what in (("channel_names", channels, "data.channels"), ("aux_channel_names", aux_channels, "data.aux_channels")):
+        if key in data and list(data[key]) != list(ours):
+            raise ValueError(
+                f"init_from {path} was trained on the channels {list(data[key])}, but {what} is {list(ours)}: "
+                "train on data with the same channel list"
+            )
+    defaults = {k: p.default for k, p in inspect.signature(FCN3.__init__).parameters.items()}
+    merged = dict(configured)
+    changed = []
+    for key, value in settings.items():
+        before = merged.get(key, defaults.get(key))
+        if (list(before) if isinstance(before, tuple) else before) != value:
+            changed.append(f"model.net.{key}: {before!r} -> {value!r}")
+        merged[key] = value
+    if changed:
+        print(f"init_from {path}: the network is built as the source describes it: " + "; ".join(changed), flush=True)
+    return merged
 
 
 def load_initial_weights(net: FCN3, path: str | Path) -> str:

@@ -452,6 +452,23 @@ def _runs_lines(runs: Mapping[str, pd.DataFrame]) -> list[tuple[str, str]]:
     return out
 
 
+def out_of_bounds_notes(runs: Mapping[str, pd.DataFrame]) -> list[str]:
+    """One line per run whose forecast left its physical bounds (meta.json ``physical_bounds``, see fcn3_lightning.bounds)."""
+    out = []
+    for name, df in runs.items():
+        found = ((df.attrs.get("meta") or {}).get("physical_bounds") or {}).get("out_of_bounds") or {}
+        if found:
+            firsts = sorted((float(r["first"]["lead_hours"]), c) for c, r in found.items())
+            where = ", ".join(f"{variable_key(*_split_label(c))} from {lead_label(int(h))}" for h, c in firsts)
+            out.append(f"{name}'s forecast leaves its physical bounds ({where}): scores from there on are those of a diverged model")
+    return out
+
+
+def _split_label(label: str) -> tuple[str, float | None]:
+    variable, _, level = label.partition("/")
+    return variable, (float(level) if level else None)
+
+
 def render_markdown(table: pd.DataFrame, runs: Mapping[str, pd.DataFrame] | None = None) -> str:
     mask = best_mask(table)
     kinds = table.attrs.get("kinds", {})
@@ -467,6 +484,8 @@ def render_markdown(table: pd.DataFrame, runs: Mapping[str, pd.DataFrame] | None
     ]
     if runs:
         lines += ["Models:", ""] + [f"- **{n}**" + (f" — {d}" if d else "") for n, d in _runs_lines(runs)] + [""]
+        notes = out_of_bounds_notes(runs)
+        lines += [f"**Warning:** {w}" for w in notes] + ([""] if notes else [])
     heads = [lead_label(h) for h in table.columns]
     for key, block in table.groupby(level="variable", sort=False):
         vi = info.get(key, {})
@@ -520,6 +539,7 @@ def render_html(table: pd.DataFrame, runs: Mapping[str, pd.DataFrame] | None = N
         out.append("<p>Models:</p><ul>")
         out += [f"<li><b>{esc(n)}</b>" + (f" — {esc(d)}" if d else "") + "</li>" for n, d in _runs_lines(runs)]
         out.append("</ul>")
+        out += [f"<p><b>Warning:</b> {esc(w)}</p>" for w in out_of_bounds_notes(runs)]
     heads = "".join(f"<th>{esc(lead_label(h))}</th>" for h in table.columns)
     for key, block in table.groupby(level="variable", sort=False):
         vi = info.get(key, {})

@@ -460,7 +460,10 @@ def out_of_bounds_notes(runs: Mapping[str, pd.DataFrame]) -> list[str]:
         if found:
             firsts = sorted((float(r["first"]["lead_hours"]), c) for c, r in found.items())
             where = ", ".join(f"{variable_key(*_split_label(c))} from {lead_label(int(h))}" for h, c in firsts)
-            out.append(f"{name}'s forecast leaves its physical bounds ({where}): scores from there on are those of a diverged model")
+            out.append(
+                f"{name}'s forecast leaves its physical bounds ({where}; meta.json: physical_bounds): "
+                "its scores from there on may be those of a diverging model"
+            )
     return out
 
 

@@ -738,7 +738,7 @@ class _BoundsWatch:
             lines = "\n".join(f"  {line}" for line in self.report.lines(self.units))
             print(
                 f"predict: WARNING: the forecast left its physical bounds in {len(self.report.channels)} of {len(self.channels)} "
-                f"channels; from the first lead time named below on it is no usable forecast (bounds: {self.bounds.definition()}):\n"
+                f"channels; do not trust a channel from the first lead time named below on (bounds: {self.bounds.definition()}):\n"
                 f"{lines}",
                 file=sys.stderr,
             )

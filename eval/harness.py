@@ -19,16 +19,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import xarray as xr
 from fcn3_lightning.eval import collect
 from fcn3_lightning.eval.fast import FusedUpdates
 from fcn3_lightning.eval.load import BlockLoader
 from fcn3_lightning.eval.memory import keep_freed_memory, release_memory
-from fcn3_lightning.eval.plan import make_plan, warn
+from fcn3_lightning.eval.plan import Plan, iso, make_plan, warn
 from fcn3_lightning.eval.results import commit
 from fcn3_lightning.eval.score import Scorer, compile_jobs, compile_mode
 from tqdm.auto import tqdm
+
+from fcn3_lightning.bounds import Extremes, Moments, Report
 
 
 @dataclass
@@ -99,6 +102,7 @@ class Evaluation:
     def _run(self, t_start: float) -> dict[str, Any]:
         plan = self.plan
         scorer = Scorer(plan, self.fused)
+        bounds = BoundsWatch(plan)
         sets: dict[tuple[int, int], dict[str, Any]] = {}
         load_s = wait_s = score_s = 0.0
         # progress over the inits, once per channel group (the outer loop)
@@ -112,6 +116,7 @@ class Evaluation:
                     t0 = time.perf_counter()
                     blk = fut.result()
                     wait_s += time.perf_counter() - t0
+                    bounds.update(blk)
                     load_s += blk.seconds
                     if k + 1 < len(plan.blocks):
                         fut = loader.submit(load, plan.blocks[k + 1])
@@ -135,14 +140,67 @@ class Evaluation:
             finally:
                 bar.close()
         t0 = time.perf_counter()
+        physical_bounds = bounds.finish()  # warns before meta.json takes the warnings
         frames = collect.collect(plan, sets, scorer.obs_spectra, scorer.per_init)
         meta = collect.meta(
             plan, frames, timing={"load_s": load_s, "load_wait_s": wait_s, "score_s": score_s, "loop_s": time.perf_counter() - t_start}
         )
+        meta["physical_bounds"] = physical_bounds
         meta["timing"]["collect_s"] = time.perf_counter() - t0
         meta["files"] = commit(self.out, collect.writers(plan, frames), meta)
         meta["timing"]["total_s"] = time.perf_counter() - t_start  # after the write: in the returned meta only
         return meta
+
+
+class BoundsWatch:
+    """Where the forecast leaves its physical bounds (:mod:`fcn3_lightning.bounds`); the reference is the truth at the
+    scored valid times (each once), so the bounds are known when every block was read.
+
+    Per channel group: the forecast's extremes per lead time (:class:`~fcn3_lightning.bounds.Extremes`) and the
+    truth's moments (:class:`~fcn3_lightning.bounds.Moments`). With ``skipna`` NaN points are missing data.
+    """
+
+    REFERENCE = "the truth at the scored valid times"
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.extremes: dict[int, Extremes] = {}
+        self.truth: dict[int, Moments] = {}
+        self.seen: dict[int, set[int]] = {}
+
+    def update(self, blk: Any) -> None:
+        """Add a loaded block (:class:`.load.Loaded`)."""
+        p, b = self.plan, blk.block
+        if b.group not in self.extremes:
+            labels = p.groups[b.group].labels
+            self.extremes[b.group] = Extremes(labels, p.lead_hours, p.lat)
+            self.truth[b.group] = Moments(len(labels), p.lat, skipna=p.opt.skipna)
+            self.seen[b.group] = set()
+        inits = [iso(t) for t in p.inits[b.inits]]
+        members = range(blk.fc.shape[1]) if p.ensemble else None
+        self.extremes[b.group].update(blk.fc, inits, b.leads, members=members, skipna=p.opt.skipna)
+        vidx = p.valid_index[np.ix_(b.inits, b.leads)]
+        seen, new = self.seen[b.group], []
+        for i, j in np.ndindex(vidx.shape):
+            if int(vidx[i, j]) not in seen:
+                seen.add(int(vidx[i, j]))
+                new.append((i, j))
+        if new:
+            ii, jj = (np.array(a) for a in zip(*new, strict=True))
+            self.truth[b.group].update(blk.obs[ii, jj])
+
+    def finish(self) -> dict[str, Any]:
+        """Warn once per channel that left its bounds (first lead time, worst excursion); the record for meta.json."""
+        report, channels, definition = Report(), {}, ""
+        for g, ext in self.extremes.items():
+            bounds = self.truth[g].bounds(ext.channels, self.REFERENCE)
+            report.update(bounds.check(ext))
+            channels.update(bounds.as_dict()["channels"])
+            definition = bounds.definition()
+        units = {c.label: str(self.plan.fc[c.variable].attrs.get("units", "")) for c in self.plan.channels if c.variable in self.plan.fc}
+        for line in report.lines(units):
+            warn(f"the forecast leaves its physical bounds: {line}", self.plan.notes)
+        return {"definition": definition, "channels": channels, "out_of_bounds": report.as_dict()}
 
 
 def evaluate(

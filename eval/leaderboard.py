@@ -521,6 +521,26 @@ def is_baseline_of(df: pd.DataFrame, name: str) -> bool:
     return any(is_baseline(ev) and baseline_name(ev) == name for ev in df["eval"].dropna().unique())
 
 
+def out_of_bounds_notes(runs: Mapping[str, pd.DataFrame]) -> list[str]:
+    """One line per run whose forecast left its physical bounds (meta.json ``physical_bounds``, see fcn3_lightning.bounds)."""
+    out = []
+    for name, df in runs.items():
+        found = ((df.attrs.get("meta") or {}).get("physical_bounds") or {}).get("out_of_bounds") or {}
+        if found:
+            firsts = sorted((float(r["first"]["lead_hours"]), c) for c, r in found.items())
+            where = ", ".join(f"{variable_key(*_split_label(c))} from {lead_label(int(h))}" for h, c in firsts)
+            out.append(
+                f"{name}'s forecast leaves its physical bounds ({where}; meta.json: physical_bounds): "
+                "its scores from there on may be those of a diverging model"
+            )
+    return out
+
+
+def _split_label(label: str) -> tuple[str, float | None]:
+    variable, _, level = label.partition("/")
+    return variable, (float(level) if level else None)
+
+
 def render_markdown(table: pd.DataFrame, runs: Mapping[str, pd.DataFrame] | None = None) -> str:
     mask = best_mask(table)
     kinds = table.attrs.get("kinds", {})
@@ -539,6 +559,8 @@ def render_markdown(table: pd.DataFrame, runs: Mapping[str, pd.DataFrame] | None
         notes = _baseline_lines(table, runs)
         if notes:
             lines += ["Baselines:", ""] + [f"- *{n}* — {d}" for n, d in notes] + [""]
+        warnings = out_of_bounds_notes(runs)
+        lines += [f"**Warning:** {w}" for w in warnings] + ([""] if warnings else [])
     heads = [lead_label(h) for h in table.columns]
     for key, block in table.groupby(level="variable", sort=False):
         vi = info.get(key, {})
@@ -597,6 +619,7 @@ def render_html(table: pd.DataFrame, runs: Mapping[str, pd.DataFrame] | None = N
             out.append("<p>Baselines:</p><ul>")
             out += [f"<li><i>{esc(n)}</i> — {esc(d)}</li>" for n, d in notes]
             out.append("</ul>")
+        out += [f"<p><b>Warning:</b> {esc(w)}</p>" for w in out_of_bounds_notes(runs)]
     heads = "".join(f"<th>{esc(lead_label(h))}</th>" for h in table.columns)
     for key, block in table.groupby(level="variable", sort=False):
         vi = info.get(key, {})

@@ -22,6 +22,12 @@ initial time is done, so ``<output>`` is never half-written. ``<output>.partial/
 records the run's arguments and the finished initial times (rewritten atomically after each); a
 rerun of the same command skips those and recomputes only the unfinished ones. A rerun with other
 arguments is refused, naming what differs.
+
+Physical bounds: every step is checked against the bounds of :mod:`fcn3_lightning.bounds` (derived from the
+training statistics). The first lead time at which a channel leaves them is warned about at once on stderr
+(channel, lead time, initial time, member, value and bounds), once per channel; a summary with each channel's
+worst excursion follows at the end; the bounds and what left them are kept in the progress record and, in the
+finished store, in the attribute ``fcn3_lightning_bounds`` (JSON).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fcn3_lightning.bounds import Bounds, Extremes, Report
 from fcn3_lightning.paths import local_path
 
 if TYPE_CHECKING:  # the heavy imports (torch, torch-harmonics, zarr) wait until a command runs
@@ -113,6 +121,8 @@ class Predictor:
     device: torch.device
     default_members: int = DEFAULT_MEMBERS
     source: dict[str, Any] = field(default_factory=dict)
+    #: physical bounds of the forecast (from the training statistics): predict reports where a forecast leaves them
+    bounds: Bounds | None = None
 
     @property
     def channels(self) -> list[str]:
@@ -359,6 +369,7 @@ def load_predictor(
         device=dev,
         default_members=members,
         source={"checkpoint": str(path.resolve()), "kind": kind, "layout": layout, "stats": str(found.resolve())},
+        bounds=Bounds.from_stats(stats, channels, reference=f"the training data's statistics ({found})"),
     )
 
 
@@ -520,12 +531,13 @@ def _read_progress(path: Path) -> dict[str, Any] | None:
     return blob if blob.get("format") == FORMAT else None
 
 
-def _write_progress(path: Path, arguments: dict[str, Any], complete: list[str], run: dict[str, Any]) -> None:
+def _write_progress(path: Path, arguments: dict[str, Any], complete: list[str], run: dict[str, Any], out_of_bounds: Report) -> None:
     from fcn3_lightning.io import atomic_path
 
     # atomically: a kill leaves the previous list, never a torn one
+    blob = {"format": FORMAT, "arguments": arguments, "complete": complete, "run": run, "out_of_bounds": out_of_bounds.as_dict()}
     with atomic_path(path / PROGRESS_FILE) as tmp:
-        tmp.write_text(json.dumps({"format": FORMAT, "arguments": arguments, "complete": complete, "run": run}, indent=1))
+        tmp.write_text(json.dumps(blob, indent=1))
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -612,6 +624,7 @@ def predict(
         return output
 
     complete: set[str] = set()
+    out_of_bounds = Report()  # channels that left their physical bounds (in the finished initial times and this run)
     if partial.exists():
         prev = _read_progress(partial)
         if prev is None and not _written_by_predict(partial):
@@ -626,29 +639,35 @@ def predict(
             shutil.rmtree(partial)
         else:
             complete = set(prev["complete"]) & set(arguments["init_times"])
+            out_of_bounds = Report.from_dict(prev.get("out_of_bounds"))
             for stale in partial.glob(f".{PROGRESS_FILE}.*.tmp"):  # a progress rewrite cut short by a kill
                 stale.unlink()
     if not partial.exists():
         _create_store(partial, predictor, times, members, steps, arguments)
-        _write_progress(partial, arguments, [], run)
+        _write_progress(partial, arguments, [], run, out_of_bounds)
     elif complete:
         print(f"resuming {partial}: {len(complete)} of {times.size} initial times are finished", file=sys.stderr)
+        for line in out_of_bounds.lines(_units(predictor.channels)):
+            print(f"predict: WARNING: the finished initial times left their physical bounds: {line}", file=sys.stderr)
 
     todo = [i for i, t in enumerate(times) if _iso(t) not in complete]
     writer = _Writer(partial, predictor.channels, predictor.store.flip_lat)
     n_batches = -(-members // batch_members)
     bar = tqdm(total=len(todo) * n_batches * steps, desc="predict", unit="step", disable=not progress)
+    watch = _BoundsWatch(predictor, steps, out_of_bounds, lambda msg: tqdm.write(msg, file=sys.stderr))
     try:
         for i in todo:
             t = times[i]
             bar.set_postfix_str(_iso(t))
+            watch.begin(_iso(t))
             for m0, s, values in predictor.forecast(t, members, steps, batch_members):
                 writer.write(i, m0, s, values)  # at once: memory does not grow with the steps
+                watch.check(m0, s, values)
                 bar.update(1)
                 if callback is not None:
                     callback(t, m0, s)
             complete.add(_iso(t))
-            _write_progress(partial, arguments, [x for x in arguments["init_times"] if x in complete], run)
+            _write_progress(partial, arguments, [x for x in arguments["init_times"] if x in complete], run, out_of_bounds)
     except BaseException:
         bar.close()
         print(
@@ -657,8 +676,76 @@ def predict(
         )
         raise
     bar.close()
+    watch.finish(partial)
     _swap_in(partial, output)
     return output
+
+
+def _units(channels: Sequence[str]) -> dict[str, str]:
+    from fcn3_lightning.channels import parse_channel
+
+    return {c: WB2_UNITS.get(parse_channel(c).long_name, "") for c in channels}
+
+
+class _BoundsWatch:
+    """Checks every step of a forecast against the predictor's physical bounds (:mod:`fcn3_lightning.bounds`).
+
+    Warns at once at the first lead time a channel leaves them (once per channel and run, not once per point or
+    step), adds every excursion to ``report`` (kept in the progress record, so a resumed run knows the finished
+    initial times'), and at the end prints a summary and records the bounds and the report in the store's attributes.
+    """
+
+    ATTRIBUTE = "fcn3_lightning_bounds"
+
+    def __init__(self, predictor: Predictor, steps: int, report: Report, say: Callable[[str], None]):
+        self.bounds = predictor.bounds
+        self.channels = predictor.channels
+        self.lat = predictor.store.lat  # the rows of the fields predict yields: 90N first
+        self.lead_hours = [(s + 1) * predictor.step_hours for s in range(steps)]
+        self.report = report
+        self.say = say
+        self.units = _units(self.channels)
+        self.warned = set(report.channels)
+        self.extremes: Extremes | None = None
+
+    def begin(self, init: str) -> None:
+        self.init = init
+        self.extremes = None if self.bounds is None else Extremes(self.channels, self.lead_hours, self.lat)
+
+    def check(self, m0: int, step: int, values: np.ndarray) -> None:
+        """``values`` (m, C, H, W): members ``m0 ..`` at step index ``step``, physical units, 90N first."""
+        if self.extremes is None:
+            return
+        self.extremes.update(values[None, :, None], [self.init], [step], members=range(m0, m0 + values.shape[0]))
+        found = self.bounds.check(self.extremes, leads=[step])
+        self.report.update(found)
+        for name in found.channels:
+            if name not in self.warned:
+                self.warned.add(name)
+                line = found.channels[name].describe(self.units[name])
+                self.say(f"predict: WARNING: the forecast leaves its physical bounds: {line}")
+
+    def finish(self, path: Path) -> None:
+        """The summary on stderr; the bounds and what left them in the store's attributes."""
+        import zarr
+
+        if self.bounds is None:
+            return
+        if self.report:
+            lines = "\n".join(f"  {line}" for line in self.report.lines(self.units))
+            print(
+                f"predict: WARNING: the forecast left its physical bounds in {len(self.report.channels)} of {len(self.channels)} "
+                f"channels; do not trust a channel from the first lead time named below on (bounds: {self.bounds.definition()}):\n"
+                f"{lines}",
+                file=sys.stderr,
+            )
+        else:
+            print(f"predict: every channel stayed within its physical bounds ({self.bounds.definition()})", file=sys.stderr)
+        group = zarr.open_group(str(path), mode="r+")
+        group.attrs[self.ATTRIBUTE] = json.dumps({**self.bounds.as_dict(), "out_of_bounds": self.report.as_dict()}, sort_keys=True)
+        with warnings.catch_warnings():  # the progress record in the store is not a Zarr array: zarr says so, harmlessly
+            warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
+            zarr.consolidate_metadata(str(path))
 
 
 def _swap_in(partial: Path, output: Path) -> None:

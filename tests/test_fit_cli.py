@@ -35,7 +35,7 @@ TINY = {
         "net": {"atmo_embed_dim": 4, "surf_embed_dim": 4, "aux_embed_dim": 2, "num_layers": 2, "sfno_block_frequency": 2},
         "ensemble_size": 2,
     },
-    "data": {"channels": CHANNELS, "train_range": TRAIN, "valid_range": VALID, "batch_size": 2, "valid_rollout": 2},
+    "data": {"channels": CHANNELS, "train_range": TRAIN, "valid_range": VALID, "batch_size": 2, "train_rollout": 1, "valid_rollout": 2},
 }
 ENV = {
     **os.environ,

@@ -40,6 +40,7 @@ TINY = [
     "--model.net.num_layers", "2",
     "--model.ensemble_size", "2",
     "--data.batch_size", "1",
+    "--data.train_rollout", "1",
     "--data.valid_rollout", "1",
 ]  # fmt: skip
 

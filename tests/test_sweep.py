@@ -37,6 +37,7 @@ TINY = {
         "model.net": {"atmo_embed_dim": 4, "surf_embed_dim": 4, "aux_embed_dim": 2, "num_layers": 1, "sfno_block_frequency": 1},
         "model.ensemble_size": 2,
         "data.batch_size": 2,
+        "data.train_rollout": 1,
         "data.valid_rollout": 1,
     },
     "objective": {"metric": "val/crps_lead6h", "mode": "min"},

@@ -410,7 +410,10 @@ def read_network(path: str | Path, *, config: str | Path | None = None, like: FC
         # a bare state dict in our own layout: its architecture is the target network's, if there is one
         if like is not None and any(n in like.state_dict() for n in state):
             return NetworkFile("network", path, None, dict(state), {})
-        raise ValueError(f"{path} holds no FCN3 weights in a layout this project can place (its own model files or the reference's)")
+        raise ValueError(
+            f"{path} is neither a checkpoint nor a model file of this project, nor a reference (Makani) checkpoint: for a bare "
+            "state dict pass its architecture with --config config.json, or convert it first (python -m fcn3_lightning convert)"
+        )
     package = _package_of(path)
     if config is None and package is not None:
         pkg = read_package(package)
@@ -600,7 +603,9 @@ def _from_store(src: NetworkFile, data_path: str | Path | None, stats_path: str 
             seed=int(hp.get("noise_seed", DEFAULT_NOISE_SEED)),
         )
         kwargs = None
+        members = hp.get("valid_ensemble_size") or hp.get("ensemble_size")
     else:
+        members = None
         kwargs = dict(src.net_kwargs or {})
         probe = FCN3(**kwargs)  # channels and grid of the file's network
         channels, aux = list(probe.layout.names), list(probe.aux_channel_names)
@@ -668,6 +673,7 @@ def _from_store(src: NetworkFile, data_path: str | Path | None, stats_path: str 
             "path": str(src.path.resolve()),
             "files": [str(src.path.resolve()), str(found.resolve())],
             "data": str(store.path),
+            **({"members": int(members)} if members else {}),
         },
     )
 

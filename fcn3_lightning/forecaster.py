@@ -24,7 +24,7 @@ import copy
 import hashlib
 import json
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from torch import nn
 
 from fcn3_lightning.data.conventions import PROJECT, InputConventions
 from fcn3_lightning.data.statics import STATIC_AUX, static_channels
-from fcn3_lightning.data.stats import ChannelStats, Normalizer
+from fcn3_lightning.data.stats import ChannelStats, Normalizer, default_modes
 from fcn3_lightning.data.zenith import cos_zenith
 from fcn3_lightning.io import atomic_torch_save, read_checkpoint
 from fcn3_lightning.model.build import FORECASTER_FORMAT as FORMAT
@@ -80,7 +80,8 @@ class Forecaster(nn.Module):
         net: the network (its channels and grid are the forecaster's).
         net_kwargs: the network's constructor arguments (channels and grid included), for saving and export.
         stats: statistics covering at least the network's channels (a package's may cover more).
-        normalization: "minmax"/"zscore" per channel (a package's); None: this project's rule (min-max for water).
+        normalization: "minmax"/"zscore" per channel (a package's); None: this project's rule (min-max for water,
+            :func:`fcn3_lightning.data.stats.default_modes`).
         lat, lon: grid coordinates in degrees (latitude 90 to -90).
         step_hours: the model's time step.
         noise: the latent noise (None for a network without noise channels).
@@ -120,7 +121,7 @@ class Forecaster(nn.Module):
         self.channels = list(net.layout.names)
         self.net_kwargs = _plain(dict(net_kwargs))
         self.stats = stats
-        self.normalization = dict(normalization) if normalization is not None else None
+        self.normalization = dict(normalization) if normalization is not None else default_modes(self.channels)
         self.normalizer: Normalizer = stats.normalizer(self.channels, self.normalization)
         self.step_hours = int(step_hours)
         self.noise_settings = noise
@@ -252,7 +253,7 @@ class Forecaster(nn.Module):
             "format": FORMAT,
             "config": self.net_kwargs,
             "state_dict": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
-            "stats": _stats_dict(self.stats),
+            "stats": asdict(self.stats),
             "normalization": self.normalization,
             "lat": self.lat.tolist(),
             "lon": self.lon.tolist(),
@@ -269,16 +270,10 @@ class Forecaster(nn.Module):
 
     def export(self, out: str | Path, *, overwrite: bool = False) -> Path:
         """Write a model package in the published layout (see :mod:`fcn3_lightning.package`)."""
-        missing = [
-            a for a in self.aux_channels if a in STATIC_AUX and getattr(self, "orography" if a == "xoro" else "land_sea_mask") is None
-        ]
-        if missing:
-            raise ValueError(f"export: the static fields for {missing} are unknown")
-        modes = self.normalization or {c: ("minmax" if m else "zscore") for c, m in zip(self.channels, self._water(), strict=True)}
         config = package_config(
             net_kwargs=self.net_kwargs,
             stats=self.stats,
-            normalization=modes,
+            normalization=self.normalization,
             lat=self.lat,
             lon=self.lon,
             step_hours=self.step_hours,
@@ -299,11 +294,6 @@ class Forecaster(nn.Module):
             overwrite=overwrite,
         )
 
-    def _water(self) -> list[bool]:
-        from fcn3_lightning.channels import parse_channel
-
-        return [parse_channel(c).is_water for c in self.channels]
-
 
 def _plain(d: Any) -> Any:
     """Tuples as lists, recursively (a model file is loaded with ``weights_only=True``)."""
@@ -312,12 +302,6 @@ def _plain(d: Any) -> Any:
     if isinstance(d, (list, tuple)):
         return [_plain(v) for v in d]
     return d
-
-
-def _stats_dict(stats: ChannelStats) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(stats)
 
 
 # --- reading ------------------------------------------------------------------------------------------

@@ -94,13 +94,11 @@ class ChannelStats:
         if missing:
             raise ValueError(f"the statistics ({self.source.get('file', 'stats')}) have no channels {missing}")
         idx = [self.channels.index(c) for c in channels]
-        if modes is None:
-            minmax = np.array([parse_channel(c).is_water for c in channels])
-        else:
-            bad = {c: m for c, m in modes.items() if m not in ("minmax", "zscore")}
-            if bad:
-                raise ValueError(f"unknown normalisation modes {bad}; expected 'minmax' or 'zscore'")
-            minmax = np.array([modes.get(c, "zscore") == "minmax" for c in channels])
+        modes = default_modes(channels) if modes is None else modes
+        bad = {c: m for c, m in modes.items() if m not in ("minmax", "zscore")}
+        if bad:
+            raise ValueError(f"unknown normalisation modes {bad}; expected 'minmax' or 'zscore'")
+        minmax = np.array([modes.get(c, "zscore") == "minmax" for c in channels])
         mean, std = np.array(self.mean)[idx], np.array(self.std)[idx]
         lo, hi = np.array(self.min)[idx], np.array(self.max)[idx]
         offset = np.where(minmax, lo, mean)
@@ -110,6 +108,11 @@ class ChannelStats:
             raise ValueError(f"channels {bad_channels} have zero range in the statistics; they cannot be normalised")
         tendency = np.array(self.time_diff_std)[idx] if self.time_diff_std else None
         return Normalizer(list(channels), offset, scale, tendency)
+
+
+def default_modes(channels: Sequence[str]) -> dict[str, str]:
+    """This project's normalisation rule: "minmax" for the water channels (q*, r*, tcwv), "zscore" otherwise."""
+    return {c: "minmax" if parse_channel(c).is_water else "zscore" for c in channels}
 
 
 @dataclass

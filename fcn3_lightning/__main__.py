@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -17,28 +16,24 @@ def _summary(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from fcn3_lightning.model.build import save_model
-    from fcn3_lightning.model.convert import load_reference_state_dict, reference_config_to_kwargs
+    from fcn3_lightning.forecaster import convert
 
-    src = Path(args.reference)
-    config_path = Path(args.config) if args.config else None
-    checkpoint = src
-    if src.is_dir():  # a reference model package: config.json + training_checkpoints/best_ckpt_mp0.tar
-        config_path = config_path or src / "config.json"
-        checkpoint = src / "training_checkpoints" / "best_ckpt_mp0.tar"
-    if config_path is None:
-        raise SystemExit("convert: --config is required when the reference is a checkpoint file (config.json or manifest.json)")
-    for p in (config_path, checkpoint):
-        if not p.is_file():
-            raise SystemExit(f"convert: {p} does not exist")
-    kwargs = reference_config_to_kwargs(json.loads(config_path.read_text()))
-    from fcn3_lightning.model.fcn3 import FCN3
+    kind = convert(args.reference, args.out, config=args.config, data_path=args.data_path, stats_path=args.stats)
+    print(f"wrote {args.out} ({kind})")
 
-    model = FCN3(**kwargs)
-    print(f"loading {checkpoint}", file=sys.stderr)
-    load_reference_state_dict(model, checkpoint, progress=True)
-    save_model(model, kwargs, args.out)
-    print(f"wrote {args.out}")
+
+def _export(args: argparse.Namespace) -> None:
+    from fcn3_lightning.forecaster import load_forecaster
+    from fcn3_lightning.paths import local_path
+
+    out = local_path(args.out, "--out")
+    if out.exists() and not args.overwrite:  # before the (slow) load
+        raise ValueError(f"export: {out} exists (choose another --out, or pass --overwrite)")
+    forecaster = load_forecaster(
+        args.checkpoint, device="cpu", config=args.config, data_path=args.data_path, stats_path=args.stats, noise_seed=args.seed
+    )
+    forecaster.export(out, overwrite=args.overwrite)
+    print(f"wrote the model package {out} ({len(forecaster.channels)} channels on {forecaster.shape[0]}x{forecaster.shape[1]})")
 
 
 def _channels(spec: str | None) -> list[str] | None:
@@ -168,11 +163,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--meta", action="store_true", help="put parameters on the meta device (no memory; for the full-size model)")
     p.set_defaults(func=_summary)
 
-    p = sub.add_parser("convert", help="convert a reference (Makani) FCN3 checkpoint to this project's model file")
-    p.add_argument("reference", help="reference checkpoint file, or a model package directory with config.json")
+    p = sub.add_parser("convert", help="a model package, reference or project checkpoint as one model file of this project")
+    p.add_argument("reference", help="a model package folder, a reference (Makani) checkpoint, or a checkpoint of this project")
     p.add_argument("out", help="output model file (.pt)")
-    p.add_argument("--config", help="reference architecture config (config.json or a golden manifest.json)")
+    p.add_argument("--config", help="reference architecture (config.json or a golden manifest.json) for a reference checkpoint file")
+    p.add_argument("--data-path", help="for a checkpoint of this project: the WB2 store of its static fields (default: its training store)")
+    p.add_argument("--stats", help="for a checkpoint of this project: its normalisation statistics (default: the training store's)")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("export", help="write a model as a model package in the published FCN3 layout (reference code, Earth2Studio)")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint of this project, a model file, or a model package folder")
+    p.add_argument("--out", required=True, help="the package folder to write")
+    p.add_argument("--config", help="reference architecture (config.json) for a reference checkpoint file")
+    p.add_argument("--data-path", help="the WB2 store of the static fields (default: the checkpoint's training store)")
+    p.add_argument("--stats", help="normalisation statistics (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, help="noise seed recorded in the package (default: the checkpoint's)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package (kept until the new one is complete)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("stats", help="normalisation statistics of a WB2-style Zarr store over a training range")
     p.add_argument("--data", help="the Zarr store (default: the embedded default world)")

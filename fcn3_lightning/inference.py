@@ -9,7 +9,7 @@ of each step's input time), and every step is denormalised and written to the ou
 memory does not depend on the number of steps or initial times.
 
 The noise is that of validation (key 0 of :func:`keyed_streams`, the checkpoint's noise seed) with
-the initial time itself as the sample id (:func:`noise_sample_id`): a forecast depends only on its
+the initial time itself as the sample id (:func:`fcn3_lightning.forecaster.noise_sample_id`): a forecast depends only on its
 initial time, never on which other initial times are in the run, so a resumed run writes exactly
 what an uninterrupted one would have.
 
@@ -33,14 +33,13 @@ finished store, in the attribute ``fcn3_lightning_bounds`` (JSON).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,20 +51,13 @@ from fcn3_lightning.paths import local_path
 if TYPE_CHECKING:  # the heavy imports (torch, torch-harmonics, zarr) wait until a command runs
     import torch
 
-    from fcn3_lightning.data.stats import Normalizer
     from fcn3_lightning.data.store import WB2Store
-    from fcn3_lightning.model.noise import NoiseStreams
-    from fcn3_lightning.training.forecaster import EnsembleForecaster
+    from fcn3_lightning.forecaster import Forecaster
 
 FORMAT = "fcn3_lightning.forecast/v1"
 PROGRESS_FILE = "fcn3_predict.json"
 PARTIAL_SUFFIX = ".partial"
-#: validation's noise key: inference draws exactly the noise that validation draws for the same sample id
-NOISE_KEY = 0
-#: FCN3Module's default noise seed, for model files and reference checkpoints (which carry none)
-DEFAULT_NOISE_SEED = 333
 DEFAULT_MEMBERS = 4
-_SAMPLE_ID_EPOCH = np.datetime64("1900-01-01T00:00:00", "s")
 
 #: units of WeatherBench2 variables (ERA5 conventions), used where the data store has none
 WB2_UNITS: dict[str, str] = {
@@ -91,14 +83,6 @@ WB2_UNITS: dict[str, str] = {
 }
 
 
-def noise_sample_id(init_time: np.datetime64 | str) -> int:
-    """The noise streams' sample id of a forecast: its initial time in whole seconds since 1900-01-01T00 UTC."""
-    seconds = int((np.datetime64(init_time, "s") - _SAMPLE_ID_EPOCH) / np.timedelta64(1, "s"))
-    if seconds < 0:
-        raise ValueError(f"initial time {init_time} is before 1900-01-01: it has no noise sample id")
-    return seconds
-
-
 def _iso(t: np.datetime64) -> str:
     return str(np.datetime64(t, "s"))
 
@@ -108,55 +92,43 @@ def _iso(t: np.datetime64) -> str:
 
 @dataclass
 class Predictor:
-    """A network ready to forecast from a data store: weights, normaliser, static inputs and noise settings.
+    """A forecaster and the data store its initial conditions come from.
 
     Build it with :func:`load_predictor`; :meth:`forecast` streams one initial time's ensemble.
     """
 
-    forecaster: EnsembleForecaster
+    forecaster: Forecaster
     store: WB2Store
-    normalizer: Normalizer
-    static: torch.Tensor
-    noise_seed: int
-    device: torch.device
     default_members: int = DEFAULT_MEMBERS
-    source: dict[str, Any] = field(default_factory=dict)
     #: physical bounds of the forecast (from the training statistics): predict reports where a forecast leaves them
     bounds: Bounds | None = None
 
     @property
     def channels(self) -> list[str]:
-        return list(self.store.channels)
+        return list(self.forecaster.channels)
 
     @property
     def step_hours(self) -> int:
-        return self.store.step_hours
+        return self.forecaster.step_hours
+
+    @property
+    def device(self) -> torch.device:
+        return self.forecaster.device
+
+    @property
+    def noise_seed(self) -> int:
+        return self.forecaster.noise_seed
+
+    @property
+    def source(self) -> dict[str, Any]:
+        return self.forecaster.source
 
     def initial_state(self, init_time: np.datetime64) -> torch.Tensor:
-        """The normalised initial condition ``(1, C, H, W)`` on the device (90N first)."""
+        """The initial condition ``(1, C, H, W)`` in physical units on the device (90N first)."""
         import torch
 
-        i = self.store.time_index(init_time)
-        x = self.store.read([i])  # refuses NaN/Inf, naming the channel and time
-        self.normalizer.normalize(x, out=x)  # float32 on the CPU, as the data loader does
+        x = self.store.read([self.store.time_index(init_time)])  # refuses NaN/Inf, naming the channel and time
         return torch.from_numpy(x).to(self.device)
-
-    def zenith(self, init_time: np.datetime64, step: int) -> torch.Tensor:
-        """cos zenith ``(1, H, W)`` at the input time of ``step`` (0 = the initial time)."""
-        import torch
-
-        from fcn3_lightning.data.zenith import cos_zenith
-
-        t = np.datetime64(init_time, "ns") + step * np.timedelta64(self.step_hours, "h")
-        return torch.from_numpy(cos_zenith(np.array([t]), self.store.lat, self.store.lon)).to(self.device, torch.float32)
-
-    def streams(self, init_time: np.datetime64, members: int) -> NoiseStreams | None:
-        """Validation's noise streams for this initial time's ``members`` (None for a network without noise)."""
-        from fcn3_lightning.training.forecaster import keyed_streams
-
-        if self.forecaster.noise is None:
-            return None
-        return keyed_streams(self.noise_seed, NOISE_KEY, [noise_sample_id(init_time)], members)
 
     def forecast(
         self, init_time: np.datetime64, members: int, steps: int, batch_members: int | None = None
@@ -166,47 +138,12 @@ class Predictor:
         ``batch_members`` members run at once (default: all); each member draws from its own noise
         stream, so the split changes only how much memory a step takes.
         """
-        import torch
-
         batch_members = batch_members or members
         x0 = self.initial_state(init_time)
-        all_streams = self.streams(init_time, members)
         for m0 in range(0, members, batch_members):
             m1 = min(members, m0 + batch_members)
-            streams = None if all_streams is None else _member_subset(all_streams, m0, m1)
-            rollout = self.forecaster.steps(x0, lambda s: self.zenith(init_time, s), self.static, streams, steps, m1 - m0)
-            for s in range(steps):
-                # inference mode around each step only: a `with` spanning the yield would leak into the caller
-                with torch.inference_mode():
-                    y = self.normalizer.denormalize(next(rollout), axis=-3)[0]  # as FCN3Module.predict_step
-                    y = y.float().cpu().numpy()
-                yield m0, s, y
-
-
-def _member_subset(streams: NoiseStreams, m0: int, m1: int) -> NoiseStreams:
-    """Members ``m0 .. m1 - 1`` of a one-sample ``NoiseStreams``, sharing their generators (each is used by one batch only)."""
-    import copy
-
-    sub = copy.copy(streams)
-    sub._generators = streams._generators[m0:m1]
-    sub._signs = streams._signs[m0:m1]
-    sub.n_members = m1 - m0
-    return sub
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _torch_load(path: Path) -> Any:
-    from fcn3_lightning.io import read_checkpoint
-
-    # mmap: only the metadata is read here; the weights are loaded once, into the network
-    return read_checkpoint(path, "checkpoint", mmap=True)
+            for s, y in enumerate(self.forecaster.rollout(x0, init_time, members, steps, member_slice=slice(m0, m1))):
+                yield m0, s, y[0].float().cpu().numpy()
 
 
 def load_predictor(
@@ -218,159 +155,46 @@ def load_predictor(
     device: str | None = None,
     noise_seed: int | None = None,
 ) -> Predictor:
-    """Build a :class:`Predictor` from a checkpoint.
+    """Build a :class:`Predictor`: :func:`fcn3_lightning.load_forecaster` and the store of the initial conditions.
 
     Args:
-        checkpoint: a Lightning checkpoint of this project (network settings, noise settings and data
-            settings come from its hyperparameters), a model file from ``convert``/``save_model``, a
-            reference (Makani) checkpoint with ``config``, or a reference model package directory.
-        data_path: the WB2 store to read initial conditions from; default: the checkpoint's training
-            store (the default world for a model file or reference checkpoint).
-        stats_path: normalisation statistics; default: the checkpoint's (``stats_path``, else the
-            training store's ``.stats.json``), else ``<data store>.stats.json``.
+        checkpoint: anything :func:`~fcn3_lightning.load_forecaster` reads: a model package folder, a checkpoint of
+            this project, a model file from ``convert``, a reference (Makani) checkpoint with ``config``.
+        data_path: the WB2 store to read initial conditions from; default: the checkpoint's training store (the
+            default world where there was none). A model package (or a model file from one) needs it: only the
+            prognostic variables are read from it, the static fields come with the package.
+        stats_path: normalisation statistics for checkpoints without their own (default: the checkpoint's
+            ``stats_path``, else the training store's ``.stats.json``, else ``<data store>.stats.json``).
         config: reference architecture (``config.json`` or a golden ``manifest.json``) for reference checkpoints.
         device: "cpu", "cuda", ... (default: CUDA if available).
-        noise_seed: base seed of the noise (default: the checkpoint's ``noise_seed``, else 333).
+        noise_seed: base seed of the noise (default: the checkpoint's, else 333).
     """
-    import torch
-
-    from fcn3_lightning.channels import FCN3_AUX_CHANNELS, FCN3_CHANNELS
-    from fcn3_lightning.data.statics import static_fields
-    from fcn3_lightning.data.stats import ChannelStats, compute_stats
     from fcn3_lightning.data.store import WB2Store
-    from fcn3_lightning.model.build import FORMAT as MODEL_FORMAT
-    from fcn3_lightning.model.build import model_kwargs
-    from fcn3_lightning.model.convert import reference_config_to_kwargs
-    from fcn3_lightning.model.fcn3 import FCN3
-    from fcn3_lightning.model.noise import SphericalDiffusionNoise
-    from fcn3_lightning.training.forecaster import EnsembleForecaster
-    from fcn3_lightning.training.weights import load_initial_weights
+    from fcn3_lightning.forecaster import load_forecaster
 
-    path = Path(checkpoint)
-    if path.is_dir():  # a reference model package: config.json + training_checkpoints/best_ckpt_mp0.tar
-        config = config or path / "config.json"
-        path = path / "training_checkpoints" / "best_ckpt_mp0.tar"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    blob = _torch_load(path)
-    if not isinstance(blob, dict):
-        raise ValueError(f"{path} is not a checkpoint, model file or state dict")
-
-    noise: dict[str, Any] = {}
-    members = DEFAULT_MEMBERS
-    step_hours, train_store, train_stats, world_seed = 6, None, None, 0
-    if "hyper_parameters" in blob and "state_dict" in blob:  # a Lightning checkpoint of this project
-        hp = blob["hyper_parameters"]
-        dm = blob.get("datamodule_hyper_parameters")
-        if dm is None:
-            raise ValueError(f"{path}: the checkpoint holds no data settings (datamodule_hyper_parameters); use a model file instead")
-        kind = "lightning"
-        net_kwargs = model_kwargs(dict(hp.get("net") or {}))
-        world_seed = int(dm.get("seed") or 0)
-        train_store = dm.get("data_path")
-        if train_store is None:
-            from fcn3_lightning.data.default_world import DEFAULT_WORLD_CHANNELS
-
-            channels = list(dm.get("channels") or DEFAULT_WORLD_CHANNELS)
-        else:
-            channels = list(dm.get("channels") or FCN3_CHANNELS)
-        aux = list(FCN3_AUX_CHANNELS if dm.get("aux_channels") is None else dm["aux_channels"])
-        step_hours = int(dm.get("step_hours") or 6)
-        train_stats = dm.get("stats_path")
-        noise = {
-            "length_scales_km": hp.get("noise_length_scales_km"),
-            "sigma": hp.get("noise_sigma", 1.0),
-            "lambd": hp.get("noise_lambd", 1.0),
-        }
-        members = int(hp.get("valid_ensemble_size") or hp.get("ensemble_size") or DEFAULT_MEMBERS)
-        seed = hp.get("noise_seed", DEFAULT_NOISE_SEED)
-    else:
-        if blob.get("format") == MODEL_FORMAT:
-            kind, net_kwargs = "model", dict(blob["config"])
-        elif config is not None:
-            config = Path(config)
-            if not config.is_file():
-                raise FileNotFoundError(f"reference config {config} does not exist")
-            kind, net_kwargs = "reference", reference_config_to_kwargs(json.loads(config.read_text()))
-        else:
-            raise ValueError(
-                f"{path} is neither a checkpoint of this project nor a model file: for a reference (Makani) checkpoint "
-                "pass its architecture with --config config.json, or convert it first (python -m fcn3_lightning convert)"
-            )
-        seed = DEFAULT_NOISE_SEED
-        channels = aux = None
-    del blob  # the weights are loaded into the network below; do not hold a second copy
-
-    # the data store: the one asked for, else the training store (the default world when there was none)
-    explicit_data = data_path is not None
-    if data_path is None:
-        if train_store is None:
-            from fcn3_lightning.data.default_world import ensure_default_world
-
-            data_path = ensure_default_world(seed=world_seed)
-        else:
-            data_path = train_store
-    if kind != "lightning":  # the network carries its channels and grid
-        net = FCN3(**net_kwargs)
-        channels, aux = list(net.layout.names), list(net.aux_channel_names)
+    forecaster = load_forecaster(checkpoint, device, config=config, data_path=data_path, stats_path=stats_path, noise_seed=noise_seed)
+    data = data_path if data_path is not None else forecaster.source.get("data")
+    if data is None:
+        raise ValueError(
+            f"{checkpoint} ({forecaster.source['kind']}) brings no data store: pass --data-path, a WB2 Zarr store with the "
+            f"initial conditions of its channels {forecaster.channels}"
+        )
     try:
-        store = WB2Store(data_path, channels, step_hours=step_hours)
+        store = WB2Store(data, forecaster.channels, step_hours=forecaster.step_hours)
     except ValueError as e:
-        raise ValueError(f"the checkpoint's channels {channels} do not fit the data store: {e}") from e
-    if kind == "lightning":
-        net = FCN3(inp_shape=store.shape, channel_names=channels, aux_channel_names=aux, **net_kwargs)
-    elif tuple(net.inp_shape) != store.shape:
-        raise ValueError(f"the network's grid {tuple(net.inp_shape)} differs from the data store's {store.shape} ({store.path})")
-
-    # the normaliser the network was trained with: the checkpoint's statistics where they can be found
-    candidates = [Path(stats_path)] if stats_path else []
-    if not stats_path:
-        if train_stats:
-            candidates.append(Path(train_stats))
-        if kind == "lightning":
-            from fcn3_lightning.data.default_world import default_world_path
-
-            train_path = Path(train_store) if train_store is not None else default_world_path(world_seed)
-            candidates.append(train_path.with_name(train_path.name + ".stats.json"))
-        candidates.append(store.path.with_name(store.path.name + ".stats.json"))
-    found = next((p for p in candidates if p.is_file()), None)
-    if found is None:
-        if kind == "lightning" and train_store is None and not explicit_data and not stats_path:
-            from fcn3_lightning.data.default_world import DEFAULT_WORLD_SPLITS
-
-            found = candidates[-1]  # the default world computes its statistics once, as the data module does
-            compute_stats(store, *(dm.get("train_range") or DEFAULT_WORLD_SPLITS["train"])).save(found)
-        else:
-            raise FileNotFoundError(
-                f"no normalisation statistics found (looked for {', '.join(map(str, dict.fromkeys(candidates)))}); "
-                "pass --stats (written by: python -m fcn3_lightning stats)"
-            )
-    stats = ChannelStats.load(found)
-    stats.check_compatible(channels, store.lat, store.lon, where=str(found))
-    normalizer = stats.normalizer(channels)
-
-    noise_process = None
-    if net.noise_channel_names:
-        noise_process = SphericalDiffusionNoise(store.shape, n_channels=len(net.noise_channel_names), **noise)
-    forecaster = EnsembleForecaster(net, noise_process)
-    try:
-        layout = load_initial_weights(net, path)
-    except ValueError as e:
-        raise ValueError(f"the weights in {path} do not fit the network for these channels on the {store.shape} grid: {e}") from e
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    forecaster.to(dev).eval()
-    static = torch.from_numpy(static_fields(store, aux)).to(dev)
-    return Predictor(
-        forecaster=forecaster,
-        store=store,
-        normalizer=normalizer,
-        static=static,
-        noise_seed=int(seed if noise_seed is None else noise_seed),
-        device=dev,
-        default_members=members,
-        source={"checkpoint": str(path.resolve()), "kind": kind, "layout": layout, "stats": str(found.resolve())},
-        bounds=Bounds.from_stats(stats, channels, reference=f"the training data's statistics ({found})"),
-    )
+        raise ValueError(f"the data store {data} does not hold what {checkpoint} needs: {e}") from e
+    if store.shape != forecaster.shape or not (
+        np.allclose(store.lat, forecaster.lat, atol=1e-6) and np.allclose(store.lon, forecaster.lon, atol=1e-6)
+    ):
+        raise ValueError(
+            f"the data store {data} has the grid {store.shape} (lat {store.lat[0]:g} .. {store.lat[-1]:g}, lon {store.lon[0]:g} .. "
+            f"{store.lon[-1]:g}), the model {forecaster.shape} (lat {forecaster.lat[0]:g} .. {forecaster.lat[-1]:g}, lon "
+            f"{forecaster.lon[0]:g} .. {forecaster.lon[-1]:g})"
+        )
+    members = int(forecaster.source.get("members") or DEFAULT_MEMBERS)
+    where = forecaster.stats.source.get("file", forecaster.source.get("path"))
+    bounds = Bounds.from_stats(forecaster.stats, forecaster.channels, reference=f"the training data's statistics ({where})")
+    return Predictor(forecaster=forecaster, store=store, default_members=members, bounds=bounds)
 
 
 # --- initial times ------------------------------------------------------------------------------------
@@ -397,6 +221,8 @@ def lead_days_to_steps(lead_days: float, step_hours: int) -> int:
 
 
 def _check_init_times(store: WB2Store, init_times: Sequence[str | np.datetime64]) -> np.ndarray:
+    from fcn3_lightning.forecaster import noise_sample_id
+
     if len(init_times) == 0:
         raise ValueError("no initial times given")
     times = np.array([np.datetime64(t, "ns") for t in init_times])
@@ -405,7 +231,7 @@ def _check_init_times(store: WB2Store, init_times: Sequence[str | np.datetime64]
             store.time_index(t)
         except ValueError as e:
             raise ValueError(f"initial time {_iso(t)} has no initial condition in the data store: {e}") from e
-        noise_sample_id(t)
+        noise_sample_id(t)  # a time before 1900 has none
     uniq, counts = np.unique(times, return_counts=True)
     if (counts > 1).any():
         raise ValueError(f"initial times given more than once: {[_iso(t) for t in uniq[counts > 1]]}")
@@ -590,6 +416,8 @@ def predict(
     import torch
     from tqdm.auto import tqdm
 
+    from fcn3_lightning.forecaster import NOISE_KEY, fingerprint
+
     members = _check_count("members", predictor.default_members if members is None else members, 1)
     steps = _check_count("steps", steps, 1)
     batch_members = _check_count("batch_members", members if batch_members is None else batch_members, 1, members)
@@ -598,9 +426,8 @@ def predict(
     partial = output.with_name(output.name + PARTIAL_SUFFIX)
     arguments = {
         "format": FORMAT,
-        "checkpoint_sha256": _sha256(Path(predictor.source["checkpoint"])),
+        "model_sha256": fingerprint(predictor.forecaster),
         "data": str(predictor.store.path.resolve()),
-        "stats_sha256": _sha256(Path(predictor.source["stats"])),
         "channels": predictor.channels,
         "init_times": [_iso(t) for t in times],
         "members": members,
@@ -770,9 +597,17 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="ensemble forecasts from a checkpoint into a WeatherBench2 forecast Zarr",
         description=__doc__.split("\n\n")[0],
     )
-    p.add_argument("--checkpoint", required=True, help="a checkpoint of this project, a model file, or a reference checkpoint/package")
+    p.add_argument(
+        "--checkpoint", required=True, help="a model package folder, a checkpoint of this project, a model file, or a reference checkpoint"
+    )
     p.add_argument("--config", help="reference architecture (config.json / manifest.json) for a reference checkpoint file")
-    p.add_argument("--data-path", help="WB2 store with the initial conditions (default: the checkpoint's training store / default world)")
+    p.add_argument(
+        "--data-path",
+        "--data",
+        dest="data_path",
+        help="WB2 store with the initial conditions (default: the checkpoint's training store / default world; "
+        "required for a model package, whose static fields come with it)",
+    )
     p.add_argument("--stats", help="normalisation statistics (default: the checkpoint's, else <store>.stats.json)")
     when = p.add_mutually_exclusive_group(required=True)
     when.add_argument("--init-times", nargs="+", metavar="TIME", help="initial times, e.g. 2002-07-01T00 2002-07-02T12")

@@ -196,7 +196,7 @@ def test_evaluate_reports_a_forecast_that_leaves_its_bounds(world, tmp_path, cap
 
     truth = xr.open_zarr(world.store)
     perfect = _as_forecast(truth, INITS, 8, 2)
-    meta = evaluate(perfect, world.store, tmp_path / "perfect", regions=["global"], progress=False, spectra=())
+    meta = evaluate(perfect, world.store, tmp_path / "perfect", regions=["global"], progress=False, spectra=(), clim_years=(2000, 2000))
     assert meta["physical_bounds"]["out_of_bounds"] == {}
     assert not any("physical bounds" in w for w in meta["warnings"])
 
@@ -205,7 +205,7 @@ def test_evaluate_reports_a_forecast_that_leaves_its_bounds(world, tmp_path, cap
     grow = np.maximum(np.arange(1, 9) - 4, 0) * 0.08 + 1.0
     bad["geopotential"][:, 1] = bad["geopotential"][:, 1] * grow[None, :, None, None, None]
     capfd.readouterr()
-    meta = evaluate(bad, world.store, tmp_path / "bad", regions=["global"], progress=False, spectra=())
+    meta = evaluate(bad, world.store, tmp_path / "bad", regions=["global"], progress=False, spectra=(), clim_years=(2000, 2000))
     err = capfd.readouterr().err
     found = meta["physical_bounds"]["out_of_bounds"]
     assert list(found) == ["geopotential/500"]

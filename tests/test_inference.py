@@ -21,7 +21,8 @@ from wb2_synthetic import make_store
 from fcn3_lightning.channels import FCN3_AUX_CHANNELS, parse_channel
 from fcn3_lightning.data import WB2DataModule, WB2Store, compute_stats
 from fcn3_lightning.data.datamodule import normalize_batch
-from fcn3_lightning.inference import PROGRESS_FILE, add_cli, load_predictor, noise_sample_id, predict
+from fcn3_lightning.forecaster import noise_sample_id
+from fcn3_lightning.inference import PROGRESS_FILE, add_cli, load_predictor, predict
 from fcn3_lightning.model.build import save_model
 from fcn3_lightning.training.module import FCN3Module
 
@@ -232,17 +233,17 @@ def test_command_line(world, tmp_path):
 
 
 def test_steps_stream_what_rollout_stacks(world):
-    f = world.predictor.forecaster
+    f = world.predictor.forecaster.ensemble
     x0 = torch.randn(2, 4, *SHAPE)
     zen = torch.rand(2, 3, *SHAPE)
     from fcn3_lightning.model.noise import NoiseStreams
 
     with torch.no_grad():
-        stacked = f.rollout(x0, zen, world.predictor.static, NoiseStreams(1, [3, 4], 2), 3, 2)
-        streamed = list(f.steps(x0, lambda s: zen[:, s], world.predictor.static, NoiseStreams(1, [3, 4], 2), 3, 2))
+        stacked = f.rollout(x0, zen, world.predictor.forecaster.static, NoiseStreams(1, [3, 4], 2), 3, 2)
+        streamed = list(f.steps(x0, lambda s: zen[:, s], world.predictor.forecaster.static, NoiseStreams(1, [3, 4], 2), 3, 2))
     assert torch.equal(stacked, torch.stack(streamed, dim=2))
     with pytest.raises(ValueError, match="zenith holds 3 steps, the rollout needs 4"):
-        f.steps(x0, zen, world.predictor.static, NoiseStreams(1, [3, 4], 2), 4, 2)  # raised at the call, not at the first step
+        f.steps(x0, zen, world.predictor.forecaster.static, NoiseStreams(1, [3, 4], 2), 4, 2)  # raised at the call, not at the first step
 
 
 def test_a_reference_checkpoint_with_its_config(golden_dir, tmp_path):
@@ -252,18 +253,29 @@ def test_a_reference_checkpoint_with_its_config(golden_dir, tmp_path):
     store, _ = make_store(tmp_path / "era72.zarr", FCN3_CHANNELS, n_times=4, nlat=33, nlon=64)
     compute_stats(WB2Store(store, FCN3_CHANNELS), "2000-01-01", "2000-01-01T18", progress=False).save(f"{store}.stats.json")
     p = load_predictor(golden_dir / "state_dict.pt", config=golden_dir / "manifest.json", data_path=store, device="cpu")
-    assert p.source["layout"] == "reference"
+    assert p.source["kind"] == "reference"
     out = predict(p, ["2000-01-01T06"], tmp_path / "fc.zarr", members=2, steps=1, progress=False)
     ds = xr.open_zarr(out)
     assert ds.level.values.tolist() == sorted(FCN3_LEVELS)
     assert len(ds.data_vars) == 12 and ds["2m_temperature"].attrs["units"] == "K"
     # the same forecast straight from the forecaster: every channel lands in its variable and level
     t = np.datetime64("2000-01-01T06", "ns")
-    with torch.no_grad():
-        x = p.forecaster.rollout(p.initial_state(t), p.zenith(t, 0)[:, None], p.static, p.streams(t, 2), 1, 2)
-    want = p.normalizer.denormalize(x, axis=-3)[0, :, 0].numpy()  # (M, C, H, W)
+    want = next(p.forecaster.rollout(p.initial_state(t), t, members=2, steps=1))[0].numpy()  # (M, C, H, W)
     for c, name in enumerate(FCN3_CHANNELS):
         ch = parse_channel(name)
         got = ds[ch.long_name].isel(time=0, prediction_timedelta=0)
         got = got.sel(level=ch.level) if ch.level is not None else got
         np.testing.assert_array_equal(got.values, want[:, c], err_msg=name)
+
+
+def test_an_exported_package_forecasts_exactly_as_its_checkpoint(world, tmp_path):
+    """export -> load the package -> predict: bit for bit the forecast of the checkpoint it was exported from."""
+    from fcn3_lightning import load_forecaster
+
+    pkg = load_forecaster(world.ckpt, device="cpu").export(tmp_path / "package")
+    p = load_predictor(pkg, data_path=world.store, device="cpu")
+    assert p.forecaster.source["kind"] == "package"
+    out = predict(p, INITS, tmp_path / "fc.zarr", members=MEMBERS, steps=STEPS, progress=False)
+    ref = _fields(world.out)
+    for k, v in _fields(out).items():
+        np.testing.assert_array_equal(v, ref[k], err_msg=k)

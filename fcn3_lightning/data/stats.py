@@ -87,32 +87,55 @@ class ChannelStats:
         if grid != self.grid:
             raise ValueError(f"{where}: computed on grid {self.grid}, but the data grid is {grid}")
 
-    def normalizer(self, channels: Sequence[str]) -> Normalizer:
+    def normalizer(self, channels: Sequence[str], modes: dict[str, str] | None = None) -> Normalizer:
+        """The normaliser of ``channels``: ``modes`` maps a channel to "minmax" or "zscore" (a model package's
+        ``normalization``); without it, min-max for the water channels (q*, r*, tcwv) and z-score otherwise."""
+        missing = [c for c in channels if c not in self.channels]
+        if missing:
+            raise ValueError(f"the statistics ({self.source.get('file', 'stats')}) have no channels {missing}")
         idx = [self.channels.index(c) for c in channels]
-        water = np.array([parse_channel(c).is_water for c in channels])
+        modes = default_modes(channels) if modes is None else modes
+        bad = {c: m for c, m in modes.items() if m not in ("minmax", "zscore")}
+        if bad:
+            raise ValueError(f"unknown normalisation modes {bad}; expected 'minmax' or 'zscore'")
+        minmax = np.array([modes.get(c, "zscore") == "minmax" for c in channels])
         mean, std = np.array(self.mean)[idx], np.array(self.std)[idx]
         lo, hi = np.array(self.min)[idx], np.array(self.max)[idx]
-        offset = np.where(water, lo, mean)
-        scale = np.where(water, hi - lo, std)
+        offset = np.where(minmax, lo, mean)
+        scale = np.where(minmax, hi - lo, std)
         if np.any(scale <= 0):
-            bad = [channels[i] for i in np.flatnonzero(scale <= 0)]
-            raise ValueError(f"channels {bad} have zero range in the statistics; they cannot be normalised")
-        return Normalizer(list(channels), offset, scale, np.array(self.time_diff_std)[idx])
+            bad_channels = [channels[i] for i in np.flatnonzero(scale <= 0)]
+            raise ValueError(f"channels {bad_channels} have zero range in the statistics; they cannot be normalised")
+        tendency = np.array(self.time_diff_std)[idx] if self.time_diff_std else None
+        return Normalizer(list(channels), offset, scale, tendency)
+
+
+def default_modes(channels: Sequence[str]) -> dict[str, str]:
+    """This project's normalisation rule: "minmax" for the water channels (q*, r*, tcwv), "zscore" otherwise."""
+    return {c: "minmax" if parse_channel(c).is_water else "zscore" for c in channels}
 
 
 @dataclass
 class Normalizer:
-    """x_normalised = (x - offset) / scale per channel (min-max for water channels, z-score otherwise)."""
+    """x_normalised = (x - offset) / scale per channel (min-max for water channels, z-score otherwise).
+
+    ``time_diff_std``: std of the one-step tendencies (the loss's channel weights); None where the statistics
+    have none (a reference model package carries only means, stds, minima and maxima).
+    """
 
     channels: list[str]
     offset: np.ndarray
     scale: np.ndarray
-    time_diff_std: np.ndarray
+    time_diff_std: np.ndarray | None = None
 
-    def normalize(self, x: np.ndarray, axis: int = -3, *, out: np.ndarray | None = None) -> np.ndarray:
-        """Normalise along the channel ``axis``; ``out=x`` works in place (the loader's hot path)."""
+    def normalize(self, x: np.ndarray | torch.Tensor, axis: int = -3, *, out: np.ndarray | None = None) -> np.ndarray | torch.Tensor:
+        """Normalise along the channel ``axis``; ``out=x`` works in place (numpy; the loader's hot path)."""
         shape = [1] * x.ndim
         shape[axis] = -1
+        if isinstance(x, torch.Tensor):
+            offset = torch.as_tensor(self.offset, dtype=x.dtype, device=x.device).reshape(shape)
+            inv_scale = torch.as_tensor(1.0 / self.scale, dtype=x.dtype, device=x.device).reshape(shape)
+            return (x - offset) * inv_scale
         offset = self.offset.reshape(shape).astype(x.dtype)
         inv_scale = (1.0 / self.scale).reshape(shape).astype(x.dtype)
         out = np.subtract(x, offset, out=out)

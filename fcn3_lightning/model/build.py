@@ -15,6 +15,9 @@ from fcn3_lightning.model.fcn3 import FCN3
 from fcn3_lightning.model.layers import parameters_on_meta
 
 FORMAT = "fcn3_lightning.model/v1"
+#: a model file with the network and everything around it (statistics, static fields, noise; see
+#: :mod:`fcn3_lightning.forecaster`): what ``convert`` writes; :func:`load_model` reads its network too
+FORECASTER_FORMAT = "fcn3_lightning.forecaster/v1"
 
 
 def model_kwargs(config: str | Path | Mapping[str, Any]) -> dict[str, Any]:
@@ -57,7 +60,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> FC
     if not path.is_file():
         raise FileNotFoundError(f"model file {path} does not exist")
     blob = read_checkpoint(path, "model file", map_location=map_location, mmap=False)
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+    if not isinstance(blob, dict) or blob.get("format") not in (FORMAT, FORECASTER_FORMAT):
         raise ValueError(f"{path} is not a {FORMAT} file (for reference-layout checkpoints use the convert command)")
     model = FCN3(**blob["config"])
     model.load_state_dict(blob["state_dict"])

@@ -57,20 +57,68 @@ _DIRECT_KEYS = (
 )  # fmt: skip
 
 
+#: reference network types this converter reproduces (the package's ``nettype``)
+FCN3_NETTYPES = ("FCN3", "fcn3")
+
+
+def reference_shape(config: Mapping[str, Any]) -> list[int]:
+    """The data grid of a reference config: ``inp_shape`` (golden manifests) or ``img_shape_x/y`` (model packages)."""
+    if "inp_shape" in config:
+        return [int(s) for s in config["inp_shape"]]
+    if "img_shape_x" in config and "img_shape_y" in config:
+        shape = [int(config["img_shape_x"]), int(config["img_shape_y"])]
+        resampled = [int(config.get("img_shape_x_resampled", shape[0])), int(config.get("img_shape_y_resampled", shape[1]))]
+        if resampled != shape:
+            raise ValueError(
+                f"reference config resamples the data grid {shape} to {resampled} (img_shape_*_resampled): not supported, "
+                "this FCN3 runs on the data grid"
+            )
+        return shape
+    raise ValueError("reference config has no grid: it lacks both 'inp_shape' and 'img_shape_x'/'img_shape_y'")
+
+
 def reference_config_to_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Map a reference architecture config to :class:`FCN3` keyword arguments (validated)."""
+    """Map a reference architecture config (a package's ``config.json`` or a golden manifest) to :class:`FCN3`
+    keyword arguments (validated)."""
     config = dict(config.get("config", config))  # accept a whole manifest too
+    nettype = config.get("nettype")
+    if nettype is not None and nettype not in FCN3_NETTYPES:
+        raise ValueError(f"reference config: network type (nettype) {nettype!r} is not FCN3; only FCN3 can be loaded")
     for key, value in _FIXED_SETTINGS.items():
         if key in config and config[key] not in (value, str(value)) and not (value in (0, False) and config[key] in (None, "None")):
             raise ValueError(f"reference setting {key}={config[key]!r} is not supported: this FCN3 implementation has {key}={value!r}")
-    if "out_shape" in config and "inp_shape" in config and list(config["out_shape"]) != list(config["inp_shape"]):
-        raise ValueError(
-            f"reference out_shape {config['out_shape']} differs from inp_shape {config['inp_shape']}; FCN3 predicts on its input grid"
-        )
-    missing = [k for k in ("inp_shape", "channel_names") if k not in config]
-    if missing:
-        raise ValueError(f"reference config lacks {missing}")
-    return {k: config[k] for k in _DIRECT_KEYS if k in config}
+    shape = reference_shape(config)
+    if "out_shape" in config and list(config["out_shape"]) != shape:
+        raise ValueError(f"reference out_shape {config['out_shape']} differs from the input grid {shape}; FCN3 predicts on its input grid")
+    if "channel_names" not in config:
+        raise ValueError("reference config lacks ['channel_names']")
+    kwargs = {k: config[k] for k in _DIRECT_KEYS if k in config}
+    kwargs["inp_shape"] = shape
+    return kwargs
+
+
+def kwargs_to_reference_config(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The network part of a reference ``config.json`` for :class:`FCN3` keyword arguments: every architecture
+    setting written out (the reference loader falls back to its own defaults for missing ones, which are not all
+    FCN3's), the grid as ``img_shape_x/y``, and the settings fixed in this implementation."""
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(FCN3.__init__).parameters.items() if k not in ("self", "layers")}
+    full = {**defaults, **dict(kwargs)}
+    if full.get("water_channels") is not None:
+        raise ValueError("water_channels other than the reference rule (q*, r*, tcwv) cannot be written to a reference config")
+    out: dict[str, Any] = {k: _plain(full[k]) for k in _DIRECT_KEYS if k != "inp_shape"}
+    nlat, nlon = (int(s) for s in full["inp_shape"])
+    for suffix in ("", "_resampled"):
+        out[f"img_shape_x{suffix}"], out[f"img_shape_y{suffix}"] = nlat, nlon
+    out.update({k: _plain(v) for k, v in _FIXED_SETTINGS.items()})
+    out["nettype"] = "FCN3"
+    return out
+
+
+def _plain(v: Any) -> Any:
+    """JSON-friendly values (tuples as lists)."""
+    return list(v) if isinstance(v, tuple) else v
 
 
 def model_from_reference_config(config: Mapping[str, Any], **overrides: Any) -> FCN3:
@@ -150,10 +198,11 @@ def load_reference_state_dict(model: FCN3, reference: Mapping[str, Any] | str | 
     return model
 
 
-def ours_to_reference_state_dict(model: FCN3) -> dict[str, torch.Tensor]:
-    """Export our parameters in the reference layout (the inverse of the conversion)."""
+def ours_to_reference_state_dict(model: FCN3 | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Export our parameters (a network or its state dict) in the reference layout (the inverse of the conversion)."""
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else model
     out = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         m = re.fullmatch(r"blocks\.(\d+)\.filter\.weight", name)
         if m:
             kind = "global" if tensor.is_complex() else "local"

@@ -19,8 +19,10 @@ it) and maps that chunk to its tile of the grid: the gathered tiles are the seri
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -107,6 +109,18 @@ class NoiseStreams:
         if self.antithetic:
             draws *= self._signs.view(-1, *([1] * len(shape)))
         return draws.to(device) if device is not None else draws
+
+    def subset(self, m0: int, m1: int) -> NoiseStreams:
+        """Members ``m0 .. m1 - 1`` of a one-sample set of streams, sharing their generators (a member batch of a
+        forecast: each generator is then drawn from by that batch only)."""
+        if len(self.sample_ids) != 1 or not 0 <= m0 < m1 <= self.n_members:
+            raise ValueError(f"subset({m0}, {m1}) of {self!r}: needs one sample and 0 <= m0 < m1 <= n_members")
+        sub = copy.copy(self)
+        sub._generators = self._generators[m0:m1]
+        sub._signs = self._signs[m0:m1]
+        sub.n_members = m1 - m0
+        sub.member_offset = self.member_offset + m0
+        return sub
 
     def __repr__(self) -> str:
         return (
@@ -294,3 +308,58 @@ def _as_nonneg_int(value: object, name: str) -> int:
     if value < 0:
         raise ValueError(f"{name} must be non-negative, got {value}")
     return int(value)
+
+
+@dataclass(frozen=True)
+class NoiseSettings:
+    """Everything that fixes a forecaster's latent noise: the process (channels, length scales, sigma, AR(1) lambd),
+    whether members come in antithetic (centred) pairs, and the base seed of the streams.
+
+    ``length_scales_km`` None means FCN3's (50 km doubling); a reference package gives ``kT`` instead
+    (:meth:`from_kT`), ``kT = 0.5 (L / R)^2``.
+    """
+
+    n_channels: int = DEFAULT_N_CHANNELS
+    length_scales_km: tuple[float, ...] | None = None
+    sigma: float = 1.0
+    lambd: float = 1.0
+    earth_radius_km: float = 6370.0
+    antithetic: bool = False
+    seed: int = 333
+
+    @classmethod
+    def from_kT(cls, kT: Sequence[float], earth_radius_km: float = 6370.0, **kwargs: object) -> NoiseSettings:
+        kT = [float(k) for k in kT]
+        if not all(k > 0 and math.isfinite(k) for k in kT):
+            raise ValueError(f"noise kT must be positive and finite, got {kT}")
+        scales = tuple(earth_radius_km * math.sqrt(2.0 * k) for k in kT)
+        return cls(n_channels=len(kT), length_scales_km=scales, earth_radius_km=earth_radius_km, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def kT(self) -> tuple[float, ...]:
+        scales = self.length_scales_km or default_length_scales_km(self.n_channels)
+        return tuple(0.5 * (s / self.earth_radius_km) ** 2 for s in scales)
+
+    def process(self, img_shape: tuple[int, int], layers: SphericalLayers = SERIAL) -> SphericalDiffusionNoise:
+        """The noise process on the ``img_shape`` data grid."""
+        return SphericalDiffusionNoise(
+            img_shape,
+            n_channels=self.n_channels,
+            length_scales_km=self.length_scales_km,
+            sigma=self.sigma,
+            lambd=self.lambd,
+            earth_radius_km=self.earth_radius_km,
+            layers=layers,
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["length_scales_km"] = None if self.length_scales_km is None else list(self.length_scales_km)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> NoiseSettings:
+        d = dict(d)
+        if d.get("length_scales_km") is not None:
+            d["length_scales_km"] = tuple(float(x) for x in d["length_scales_km"])  # type: ignore[union-attr]
+        return cls(**d)  # type: ignore[arg-type]

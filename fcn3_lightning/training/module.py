@@ -27,7 +27,7 @@ from fcn3_lightning.model.fcn3 import FCN3
 from fcn3_lightning.model.noise import NoiseStreams, SphericalDiffusionNoise
 from fcn3_lightning.parallel import DistributedEnsembleCRPSLoss, ProcessMesh, all_reduce_, gather_members, split_slice
 from fcn3_lightning.training.forecaster import EnsembleForecaster, keyed_streams
-from fcn3_lightning.training.weights import load_initial_weights
+from fcn3_lightning.training.weights import initial_architecture, load_initial_weights
 
 # Lightning recommends sync_dist=True for epoch-level values (warning at epoch end, once per value and rank); the
 # WB2 scores are torchmetrics values, synced over the processes already and identical on every rank
@@ -58,8 +58,9 @@ class FCN3Module(L.LightningModule):
         lr, betas, eps, weight_decay: Adam (FCN3: 0.9/0.95, no weight decay).
         scheduler: None, ``{"name": "plateau", "factor": 0.8, "patience": 5}`` or
             ``{"name": "step", "step_size": 4, "gamma": 0.5}`` (stepped per epoch).
-        init_from: weights to start from (weights only): a checkpoint of this project, a model file from
-            ``convert``, or a reference-layout (Makani) state dict / checkpoint.
+        init_from: weights to start from (weights only): a model package folder (the published FCN3), a checkpoint
+            of this project, a model file from ``convert``, or a reference-layout (Makani) state dict / checkpoint.
+            Where the source describes its network, that architecture is built (differences from ``net`` printed).
         log_channels: headline channels whose WeatherBench2 scores are logged per lead time (default: all if
             <= 9, else the headline variables present).
         val_scores: which WB2 scores to log for them, in physical units (names of
@@ -170,6 +171,10 @@ class FCN3Module(L.LightningModule):
                     f"ensemble_parallel_size ({e}) must be even"
                 )
         extra = {} if layers is None else {"layers": layers}
+        if hp.init_from:
+            # the source's weights fix the architecture; the checkpoint's hyper-parameters must describe what is built
+            self.net_kwargs = initial_architecture(self.net_kwargs, hp.init_from, channels, aux_channels)
+            self.hparams["net"] = dict(self.net_kwargs)
         net = FCN3(inp_shape=shape, channel_names=channels, aux_channel_names=aux_channels, **self.net_kwargs, **extra)
         noise = None
         if net.noise_channel_names:

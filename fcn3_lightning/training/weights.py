@@ -2,50 +2,56 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import inspect
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from fcn3_lightning.io import read_checkpoint
-from fcn3_lightning.model.build import FORMAT as MODEL_FORMAT
-from fcn3_lightning.model.convert import convert_reference_state_dict, reference_to_ours
+from fcn3_lightning.forecaster import network_settings, read_network
 from fcn3_lightning.model.fcn3 import FCN3
 
-_LIGHTNING_PREFIX = "forecaster.net."
 
-
-def _network_state(blob: Any, source: str) -> tuple[dict[str, torch.Tensor], str]:
-    """The network's parameters in some layout, and which layout: "ours" or "reference"."""
-    if not isinstance(blob, Mapping):
-        raise ValueError(f"{source}: not a state dict or checkpoint")
-    if blob.get("format") == MODEL_FORMAT:  # a model file written by `convert` / save_model
-        return dict(blob["state_dict"]), "ours"
-    if "state_dict" in blob and any(k.startswith(_LIGHTNING_PREFIX) for k in blob["state_dict"]):  # a Lightning checkpoint
-        sd = blob["state_dict"]
-        return {k[len(_LIGHTNING_PREFIX) :]: v for k, v in sd.items() if k.startswith(_LIGHTNING_PREFIX)}, "ours"
-    state = blob.get("model_state", blob)  # reference checkpoints keep the weights under model_state
-    names = [k.removeprefix("module.").removeprefix("model.") for k in state]
-    if any(reference_to_ours(n) is not None and ("_conv." in n or ".fwd." in n) for n in names):
-        return dict(blob), "reference"
-    return dict(state), "ours"
+def initial_architecture(
+    configured: Mapping[str, Any], path: str | Path, channels: Sequence[str], aux_channels: Sequence[str]
+) -> dict[str, Any]:
+    """The network settings to build for ``init_from``: the source's (its weights fix the architecture), said loudly
+    where they differ from the configured ``model.net``; channels the data does not have are refused here, naming them.
+    """
+    found = network_settings(path)
+    if found is None:  # a bare state dict: its architecture is the configured one
+        return dict(configured)
+    settings, data = found
+    for key, ours, what in (("channel_names", channels, "data.channels"), ("aux_channel_names", aux_channels, "data.aux_channels")):
+        if key in data and list(data[key]) != list(ours):
+            raise ValueError(
+                f"init_from {path} was trained on the channels {list(data[key])}, but {what} is {list(ours)}: "
+                "train on data with the same channel list"
+            )
+    defaults = {k: p.default for k, p in inspect.signature(FCN3.__init__).parameters.items()}
+    merged = dict(configured)
+    changed = []
+    for key, value in settings.items():
+        before = merged.get(key, defaults.get(key))
+        if (list(before) if isinstance(before, tuple) else before) != value:
+            changed.append(f"model.net.{key}: {before!r} -> {value!r}")
+        merged[key] = value
+    if changed:
+        print(f"init_from {path}: the network is built as the source describes it: " + "; ".join(changed), flush=True)
+    return merged
 
 
 def load_initial_weights(net: FCN3, path: str | Path) -> str:
-    """Load network weights (nothing else) from ``path`` into ``net``; returns the layout found.
+    """Load network weights (nothing else) from ``path`` into ``net``; returns the layout found ("ours" or "reference").
 
-    Accepts a checkpoint of this project, a model file from ``python -m fcn3_lightning convert``, or a
-    reference-layout (Makani) state dict or checkpoint. Missing, unexpected or misshapen tensors raise
-    a ``ValueError`` naming them.
+    Accepts whatever :func:`fcn3_lightning.load_forecaster` reads: a model package folder, a checkpoint of this project,
+    a model file from ``python -m fcn3_lightning convert``, or a reference-layout (Makani) checkpoint or state dict
+    (whose architecture is then ``net``'s). Missing, unexpected or misshapen tensors raise a ``ValueError`` naming them.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"init_from: {path} does not exist")
-    blob = read_checkpoint(path, "init_from file")
-    state, layout = _network_state(blob, str(path))
-    if layout == "reference":
-        state = convert_reference_state_dict(state, net)
+    src = read_network(path, like=net)
+    state = src.state_dict
     if net.tiled:  # a network on tiles (spatial parallelism) holds its shard of the spectral weights
         from fcn3_lightning.parallel import shard_state_dict
 
@@ -64,4 +70,4 @@ def load_initial_weights(net: FCN3, path: str | Path) -> str:
             f"missing {missing}; unexpected {unexpected}; misshapen {misshapen}"
         )
     net.load_state_dict(state)
-    return layout
+    return "reference" if src.kind in ("package", "reference") else "ours"

@@ -121,6 +121,17 @@ def test_converted_model_file_is_0644(golden_dir: Path, tmp_path: Path):
     assert _mode(out) == "0o644"
 
 
+def test_exported_package_is_0755_with_0644_files(fit, tmp_path: Path):
+    cwd, _ = fit
+    out = tmp_path / "package"
+    _ok(_cli(tmp_path, 0o022, "export", "--checkpoint", str(cwd / "runs" / "latest" / "checkpoints" / "best.ckpt"), "--out", str(out)))
+    dirs = {_mode(p) for p in [out, *out.rglob("*")] if p.is_dir()}
+    files = {_mode(p) for p in out.rglob("*") if p.is_file()}
+    print(f"export under umask 022: directories {dirs}, files {files}")
+    assert (out / "training_checkpoints" / "best_ckpt_mp0.tar").is_file()
+    assert dirs == {"0o755"} and files == {"0o644"}
+
+
 def test_fit_prints_progress_lines_into_a_pipe(fit):
     """A batch job's log (stdout is a pipe): a live bar would show nothing until the end; lines show every step here
     (4 batches per epoch: a line every 10 % rounds to every batch) and every validation."""

@@ -106,7 +106,8 @@ def test_single_worker_prunes_tracks_in_mlflow_and_writes_best(tmp_path, monkeyp
     best = tmp_path / "sweeps" / "one" / "best.yaml"
     cfg = yaml.safe_load(best.read_text())
     assert cfg["model"]["lr"] == study.best_params["model.lr"] and cfg["trainer"]["max_steps"] == 4
-    assert cfg["trainer"]["logger"]["init_args"]["run_id"] is None and cfg["trainer"]["default_root_dir"] == "sweeps/one/best"
+    assert cfg["trainer"]["logger"]["init_args"]["run_id"] is None
+    assert cfg["trainer"]["default_root_dir"] is None  # a refit gets a run folder of its own
 
     client, runs = _mlflow_runs(tmp_path)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -180,9 +181,11 @@ def test_two_workers_share_a_study_and_a_rerun_continues_it(tmp_path, monkeypatc
     assert rc == 0 and "(6 trials so far)" in log and "this worker ran [6]" in log, log[-3000:]
     study = optuna.load_study(study_name="s", storage=_journal(tmp_path / "sweep.journal"))
     assert [t.number for t in study.trials] == list(range(7))
-    # the best config is a fit config as it stands
+    # the best config is a fit config as it stands, and each refit is a run of its own
     assert fcn3_main(["fit", "--config", "sweeps/s/best.yaml"]) == 0
-    assert (tmp_path / "sweeps" / "s" / "best" / "checkpoints" / "best.ckpt").is_file()
+    assert fcn3_main(["fit", "--config", "sweeps/s/best.yaml"]) == 0
+    refits = sorted((tmp_path / "runs").glob("fit-best-*"))
+    assert len(refits) == 2 and all((r / "checkpoints" / "best.ckpt").is_file() for r in refits), refits
     _, runs = _mlflow_runs(tmp_path)
     parents = [r for r in runs if r.data.tags.get("fcn3.sweep.study") == "s" and "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1  # both workers and the rerun share one parent run

@@ -112,13 +112,14 @@ def _absolute(uri: str) -> str:
 
 
 def _trial_config(
-    fit: FitConfig, cfg: dict[str, Any], params: dict[str, Any], root: Path, run_id: str | None, what: str, uri: str | None = None
+    fit: FitConfig, cfg: dict[str, Any], params: dict[str, Any], root: Path | None, run_id: str | None, what: str, uri: str | None = None
 ) -> str:
-    """The fit config of a trial (``run_id``: its nested MLflow run in the store at ``uri``), or of best.yaml (None)."""
+    """The fit config of a trial (``run_id``: its nested MLflow run in the store at ``uri``, ``root``: its folder), or
+    of best.yaml (``root`` None: each refit is a new run in a folder of its own, ``runs/fit-best-<UTC time>``)."""
     c = copy.deepcopy(cfg)
     for key, value in params.items():
         set_key(c, key, value)
-    c["trainer"]["default_root_dir"] = str(root)
+    c["trainer"]["default_root_dir"] = None if root is None else str(root)
     logger = c["trainer"]["logger"]["init_args"]
     logger["run_id"] = run_id
     if uri is not None:
@@ -232,7 +233,7 @@ def _run_trial(
             params = {key: p.suggest(trial) for key, p in spec.params.items()}
             print(f"sweep: trial {n} params {params}", flush=True)
             # best.yaml: the same config without the trial's MLflow run, training into its own directory
-            trial.set_user_attr(CONFIG_ATTR, _trial_config(fit, base_cfg, params, study_dir / "best", None, f"trial {n}"))
+            trial.set_user_attr(CONFIG_ATTR, _trial_config(fit, base_cfg, params, None, None, f"trial {n}"))
             config = _trial_config(fit, base_cfg, params, trial_dir, run_id, f"trial {n}", tracking.uri)
             run_fit(reporter, config, trial_dir)
             value = reporter.curve[max(reporter.curve)]  # the last validation's value (NaN: Optuna fails the trial)

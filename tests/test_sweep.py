@@ -56,8 +56,8 @@ def _write(path: Path, **changes) -> Path:
     return path
 
 
-def _argv(cwd: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "fcn3_lightning", "sweep", "--config", str(cwd / "tiny.yaml"), "--study-name", "s", *extra]
+def _argv(cwd: Path, *extra: str, config: str = "tiny.yaml") -> list[str]:
+    return [sys.executable, "-m", "fcn3_lightning", "sweep", "--config", str(cwd / config), "--study-name", "s", *extra]
 
 
 def _spawn(cwd: Path, name: str, argv: list[str]) -> subprocess.Popen:
@@ -65,8 +65,8 @@ def _spawn(cwd: Path, name: str, argv: list[str]) -> subprocess.Popen:
         return subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, env=ENV)
 
 
-def _start(cwd: Path, name: str, *extra: str) -> subprocess.Popen:
-    return _spawn(cwd, name, _argv(cwd, *extra))
+def _start(cwd: Path, name: str, *extra: str, config: str = "tiny.yaml") -> subprocess.Popen:
+    return _spawn(cwd, name, _argv(cwd, *extra, config=config))
 
 
 def _journal(path: Path) -> optuna.storages.BaseStorage:
@@ -195,9 +195,12 @@ def test_two_workers_share_a_study_and_a_rerun_continues_it(tmp_path, monkeypatc
 
 def test_killed_worker_trial_ends_failed_and_the_other_finishes(tmp_path):
     _write(tmp_path / "tiny.yaml")
+    # the victim's trials are long (300 steps), so it is killed in the middle of a fit, never just after one: with
+    # 4-step trials the fit after the first report lasted about a second and the poll below could miss it
+    _write(tmp_path / "victim.yaml", overrides={**TINY["overrides"], "trainer.max_steps": 300})
     storage = f"sqlite:///{tmp_path / 'sweep.db'}"
     extra = ("--n-trials", "3", "--storage", storage, "--heartbeat-interval", "1", "--grace-period", "4")
-    victim, survivor = _start(tmp_path, "victim", *extra), _start(tmp_path, "survivor", *extra)
+    victim, survivor = _start(tmp_path, "victim", *extra, config="victim.yaml"), None
     killed = None
     try:
         deadline = time.monotonic() + 300
@@ -209,12 +212,14 @@ def test_killed_worker_trial_ends_failed_and_the_other_finishes(tmp_path):
                 continue
             for t in trials:  # kill in the middle of a fit: after its first report to the pruner
                 if t.user_attrs.get("worker", "").endswith(f":{victim.pid}") and t.intermediate_values:
+                    survivor = _start(tmp_path, "survivor", *extra)  # two workers at once, the victim mid-trial
+                    time.sleep(1.0)
                     os.kill(victim.pid, signal.SIGKILL)
                     killed = t.number
     finally:
         victim.kill()
         victim.wait()
-    assert killed is not None, f"the victim never ran a trial:\n{(tmp_path / 'victim.out').read_text()[-3000:]}"
+    assert killed is not None and survivor is not None, f"the victim never ran a trial:\n{(tmp_path / 'victim.out').read_text()[-3000:]}"
     log = _finish(survivor, tmp_path, "survivor")
     study = optuna.load_study(study_name="s", storage=storage)
     states = {t.number: t.state for t in study.trials}

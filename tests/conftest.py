@@ -9,7 +9,16 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN_DIRS = [REPO / "tests" / "data" / "fcn3_reference_small", REPO.parent / "shared" / "golden" / "fcn3_reference_small"]
+DATA = REPO / "tests" / "data"
+
+
+def _tracked(folder: Path, *files: str) -> Path:
+    """A reference folder committed under tests/data (provenance in its PROVENANCE.md): a missing file is a broken
+    checkout, so the tests that need it fail rather than skip."""
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        pytest.fail(f"{folder} lacks {missing}: these reference files are part of the repository; restore them (git checkout)")
+    return folder
 
 
 @pytest.fixture(autouse=True)
@@ -20,10 +29,14 @@ def _few_threads():
 
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
-    for d in GOLDEN_DIRS:
-        if (d / "manifest.json").is_file() and (d / "state_dict.pt").is_file() and (d / "tensors.pt").is_file():
-            return d
-    pytest.skip("FCN3 reference tensors not found (tests/data/fcn3_reference_small or ../shared/golden)")
+    """The reference network's weights, input, output and activations."""
+    return _tracked(DATA / "fcn3_reference_small", "manifest.json", "state_dict.pt", "tensors.pt")
+
+
+@pytest.fixture(scope="session")
+def golden_package_dir() -> Path:
+    """A model package written by the reference code and one step of its own package inference."""
+    return _tracked(DATA / "fcn3_package_small", "package/config.json", "reference_step.pt")
 
 
 @pytest.fixture(scope="session")

@@ -24,16 +24,10 @@ from fcn3_lightning.model.fcn3 import FCN3
 from fcn3_lightning.model.noise import NoiseSettings
 from fcn3_lightning.package import PackageError, read_package
 
-REPO = Path(__file__).resolve().parents[1]
-GOLDEN = [REPO / "tests" / "data" / "fcn3_package_small", REPO.parent / "shared" / "golden" / "fcn3_package_small"]
-
 
 @pytest.fixture(scope="module")
-def golden() -> Path:
-    for d in GOLDEN:
-        if (d / "package" / "config.json").is_file() and (d / "reference_step.pt").is_file():
-            return d
-    pytest.skip("golden model package not found (tests/data/fcn3_package_small or ../shared/golden)")
+def golden(golden_package_dir: Path) -> Path:
+    return golden_package_dir
 
 
 @pytest.fixture(scope="module")

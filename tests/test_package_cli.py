@@ -21,19 +21,14 @@ from fcn3_lightning import load_forecaster
 from fcn3_lightning.channels import FCN3_CHANNELS
 from fcn3_lightning.data import WB2Store, compute_stats
 
-REPO = Path(__file__).resolve().parents[1]
-GOLDEN = [REPO / "tests" / "data" / "fcn3_package_small" / "package", REPO.parent / "shared" / "golden" / "fcn3_package_small" / "package"]
 ENV = {**os.environ, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false", "COLUMNS": "200"}
 TRAIN = ("2019-01-01", "2019-01-02T18")
 VALID = ("2019-01-03", "2019-01-04T18")
 
 
 @pytest.fixture(scope="module")
-def package() -> Path:
-    for d in GOLDEN:
-        if (d / "config.json").is_file():
-            return d
-    pytest.skip("golden model package not found (tests/data/fcn3_package_small or ../shared/golden)")
+def package(golden_package_dir: Path) -> Path:
+    return golden_package_dir / "package"
 
 
 @pytest.fixture(scope="module")

@@ -449,6 +449,57 @@ def _reference_network(
     return NetworkFile(kind, package.path if package is not None else checkpoint, kwargs, state, {}, package)
 
 
+#: the key under which a checkpoint of this project embeds its model inputs (statistics, static fields)
+INPUTS_KEY = "model_inputs"
+
+
+@dataclass
+class ModelInputs:
+    """What a network was trained with besides its weights: the statistics and normalisation modes of its channels
+    and the raw static fields (surface geopotential, land-sea mask in [0, 1]) on its grid (90N first)."""
+
+    stats: ChannelStats
+    normalization: dict[str, str]
+    orography: np.ndarray | None = None
+    land_sea_mask: np.ndarray | None = None
+    source: str = ""
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        arr = {
+            k: None if v is None else torch.from_numpy(np.ascontiguousarray(v))
+            for k, v in (("orography", self.orography), ("land_sea_mask", self.land_sea_mask))
+        }
+        return {"stats": asdict(self.stats), "normalization": dict(self.normalization), "source": self.source, **arr}
+
+    @classmethod
+    def from_checkpoint(cls, blob: Mapping[str, Any]) -> ModelInputs:
+        arr = {k: None if blob.get(k) is None else np.asarray(blob[k]) for k in ("orography", "land_sea_mask")}
+        return cls(ChannelStats(**blob["stats"]), dict(blob["normalization"]), source=str(blob.get("source", "")), **arr)
+
+
+def model_inputs(path: str | Path) -> ModelInputs | None:
+    """The statistics and static fields a source was trained with, where it carries them (a model package, a model
+    file from ``convert``, a checkpoint of this project that embeds them); None otherwise. Reads no weights."""
+    path = Path(path)
+    if path.is_dir():
+        if not is_package(path):
+            return None
+        pkg = read_package(path)
+        return ModelInputs(pkg.stats, dict(pkg.normalization), pkg.orography, pkg.land_sea_mask, f"model package {pkg.path}")
+    blob = _load(path)
+    if not isinstance(blob, dict):
+        return None
+    if blob.get("format") == FORMAT:
+        arr = {k: None if blob.get(k) is None else np.asarray(blob[k]) for k in ("orography", "land_sea_mask")}
+        stats = ChannelStats(**blob["stats"])
+        modes = blob.get("normalization") or default_modes(blob["config"]["channel_names"])
+        return ModelInputs(stats, dict(modes), source=f"model file {path}", **arr)
+    if isinstance(blob.get(INPUTS_KEY), Mapping):
+        return ModelInputs.from_checkpoint(blob[INPUTS_KEY])
+    package = _package_of(path)
+    return model_inputs(package) if package is not None else None
+
+
 def load_forecaster(
     path: str | Path,
     device: str | torch.device | None = None,
@@ -614,6 +665,25 @@ def _from_store(src: NetworkFile, data_path: str | Path | None, stats_path: str 
     elif tuple(kwargs["inp_shape"]) != store.shape:
         raise ValueError(f"the network's grid {tuple(kwargs['inp_shape'])} differs from the data store's {store.shape} ({store.path})")
 
+    embedded = src.blob.get(INPUTS_KEY) if src.kind == "lightning" and not stats_path else None
+    if isinstance(embedded, Mapping):  # a fine-tuned checkpoint: what it was trained with travels with it
+        inputs = ModelInputs.from_checkpoint(embedded)
+        inputs.stats.check_compatible(channels, store.lat, store.lon, where=f"{src.path} (embedded statistics)")
+        return _build(
+            src,
+            kwargs,
+            stats=inputs.stats,
+            normalization=inputs.normalization,
+            lat=store.lat,
+            lon=store.lon,
+            step_hours=step_hours,
+            noise=noise if sum(a.startswith("xnoise") for a in aux) else None,
+            conventions=PROJECT,
+            orography=inputs.orography,
+            land_sea_mask=inputs.land_sea_mask,
+            source={"kind": src.kind, "path": str(src.path.resolve()), "files": [str(src.path.resolve())], "data": str(store.path)}
+            | ({"members": int(members)} if members else {}),
+        )
     # the normaliser the network was trained with: the checkpoint's statistics where they can be found
     candidates = [Path(stats_path)] if stats_path else []
     if not stats_path:

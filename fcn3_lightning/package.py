@@ -37,7 +37,12 @@ import torch
 from fcn3_lightning.data.conventions import REFERENCE_PACKAGE, InputConventions
 from fcn3_lightning.data.stats import ChannelStats
 from fcn3_lightning.io import give_default_mode
-from fcn3_lightning.model.convert import kwargs_to_reference_config, ours_to_reference_state_dict, reference_config_to_kwargs
+from fcn3_lightning.model.convert import (
+    EXTENSION_KEYS,
+    kwargs_to_reference_config,
+    ours_to_reference_state_dict,
+    reference_config_to_kwargs,
+)
 from fcn3_lightning.model.noise import NoiseSettings
 
 CONFIG = "config.json"
@@ -283,7 +288,7 @@ def package_config(
     """``config.json`` for a model: ``base`` (a loaded package's own config, so a round trip keeps every key the
     reference wrote) updated with everything the reference loader and Earth2Studio read."""
     config = copy.deepcopy(dict(base or {}))
-    for key in FORBIDDEN_KEYS:
+    for key in (*FORBIDDEN_KEYS, *EXTENSION_KEYS):  # the extension settings are written anew (or not at all) below
         config.pop(key, None)
     config.update(kwargs_to_reference_config(net_kwargs))
     channels = list(net_kwargs["channel_names"])

@@ -24,8 +24,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from fcn3_lightning.channels import FCN3_AUX_CHANNELS, FCN3_CHANNELS, check_aux_channels
-from fcn3_lightning.data.statics import static_fields
-from fcn3_lightning.data.stats import ChannelStats, Normalizer, compute_stats
+from fcn3_lightning.data.statics import LAND_SEA_MASK_VARIABLE, OROGRAPHY_VARIABLE, STATIC_AUX, static_channels
+from fcn3_lightning.data.stats import ChannelStats, Normalizer, check_units, compute_stats, default_modes, merge_statistics
 from fcn3_lightning.data.store import WB2Store
 from fcn3_lightning.data.zenith import cos_zenith
 from fcn3_lightning.paths import local_path
@@ -161,6 +161,8 @@ class WB2DataModule(L.LightningDataModule):
         self.lat, self.lon = slice(None), slice(None)
         self._store: WB2Store | None = None
         self._normalizer: Normalizer | None = None
+        self._stats: tuple[ChannelStats, dict[str, str]] | None = None  # a model's own (fine-tuning), else the store's
+        self._raw_static: tuple[np.ndarray | None, np.ndarray | None] | None = None
         self.datasets: dict[str, ForecastDataset] = {}
 
     # --- the store, statistics and static fields ---------------------------------------------------
@@ -182,22 +184,59 @@ class WB2DataModule(L.LightningDataModule):
             return Path(self.hparams.stats_path)
         return self.store.path.with_name(self.store.path.name + ".stats.json")
 
+    def data_statistics(self) -> ChannelStats:
+        """The store's statistics file (``stats_path``), checked against the channels and the grid."""
+        path = self.stats_path
+        if not path.is_file() and self.default_world:  # the default world computes its own, once
+            start, end = self.ranges["train"]
+            compute_stats(self.store, start, end).save(path)
+        stats = ChannelStats.load(path)
+        stats.check_compatible(self.channels, self.store.lat, self.store.lon, where=str(path))
+        return stats
+
+    @property
+    def statistics(self) -> tuple[ChannelStats, dict[str, str]]:
+        """The statistics and normalisation modes the samples are normalised with."""
+        if self._stats is None:
+            self._stats = (self.data_statistics(), default_modes(self.channels))
+        return self._stats
+
     @property
     def normalizer(self) -> Normalizer:
         if self._normalizer is None:
-            path = self.stats_path
-            if not path.is_file() and self.default_world:  # the default world computes its own, once
-                start, end = self.ranges["train"]
-                compute_stats(self.store, start, end).save(path)
-            stats = ChannelStats.load(path)
-            stats.check_compatible(self.channels, self.store.lat, self.store.lon, where=str(path))
-            self._normalizer = stats.normalizer(self.channels)
+            stats, modes = self.statistics
+            self._normalizer = stats.normalizer(self.channels, modes)
         return self._normalizer
+
+    def use_model_statistics(self, stats: ChannelStats, modes: dict[str, str], source: str) -> list[str]:
+        """Normalise as a model was trained (fine-tuning): its statistics and modes for the channels it has, the
+        store's for the others; the tendency statistics (loss weights) stay the store's. A channel whose scale differs
+        from the model's by orders of magnitude (other units) raises here. Returns the channels taken from the store."""
+        data = self.data_statistics()
+        check_units(data, stats, [c for c in self.channels if c in stats.channels], source, str(self.stats_path))
+        merged, new = merge_statistics(stats, data, self.channels)
+        self._stats = (merged, {c: modes.get(c, default_modes([c])[c]) if c not in new else default_modes([c])[c] for c in self.channels})
+        self._normalizer = None
+        self.datasets.clear()
+        return new
+
+    def use_static_fields(self, orography: np.ndarray | None, land_sea_mask: np.ndarray | None) -> None:
+        """Raw static fields (surface geopotential, land-sea mask) to use instead of the store's: a model's own."""
+        self._raw_static = (orography, land_sea_mask)
+
+    def raw_static_fields(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The raw (orography, land-sea mask) the auxiliary channels are made from (None where none is needed)."""
+        if self._raw_static is not None:
+            return self._raw_static
+        wanted = set(self.aux_channels) & set(STATIC_AUX)
+        oro = self.store.read_static(OROGRAPHY_VARIABLE) if "xoro" in wanted else None
+        lsm = self.store.read_static(LAND_SEA_MASK_VARIABLE) if wanted & {"xlsml", "xlsms"} else None
+        return oro, lsm
 
     @property
     def static(self) -> torch.Tensor:
         """Static auxiliary channels (orography, land-sea one-hot) of the current tile: ``(S, h, w)``."""
-        full = static_fields(self.store, self.aux_channels)
+        full = static_channels(self.aux_channels, self.store.shape, *self.raw_static_fields())
         return torch.from_numpy(np.ascontiguousarray(full[:, self.lat, self.lon]))
 
     def set_tile(self, lat: slice, lon: slice) -> None:

@@ -110,6 +110,65 @@ class ChannelStats:
         return Normalizer(list(channels), offset, scale, tendency)
 
 
+#: a channel whose spread in the data differs from a model's statistics by this factor or more is in other units
+UNITS_FACTOR = 5.0
+_UNIT_HINTS = (
+    (9.80665, "geopotential height (m) vs geopotential (m2 s-2)"),
+    (100.0, "Pa vs hPa"),
+    (1000.0, "kg kg-1 vs g kg-1, or m vs mm"),
+)
+
+
+def check_units(data: ChannelStats, model: ChannelStats, channels: Sequence[str], model_source: str, data_source: str) -> None:
+    """Refuse data whose channels are in other units than a model's statistics (its spread differs by a factor of
+    ``UNITS_FACTOR`` or more), naming each channel, both figures and the likely mix-up; say loudly (without refusing)
+    where the spread agrees but the mean lies more than 10 of the model's standard deviations away (an offset
+    such as K vs degC, or another climate)."""
+    bad, far = [], []
+    for c in channels:
+        i, j = data.channels.index(c), model.channels.index(c)
+        ds, ms = float(data.std[i]), float(model.std[j])
+        ratio = ds / ms if ms > 0 else float("inf")
+        if not 1 / UNITS_FACTOR < ratio < UNITS_FACTOR:
+            hint = next((h for f, h in _UNIT_HINTS if abs(np.log(max(ratio, 1 / ratio) / f)) < 0.2), None)
+            bad.append(
+                f"{c}: std {ds:.4g} in the data, {ms:.4g} in the model's statistics (x{ratio:.3g})"
+                + (f", as between {hint}" if hint else "")
+            )
+        elif abs(float(data.mean[i]) - float(model.mean[j])) > 10 * ms:
+            far.append(f"{c} (mean {float(data.mean[i]):.4g} vs {float(model.mean[j]):.4g}, std {ms:.4g})")
+    if bad:
+        raise ValueError(
+            f"the data ({data_source}) and the model ({model_source}) disagree in units: " + "; ".join(bad) + ". Convert the "
+            "data to the model's units (the model's statistics define what its inputs mean)"
+        )
+    if far:
+        print(
+            f"WARNING: the data ({data_source}) lies far from the model's statistics ({model_source}) for {', '.join(far)}: "
+            "same spread, another mean. Check the units (e.g. K vs degC); the model normalises these channels as it was trained",
+            flush=True,
+        )
+
+
+def merge_statistics(model: ChannelStats, data: ChannelStats, channels: Sequence[str]) -> tuple[ChannelStats, list[str]]:
+    """Statistics of ``channels``: a model's where it has the channel, the data's for the others (new channels); the
+    tendency statistics are always the data's (they weight the loss on this data). Returns them and the new channels."""
+    new = [c for c in channels if c not in model.channels]
+    out = ChannelStats(
+        list(channels),
+        dict(data.grid),
+        {"model": dict(model.source), "data": dict(data.source), "from_data": new},
+    )
+    for key in ("mean", "std", "min", "max"):
+        setattr(
+            out, key, [float(getattr(data if c in new else model, key)[(data if c in new else model).channels.index(c)]) for c in channels]
+        )
+    for key in ("time_diff_mean", "time_diff_std"):
+        values = getattr(data, key)
+        setattr(out, key, [float(values[data.channels.index(c)]) for c in channels] if values else [])
+    return out, new
+
+
 def default_modes(channels: Sequence[str]) -> dict[str, str]:
     """This project's normalisation rule: "minmax" for the water channels (q*, r*, tcwv), "zscore" otherwise."""
     return {c: "minmax" if parse_channel(c).is_water else "zscore" for c in channels}

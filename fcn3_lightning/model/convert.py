@@ -55,6 +55,9 @@ _DIRECT_KEYS = (
     "atmo_embed_dim", "surf_embed_dim", "aux_embed_dim", "num_layers", "sfno_block_frequency", "kernel_shape",
     "filter_basis_type", "filter_basis_norm_mode", "mlp_ratio", "layer_scale", "clamp_water",
 )  # fmt: skip
+#: settings of this project beyond the reference (set by channel mapping, see model/channel_map.py): written to a
+#: config.json only when set, read back by this project; the reference code ignores them and would build another net
+EXTENSION_KEYS = ("mlp_hidden_channels", "encoder_groups")
 
 
 #: reference network types this converter reproduces (the package's ``nettype``)
@@ -92,7 +95,7 @@ def reference_config_to_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"reference out_shape {config['out_shape']} differs from the input grid {shape}; FCN3 predicts on its input grid")
     if "channel_names" not in config:
         raise ValueError("reference config lacks ['channel_names']")
-    kwargs = {k: config[k] for k in _DIRECT_KEYS if k in config}
+    kwargs = {k: config[k] for k in _DIRECT_KEYS + EXTENSION_KEYS if config.get(k) is not None}
     kwargs["inp_shape"] = shape
     return kwargs
 
@@ -108,6 +111,7 @@ def kwargs_to_reference_config(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     if full.get("water_channels") is not None:
         raise ValueError("water_channels other than the reference rule (q*, r*, tcwv) cannot be written to a reference config")
     out: dict[str, Any] = {k: _plain(full[k]) for k in _DIRECT_KEYS if k != "inp_shape"}
+    out.update({k: _plain(full[k]) for k in EXTENSION_KEYS if full.get(k) is not None})
     nlat, nlon = (int(s) for s in full["inp_shape"])
     for suffix in ("", "_resampled"):
         out[f"img_shape_x{suffix}"], out[f"img_shape_y{suffix}"] = nlat, nlon

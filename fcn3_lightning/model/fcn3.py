@@ -10,7 +10,7 @@ apply grouped DISCO convolutions; water channels are soft-clamped at zero.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -81,10 +81,10 @@ class ProcessorBlock(nn.Module):
     cover the latent channels only.
     """
 
-    def __init__(self, filter_: nn.Module, in_channels: int, out_channels: int, mlp_ratio: float, layer_scale: bool):
+    def __init__(self, filter_: nn.Module, in_channels: int, out_channels: int, hidden_channels: int, layer_scale: bool):
         super().__init__()
         self.filter = filter_
-        self.mlp = MLP(in_channels, int(mlp_ratio * in_channels), out_channels)
+        self.mlp = MLP(in_channels, hidden_channels, out_channels)
         self.out_channels = out_channels
         # LayerScale initialised at 0.1; without it the residual branch enters at full strength
         self.layer_scale = nn.Parameter(torch.full((out_channels,), 0.1)) if layer_scale else None
@@ -119,9 +119,15 @@ class FCN3(nn.Module):
         filter_basis_type: DISCO filter basis ("morlet" = torch-harmonics' unnormalised harmonic basis).
         filter_basis_norm_mode: DISCO basis normalisation ("mean" in FCN3).
         mlp_ratio: MLP hidden width relative to the block input width.
+        mlp_hidden_channels: hidden width of the blocks' MLPs; None: ``int(mlp_ratio * width)`` (the reference). Set
+            when weights are mapped onto another channel list (:mod:`fcn3_lightning.model.channel_map`), which keeps
+            the source's hidden units while the block width changes.
         layer_scale: multiply the residual branch by a learned per-channel scale (init 0.1).
         clamp_water: soft-clamp water channels at zero.
         water_channels: names of the water channels; None uses the reference rule (q*, r*, tcwv).
+        encoder_groups: groups of the grouped DISCO convolutions by module name (``atmo_encoder``, ``surf_encoder``,
+            ``aux_encoder``, ``atmo_decoder``, ``surf_decoder``); a module not named uses the reference rule,
+            gcd(in, out). Channel mapping sets 1 (dense) where a new channel list breaks the source's grouping.
         layers: factory of the spherical layers (serial, or distributed for spatial parallelism).
     """
 
@@ -145,6 +151,8 @@ class FCN3(nn.Module):
         layer_scale: bool = True,
         clamp_water: bool = True,
         water_channels: Sequence[str] | None = None,
+        mlp_hidden_channels: int | None = None,
+        encoder_groups: Mapping[str, int] | None = None,
         layers: SphericalLayers | None = None,
     ):
         super().__init__()
@@ -194,7 +202,9 @@ class FCN3(nn.Module):
         block_cutoff = fcn3_theta_cutoff(latent[0], self.kernel_shape, factor=2.0)
         disco = dict(kernel_shape=self.kernel_shape, basis_type=filter_basis_type, basis_norm_mode=filter_basis_norm_mode)
 
-        def encoder(n_in: int, n_out: int) -> Encoder | None:
+        groups = _check_groups(encoder_groups)
+
+        def encoder(name: str, n_in: int, n_out: int) -> Encoder | None:
             if n_out == 0:
                 return None
             conv = layers.disco(
@@ -202,7 +212,7 @@ class FCN3(nn.Module):
                 n_out,
                 data,
                 latent,
-                groups=math.gcd(n_in, n_out),
+                groups=_groups(groups, name, n_in, n_out),
                 grid_in=model_grid_type,
                 grid_out=sht_grid_type,
                 theta_cutoff=enc_cutoff,
@@ -210,7 +220,7 @@ class FCN3(nn.Module):
             )
             return Encoder(conv)
 
-        def decoder(n_in: int, n_out: int) -> Decoder | None:
+        def decoder(name: str, n_in: int, n_out: int) -> Decoder | None:
             if n_in == 0:
                 return None
             resample = layers.resample(latent, data, grid_in=sht_grid_type, grid_out=model_grid_type)
@@ -219,7 +229,7 @@ class FCN3(nn.Module):
                 n_out,
                 data,
                 data,
-                groups=math.gcd(n_in, n_out),
+                groups=_groups(groups, name, n_in, n_out),
                 grid_in=model_grid_type,
                 grid_out=model_grid_type,
                 theta_cutoff=enc_cutoff,
@@ -227,11 +237,14 @@ class FCN3(nn.Module):
             )
             return Decoder(resample, conv)
 
-        self.atmo_encoder = encoder(n_level_vars, atmo_embed_dim)
-        self.surf_encoder = encoder(n_surf, surf_embed_dim)
-        self.aux_encoder = encoder(n_aux, aux_embed_dim)
+        self.atmo_encoder = encoder("atmo_encoder", n_level_vars, atmo_embed_dim)
+        self.surf_encoder = encoder("surf_encoder", n_surf, surf_embed_dim)
+        self.aux_encoder = encoder("aux_encoder", n_aux, aux_embed_dim)
 
         width = self.latent_channels + aux_embed_dim
+        hidden = int(mlp_ratio * width) if mlp_hidden_channels is None else int(mlp_hidden_channels)
+        if hidden < 1:
+            raise ValueError(f"the blocks' MLP hidden width must be positive, got {hidden} (mlp_ratio / mlp_hidden_channels)")
         blocks = []
         for i in range(num_layers):
             if i % sfno_block_frequency == 0:
@@ -248,11 +261,11 @@ class FCN3(nn.Module):
                     theta_cutoff=block_cutoff,
                     **disco,
                 )
-            blocks.append(ProcessorBlock(filter_, width, self.latent_channels, mlp_ratio, layer_scale))
+            blocks.append(ProcessorBlock(filter_, width, self.latent_channels, hidden, layer_scale))
         self.blocks = nn.ModuleList(blocks)
 
-        self.atmo_decoder = decoder(atmo_embed_dim, n_level_vars)
-        self.surf_decoder = decoder(surf_embed_dim, n_surf)
+        self.atmo_decoder = decoder("atmo_decoder", atmo_embed_dim, n_level_vars)
+        self.surf_decoder = decoder("surf_decoder", surf_embed_dim, n_surf)
 
     @property
     def n_channels(self) -> int:
@@ -318,6 +331,26 @@ def _check_shape(name: str, shape: Sequence[int]) -> tuple[int, int]:
     if len(shape) != 2 or min(shape) < 1:
         raise ValueError(f"{name} must be (nlat, nlon) with positive sizes, got {shape}")
     return shape  # type: ignore[return-value]
+
+
+#: the grouped DISCO convolutions whose groups ``encoder_groups`` may set
+GROUPED_MODULES = ("atmo_encoder", "surf_encoder", "aux_encoder", "atmo_decoder", "surf_decoder")
+
+
+def _check_groups(groups: Mapping[str, int] | None) -> dict[str, int]:
+    groups = dict(groups or {})
+    unknown = sorted(set(groups) - set(GROUPED_MODULES))
+    if unknown:
+        raise ValueError(f"encoder_groups: unknown module(s) {unknown}; known: {list(GROUPED_MODULES)}")
+    return {k: int(v) for k, v in groups.items()}
+
+
+def _groups(groups: Mapping[str, int], name: str, n_in: int, n_out: int) -> int:
+    """The reference's rule gcd(in, out), or the explicit number, which must divide both."""
+    g = groups.get(name, math.gcd(n_in, n_out))
+    if g < 1 or n_in % g or n_out % g:
+        raise ValueError(f"encoder_groups[{name!r}]={g} must divide both its input ({n_in}) and output ({n_out}) channels")
+    return g
 
 
 def _check_grid(name: str, grid: str, allowed: Sequence[str]) -> None:

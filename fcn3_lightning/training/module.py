@@ -19,14 +19,19 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import MLFlowLogger
 
+from fcn3_lightning.forecaster import INPUTS_KEY, ModelInputs, model_inputs
 from fcn3_lightning.losses import CRPS_KINDS, EnsembleCRPSLoss, channel_weights, check_ensemble_size, crps_ensemble, quadrature_weights
 from fcn3_lightning.metrics.suite import DEFAULT_SCORES, PROVIDERS, ValidationScores, lead_label
 from fcn3_lightning.model.build import model_kwargs
+from fcn3_lightning.model.channel_map import MappingReport
 from fcn3_lightning.model.fcn3 import FCN3
 from fcn3_lightning.model.noise import NoiseStreams, SphericalDiffusionNoise
 from fcn3_lightning.parallel import DistributedEnsembleCRPSLoss, ProcessMesh, all_reduce_, gather_members, split_slice
+from fcn3_lightning.training.ema import WeightAverage
 from fcn3_lightning.training.forecaster import EnsembleForecaster, keyed_streams
+from fcn3_lightning.training.parameters import freeze, optimizer_groups, warmup_factor
 from fcn3_lightning.training.weights import initial_architecture, load_initial_weights
 
 # Lightning recommends sync_dist=True for epoch-level values (warning at epoch end, once per value and rank); the
@@ -61,6 +66,13 @@ class FCN3Module(L.LightningModule):
         init_from: weights to start from (weights only): a model package folder (the published FCN3), a checkpoint
             of this project, a model file from ``convert``, or a reference-layout (Makani) state dict / checkpoint.
             Where the source describes its network, that architecture is built (differences from ``net`` printed).
+        freeze: name patterns of network parameters that do not train (``blocks.0.*``, ``*_encoder.*``; ``@new``: what
+            channel mapping added); they get no gradients and no optimizer state. A pattern matching nothing is an error.
+        param_groups: optimizer groups with their own settings, e.g. ``[{"params": ["@new"], "lr": 1e-3}]``; the
+            parameters no group matches train at ``lr``.
+        warmup_steps: linear learning-rate warm-up over the first optimizer steps (0: none), on top of the scheduler.
+        ema_decay: keep an exponential moving average of the trainable weights with this decay (None: off); validation,
+            checkpoints (and so ``predict`` and ``export``) use the average, training the raw weights.
         log_channels: headline channels whose WeatherBench2 scores are logged per lead time (default: all if
             <= 9, else the headline variables present).
         val_scores: which WB2 scores to log for them, in physical units (names of
@@ -93,6 +105,10 @@ class FCN3Module(L.LightningModule):
         weight_decay: float = 0.0,
         scheduler: dict[str, Any] | None = None,
         init_from: str | None = None,
+        freeze: list[str] | None = None,
+        param_groups: list[dict[str, Any]] | None = None,
+        warmup_steps: int = 0,
+        ema_decay: float | None = None,
         log_channels: list[str] | None = None,
         val_scores: list[str] | None = None,
     ):
@@ -117,7 +133,11 @@ class FCN3Module(L.LightningModule):
             raise ValueError(f"model.val_scores: unknown scores {unknown}; choose from {sorted(PROVIDERS)}")
         if scheduler is not None and scheduler.get("name") not in ("plateau", "step"):
             raise ValueError(f"model.scheduler.name must be 'plateau' or 'step', got {scheduler.get('name')!r}")
+        if warmup_steps < 0:
+            raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
         self.forecaster: EnsembleForecaster | None = None
+        self.ema: WeightAverage | None = None
+        self.mapping: MappingReport | None = None
         self.loss_fn: EnsembleCRPSLoss | DistributedEnsembleCRPSLoss | None = None
         self.mesh: ProcessMesh | None = None
 
@@ -138,6 +158,8 @@ class FCN3Module(L.LightningModule):
             layers = strategy.layers_factory()
             if mesh.sizes.model > 1:
                 dm.set_tile(*mesh.tile(dm.store.shape))  # every sample is read on this rank's tile only
+        if self.hparams.init_from:
+            self._adopt_inputs(dm)
         self.build(dm.channels, dm.aux_channels, dm.store.shape, dm.normalizer, layers=layers)
         self.register_buffer("static", dm.static, persistent=False)
         lead_hours = [(s + 1) * dm.hparams.step_hours for s in range(dm.hparams.valid_rollout)]
@@ -153,6 +175,29 @@ class FCN3Module(L.LightningModule):
             tile=tile if sharded else None,
             spatial_group=getattr(self.trainer.strategy, "spatial_group", None),
         )
+
+    def _adopt_inputs(self, dm: Any) -> None:
+        """Normalise the data and make the static inputs as the source model was trained (its statistics for the
+        channels it has, its orography and land-sea mask where it carries them)."""
+        path = self.hparams.init_from
+        inputs = model_inputs(path)
+        if inputs is None:
+            print(
+                f"WARNING: init_from {path} carries no statistics: the data's own ({dm.stats_path}) normalise every channel, "
+                "which is right only if they are what the source was trained with",
+                flush=True,
+            )
+            return
+        new = dm.use_model_statistics(inputs.stats, inputs.normalization, inputs.source)
+        print(
+            f"init_from {path}: channels normalised with the statistics of the {inputs.source}"
+            + (f"; new channels {new} with the data's" if new else ""),
+            flush=True,
+        )
+        needs = {"xoro": inputs.orography, "xlsml": inputs.land_sea_mask, "xlsms": inputs.land_sea_mask}
+        if any(a in needs for a in dm.aux_channels) and all(needs[a] is not None for a in dm.aux_channels if a in needs):
+            dm.use_static_fields(inputs.orography, inputs.land_sea_mask)
+            print(f"init_from {path}: orography and land-sea mask from the {inputs.source}", flush=True)
 
     def build(
         self, channels: list[str], aux_channels: list[str], shape: tuple[int, int], normalizer: Any, layers: Any | None = None
@@ -173,7 +218,7 @@ class FCN3Module(L.LightningModule):
         extra = {} if layers is None else {"layers": layers}
         if hp.init_from:
             # the source's weights fix the architecture; the checkpoint's hyper-parameters must describe what is built
-            self.net_kwargs = initial_architecture(self.net_kwargs, hp.init_from, channels, aux_channels)
+            self.net_kwargs = initial_architecture(self.net_kwargs, hp.init_from, channels, aux_channels, shape)
             self.hparams["net"] = dict(self.net_kwargs)
         net = FCN3(inp_shape=shape, channel_names=channels, aux_channel_names=aux_channels, **self.net_kwargs, **extra)
         noise = None
@@ -188,7 +233,25 @@ class FCN3Module(L.LightningModule):
             )
         self.forecaster = EnsembleForecaster(net, noise)
         if hp.init_from:
-            load_initial_weights(net, hp.init_from)
+            settings = {
+                "inp_shape": list(shape),
+                "channel_names": list(channels),
+                "aux_channel_names": list(aux_channels),
+                **self.net_kwargs,
+            }
+            self.mapping = load_initial_weights(net, hp.init_from, settings)
+            if self.mapping is not None:
+                print(f"init_from {hp.init_from}: channel mapping\n  " + "\n  ".join(self.mapping.lines()), flush=True)
+        new = (self.mapping.extended + self.mapping.new) if self.mapping is not None else []
+        if hp.freeze:
+            frozen = freeze(net, hp.freeze, new)
+            n_frozen = sum(p.numel() for p in net.parameters() if not p.requires_grad)
+            print(
+                f"model.freeze: {len(frozen)} tensors frozen ({n_frozen:,} parameters)",
+                flush=True,
+            )
+        self._new_tensors = new
+        self.ema = WeightAverage(net, hp.ema_decay) if hp.ema_decay is not None else None
         weights = channel_weights(channels, normalizer.scale, normalizer.time_diff_std, mode=hp.channel_weighting)
         loss_kw = dict(
             kind=hp.crps,
@@ -330,7 +393,8 @@ class FCN3Module(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        opt = torch.optim.Adam(self.parameters(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay)
+        groups = optimizer_groups(self.net, hp.param_groups, hp.lr, self._new_tensors)
+        opt = torch.optim.Adam(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay)
         if not hp.scheduler:
             return opt
         cfg = dict(hp.scheduler)
@@ -340,6 +404,60 @@ class FCN3Module(L.LightningModule):
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val/loss", "interval": "epoch"}}
         sched = torch.optim.lr_scheduler.StepLR(opt, **{"step_size": 4, "gamma": 0.5, **cfg})
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        # warm-up scales the scheduled rates for this step only, so it composes with any scheduler (and a resume)
+        factor = warmup_factor(self.trainer.global_step, self.hparams.warmup_steps)
+        scheduled = [g["lr"] for g in optimizer.param_groups]
+        for g in optimizer.param_groups:
+            g["lr"] *= factor
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        finally:
+            for g, lr in zip(optimizer.param_groups, scheduled, strict=True):
+                g["lr"] = lr
+        if self.ema is not None:
+            self.ema.update(self.net)
+
+    # --- the weight average: validation and checkpoints see it, training the raw weights --------------
+
+    def on_validation_start(self) -> None:
+        if self.ema is not None:
+            self.ema.swap(self.net)
+
+    def on_validation_end(self) -> None:
+        if self.ema is not None:
+            self.ema.swap(self.net)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        dm = self.trainer.datamodule
+        stats, modes = dm.statistics
+        oro, lsm = dm.raw_static_fields()
+        source = f"checkpoint inputs of {dm.hparams.data_path or 'the default world'}"
+        checkpoint[INPUTS_KEY] = ModelInputs(stats, modes, oro, lsm, source).to_checkpoint()
+        if self.ema is not None:  # the network's keys hold the average (what predict/export read), the raw weights aside
+            sd = checkpoint["state_dict"]
+            for buf, net in self.ema.checkpoint_keys("ema.", "forecaster.net."):
+                sd[buf], sd[net] = sd[net], sd[buf]
+            checkpoint["ema_in_network_keys"] = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("ema_in_network_keys"):
+            if self.ema is None:
+                raise ValueError("this checkpoint was trained with model.ema_decay; resume it with the same setting")
+            sd = checkpoint["state_dict"]
+            for buf, net in self.ema.checkpoint_keys("ema.", "forecaster.net."):
+                sd[buf], sd[net] = sd[net], sd[buf]
+
+    def on_fit_start(self) -> None:
+        self._log_mapping()
+
+    def _log_mapping(self) -> None:
+        logger = self.logger
+        if self.mapping is None or not isinstance(logger, MLFlowLogger) or not self.trainer.is_global_zero:
+            return
+        logger.experiment.log_dict(logger.run_id, self.mapping.to_dict(), "init_from/channel_mapping.json")
+        logger.experiment.log_text(logger.run_id, "\n".join(self.mapping.lines()) + "\n", "init_from/channel_mapping.txt")
 
     @property
     def net(self) -> FCN3:

@@ -213,6 +213,13 @@ class _Planner:
         ds = open_store(source, "truth (obs)")
         if "time" not in ds.dims:
             raise ValueError(f"{where} has no 'time' dimension (dims {dict(ds.sizes)})")
+        member = [d for d in MEMBER_DIMS if d in ds.dims]
+        if member:  # scoring against one of several analyses is a choice evaluate must not make silently
+            raise ValueError(
+                f"{where} has an ensemble-member dimension {member[0]!r} ({ds.sizes[member[0]]} members): evaluate scores against one "
+                "truth per time. Convert one member into its own store: convert_cfgrib_to_wb2(src, dst, member=0) "
+                "(python -m fcn3_lightning convert-era5 DST --member 0)"
+            )
         ds = ascending_latitude(ds, where)
         self.obs = align_grid(ds, self.lat, self.lon, where)
         self.obs_where = where

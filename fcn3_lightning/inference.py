@@ -183,6 +183,7 @@ def load_predictor(
         store = WB2Store(data, forecaster.channels, step_hours=forecaster.step_hours)
     except ValueError as e:
         raise ValueError(f"the data store {data} does not hold what {checkpoint} needs: {e}") from e
+    store.require_single_member("predict (the initial condition of each forecast)")
     if store.shape != forecaster.shape or not (
         np.allclose(store.lat, forecaster.lat, atol=1e-6) and np.allclose(store.lon, forecaster.lon, atol=1e-6)
     ):

@@ -6,7 +6,11 @@ A sample is a dict of float32 tensors (normalised), for one input time ``t``::
     target  (n, C, h, w)     states at t + k * step, k = 1..n
     zenith  (n + 1, h, w)    cos zenith at t and at every target time (the aux input of each step)
     time    ()               t as int64 nanoseconds since 1970 (UTC)
-    index   ()               the sample's index in its split
+    index   ()               the sample's index in its split (unique: it keys the sample's noise streams)
+
+A store with an ensemble-member dimension ``number`` (several equally plausible analyses of the same
+times, e.g. the ERA5 EDA members) serves every (member, input time) pair as a sample, its input and
+targets from that one member: see :class:`ForecastDataset`.
 
 ``h, w`` are the whole grid or a latitude/longitude tile (spatial model parallelism reads only its
 tile). Static auxiliary fields (orography, land-sea mask) are the same for every sample:
@@ -33,7 +37,14 @@ from fcn3_lightning.training.sampler import EpochShuffleSampler
 
 
 class ForecastDataset(Dataset):
-    """Samples whose input and every target lie in ``start .. end`` of the store."""
+    """Samples whose input and every target lie in ``start .. end`` of the store.
+
+    On a store with ensemble members (:attr:`WB2Store.members`) every member is a sample source of its own
+    (members as extra samples), member-major: sample ``index`` is member ``index // n_times`` at input time
+    ``starts[index % n_times]``, with ``n_times = len(starts)``. Member 0's samples keep the indices (and so
+    the noise streams) they would have in a store of that member alone. Input and targets of a sample always
+    come from its member; ``time`` is the input's valid time, so the members of one time share it.
+    """
 
     def __init__(
         self,
@@ -67,14 +78,23 @@ class ForecastDataset(Dataset):
                 f"({i1 - i0 + 1} store times)"
             )
         self.starts = starts
+        self.members = store.members  # None: a store without a member dimension, one sample per input time
         self._lat_deg, self._lon_deg = store.lat[lat], store.lon[lon]
 
     def __len__(self) -> int:
-        return int(self.starts.size)
+        return int(self.starts.size) * (self.members or 1)
+
+    def member(self, index: int) -> int | None:
+        """The member (position on the store's ``number`` axis) of sample ``index``; None for a store without members."""
+        return None if self.members is None else int(index) // self.starts.size
+
+    def start(self, index: int) -> int:
+        """The store time index of sample ``index``'s input."""
+        return int(self.starts[int(index) % self.starts.size])
 
     def times(self, index: int) -> np.ndarray:
         """Valid times of the input and the targets of sample ``index``."""
-        t = self.starts[index] + self.store.stride * np.arange(self.n_targets + 1)
+        t = self.start(index) + self.store.stride * np.arange(self.n_targets + 1)
         return self.store.times[t]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
@@ -95,9 +115,9 @@ class ForecastDataset(Dataset):
         buf = _empty((len(indices), steps, len(self.normalizer.channels), h, w))
         zen = _empty((len(indices), steps, h, w))
         for b, i in enumerate(indices):
-            t_idx = self.starts[i] + self.store.stride * np.arange(steps)
+            t_idx = self.start(i) + self.store.stride * np.arange(steps)
             x = buf[b].numpy()
-            self.store.read(t_idx, self.lat, self.lon, check_finite=not self.on_device, out=x)
+            self.store.read(t_idx, self.lat, self.lon, member=self.member(i), check_finite=not self.on_device, out=x)
             if not self.on_device:
                 self.normalizer.normalize(x, out=x)
             zen[b] = torch.from_numpy(cos_zenith(self.store.times[t_idx], self._lat_deg, self._lon_deg))
@@ -105,7 +125,7 @@ class ForecastDataset(Dataset):
             "input": buf[:, 0],
             "target": buf[:, 1:],
             "zenith": zen,
-            "time": torch.from_numpy(self.store.times[self.starts[list(indices)]].astype(np.int64)),
+            "time": torch.from_numpy(self.store.times[[self.start(i) for i in indices]].astype(np.int64)),
             "index": torch.as_tensor(list(indices), dtype=torch.int64),
         }
 

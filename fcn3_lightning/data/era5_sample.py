@@ -219,8 +219,9 @@ def convert_cfgrib_to_wb2(
         dst: path of the Zarr store (a directory) to create.
         member: the ensemble member to keep; the store then has no ``number`` dimension and records the
             member in its ``ensemble_member`` attribute. ``None`` keeps all members as a ``number``
-            dimension, ``(time, number, [level,] latitude, longitude)``: useful for inspection, but the
-            training reader needs a single-member store.
+            dimension, ``(time, number, [level,] latitude, longitude)``: the training reader serves every
+            (member, time) as a sample (members as extra samples, statistics over all members); predict's
+            initial conditions and evaluate's truth need a single-member store and refuse this one.
         variables: ``None`` converts every data variable (each must have a known WB2 name, see
             :data:`CFGRIB_TO_WB2`); a sequence selects cfgrib names; a mapping ``{cfgrib_name: wb2_name}``
             selects and names variables explicitly (also ones not in :data:`CFGRIB_TO_WB2`).

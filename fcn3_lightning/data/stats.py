@@ -1,8 +1,9 @@
 """Normalisation statistics per channel, and the normaliser that uses them (reference section 1.3).
 
 Statistics are area-weighted (WB2 cell-area weights), accumulated in float64 over every store time
-of the training range: mean, std, min, max, and the mean and std of the tendency over one model
-step. Water channels (q*, tcwv) are min-max scaled with their minimum set to 0, everything else is
+of the training range (and every member of a store with an ensemble-member dimension, the samples the
+model trains on): mean, std, min, max, and the mean and std of the tendency over one model step (within
+a member). Water channels (q*, tcwv) are min-max scaled with their minimum set to 0, everything else is
 z-scored; standard deviations are floored at 1e-4 (in physical units), as in the reference.
 """
 
@@ -217,6 +218,8 @@ def _grid_signature(lat: np.ndarray, lon: np.ndarray) -> dict:
 def compute_stats(store: WB2Store, start: str, end: str, *, chunk: int | None = None, progress: bool = True) -> ChannelStats:
     """Statistics of ``store``'s channels over the store times in ``start .. end`` (inclusive).
 
+    On a store with ensemble members (:attr:`WB2Store.members`) over every member and time of the range, each
+    (member, time) weighted alike; a tendency is the difference of two times of the same member.
     ``chunk`` store times are read at once (default: as many as fit in about 256 MB of float64).
     """
     i0, i1 = store.index_range(start, end)
@@ -228,18 +231,21 @@ def compute_stats(store: WB2Store, start: str, end: str, *, chunk: int | None = 
     chunk = chunk or max(1, (256 << 20) // (8 * c * store.shape[0] * store.shape[1]))
     state, tend = _Moments(c), _Moments(c)
     lo, hi = np.full(c, np.inf), np.full(c, -np.inf)
-    carry = np.empty((0, c, *store.shape))  # the last `stride` times of the previous chunk, for tendencies
-    bar = progress_bar(n, f"stats of {store.path.name}", "times", disable=not progress)  # lines, not a bar, in a log
-    for a in range(i0, i1 + 1, chunk):
-        b = min(a + chunk, i1 + 1)
-        x = store.read(range(a, b)).astype(np.float64)
-        state.update(x, w)
-        lo, hi = np.minimum(lo, x.min(axis=(0, 2, 3))), np.maximum(hi, x.max(axis=(0, 2, 3)))
-        both = np.concatenate([carry, x])
-        if both.shape[0] > store.stride:
-            tend.update(both[store.stride :] - both[: -store.stride], w)
-        carry = both[-store.stride :]
-        bar.update(b - a)
+    members = [None] if store.members is None else range(store.members)
+    unit = "times" if store.members is None else "member times"
+    bar = progress_bar(n * len(members), f"stats of {store.path.name}", unit, disable=not progress)  # lines, not a bar, in a log
+    for member in members:
+        carry = np.empty((0, c, *store.shape))  # the last `stride` times of the previous chunk, for tendencies
+        for a in range(i0, i1 + 1, chunk):
+            b = min(a + chunk, i1 + 1)
+            x = store.read(range(a, b), member=member).astype(np.float64)
+            state.update(x, w)
+            lo, hi = np.minimum(lo, x.min(axis=(0, 2, 3))), np.maximum(hi, x.max(axis=(0, 2, 3)))
+            both = np.concatenate([carry, x])
+            if both.shape[0] > store.stride:
+                tend.update(both[store.stride :] - both[: -store.stride], w)
+            carry = both[-store.stride :]
+            bar.update(b - a)
     bar.close()
 
     water = np.array([parse_channel(ch).is_water for ch in store.channels])
@@ -247,7 +253,13 @@ def compute_stats(store: WB2Store, start: str, end: str, *, chunk: int | None = 
     return ChannelStats(
         channels=list(store.channels),
         grid=_grid_signature(store.lat, store.lon),
-        source={"store": str(store.path), "start": str(store.times[i0]), "end": str(store.times[i1]), "step_hours": store.step_hours},
+        source={
+            "store": str(store.path),
+            "start": str(store.times[i0]),
+            "end": str(store.times[i1]),
+            "step_hours": store.step_hours,
+            **({} if store.members is None else {"members": store.members}),
+        },
         mean=state.mean.tolist(),
         std=np.maximum(state.std, STD_FLOOR).tolist(),
         min=lo.tolist(),

@@ -4,6 +4,13 @@ One Zarr store holds one array per variable with WB2 long names and dims ``(time
 latitude, longitude)``. :class:`WB2Store` maps a channel list onto those arrays and reads the
 requested times and an optional latitude/longitude tile straight from Zarr (xarray is used for
 the metadata only), returning float32 arrays in channel order with latitude 90N first.
+
+A store may also hold several equally plausible analyses of the same times (e.g. the ERA5 EDA members):
+an ensemble-member dimension ``number`` after ``time``, dims ``(time, number, [level,] latitude,
+longitude)`` (what :func:`fcn3_lightning.data.era5_sample.convert_cfgrib_to_wb2` writes with
+``member=None``). Then :attr:`WB2Store.members` is their count and every :meth:`WB2Store.read` names
+the member it reads; a reader that needs one state per time (predict's initial conditions) refuses
+such a store with :meth:`WB2Store.require_single_member` rather than pick a member silently.
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ from zarr.core.buffer.cpu import NDBuffer
 
 from fcn3_lightning.channels import parse_channel
 from fcn3_lightning.paths import local_path
+
+#: the ensemble-member dimension of a store holding several analyses of the same times (cfgrib's name)
+MEMBER_DIM = "number"
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,11 @@ class WB2Store:
         channels: channel names (``z500``, ``t2m``, ...; see :mod:`fcn3_lightning.channels`).
         step_hours: the model step; the store's cadence must divide it (hourly and 6-hourly stores
             both serve a 6 h model).
+
+    Attributes:
+        members: the size of the store's ensemble-member dimension ``number``, or None for a store
+            without one (one analysis per time).
+        member_numbers: the ``number`` coordinate's values (``(members,)`` int64), or None.
     """
 
     def __init__(self, path: str | Path, channels: Sequence[str], *, step_hours: int = 6):
@@ -87,6 +102,14 @@ class WB2Store:
         if not np.all(np.diff(self.lon) > 0):
             raise ValueError(f"{self.path}: longitude must be strictly ascending")
 
+        self.members: int | None = int(ds.sizes[MEMBER_DIM]) if MEMBER_DIM in ds.dims else None
+        self.member_numbers: np.ndarray | None = None
+        if self.members is not None:
+            if self.members == 0:
+                raise ValueError(f"{self.path}: the ensemble-member dimension {MEMBER_DIM!r} is empty")
+            numbers = ds[MEMBER_DIM].values if MEMBER_DIM in ds.coords else np.arange(self.members)
+            self.member_numbers = np.asarray(numbers).astype(np.int64)
+
         self._group = zarr.open_group(str(self.path), mode="r")
         self._reads = self._plan(ds)
 
@@ -108,9 +131,11 @@ class WB2Store:
         for var, entries in by_var.items():
             dims = ds[var].dims
             has_level = "level" in dims
-            want = ("time", "level", "latitude", "longitude") if has_level else ("time", "latitude", "longitude")
+            want = ("time", *((MEMBER_DIM,) if self.members else ()), *(("level",) if has_level else ()), "latitude", "longitude")
             if tuple(dims) != want:
-                raise ValueError(f"{self.path}: variable {var!r} has dims {dims}, expected {want}")
+                hint = f" (the store has an ensemble-member dimension {MEMBER_DIM!r}: every channel's variable needs it)"
+                hint = hint if self.members else ""
+                raise ValueError(f"{self.path}: variable {var!r} has dims {dims}, expected {want}{hint}")
             levels: list[int] = []
             if has_level:
                 store_levels = [int(v) for v in ds["level"].values]
@@ -128,6 +153,17 @@ class WB2Store:
                         raise ValueError(f"{self.path}: variable {var!r} has no level axis but channel {self.channels[i]} names {lev} hPa")
             reads.append(_VariableRead(var, self._group[var], has_level, tuple(levels), tuple(i for i, _ in entries)))
         return reads
+
+    def require_single_member(self, purpose: str) -> None:
+        """Refuse a store with an ensemble-member dimension for ``purpose`` (a reader of one state per time)."""
+        if self.members is not None:
+            raise ValueError(
+                f"{self.path} has an ensemble-member dimension {MEMBER_DIM!r} ({self.members} members: "
+                f"{self.member_numbers.tolist()}); {purpose} needs one state per time and will not pick a member for you. "
+                "Convert one member into its own store: "
+                "fcn3_lightning.data.era5_sample.convert_cfgrib_to_wb2(src, dst, member=0) "
+                "(python -m fcn3_lightning convert-era5 DST --member 0)"
+            )
 
     def time_index(self, when: str | np.datetime64) -> int:
         """Index of an exact store time; a time outside the store raises, naming the store's span."""
@@ -156,11 +192,17 @@ class WB2Store:
         lat: slice = slice(None),
         lon: slice = slice(None),
         *,
+        member: int | None = None,
         check_finite: bool = True,
         out: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Read ``(T, C, nlat_tile, nlon_tile)`` float32, latitude 90N first; ``lat``/``lon`` index that N-to-S grid."""
+        """Read ``(T, C, nlat_tile, nlon_tile)`` float32, latitude 90N first; ``lat``/``lon`` index that N-to-S grid.
+
+        ``member``: the position (0 .. members - 1) on the ``number`` axis of a store with members, where it is
+        required; a store without members takes None only.
+        """
         t_idx = np.asarray(time_index, dtype=np.int64)
+        m_sel = self._member_selection(member)
         nlat = self.lat.size
         lat0, lat1, _ = lat.indices(nlat)
         lon0, lon1, _ = lon.indices(self.lon.size)
@@ -173,8 +215,9 @@ class WB2Store:
         t_sel = _as_slice(t_idx)
         for r in self._reads:
             lev_sel, dest = _level_plan(r) if r.has_level else (None, _as_slice(np.asarray(r.out_index)))
-            sel = (t_sel, store_lat, slice(lon0, lon1)) if lev_sel is None else (t_sel, lev_sel, store_lat, slice(lon0, lon1))
-            if isinstance(dest, slice) and all(isinstance(x, slice) for x in sel):
+            sel = (t_sel, *m_sel, *(() if lev_sel is None else (lev_sel,)), store_lat, slice(lon0, lon1))
+            # an integer member index drops the member axis, as a slice would not: it counts as a basic selection
+            if isinstance(dest, slice) and all(isinstance(x, slice | int) for x in sel):
                 # decompress straight into the output (flipped and gathered by the view): no extra copy
                 view = out[:, dest] if r.has_level else out[:, dest.start]
                 if r.reverse_levels:
@@ -192,8 +235,24 @@ class WB2Store:
         # a sum is a cheap screen (NaN/Inf propagate); only a non-finite sum pays for the element-wise search
         if check_finite and not np.isfinite(np.add.reduce(out, axis=None)) and not np.isfinite(out).all():
             t, c = np.argwhere(~np.isfinite(out))[0][:2]
-            raise ValueError(f"{self.path}: NaN/Inf in channel {self.channels[c]} at time {self.times[t_idx[t]]}")
+            which = "" if member is None else f" of member {member} ({MEMBER_DIM}={self.member_numbers[member]})"
+            raise ValueError(f"{self.path}: NaN/Inf in channel {self.channels[c]} at time {self.times[t_idx[t]]}{which}")
         return out
+
+    def _member_selection(self, member: int | None) -> tuple[int, ...]:
+        """The member axis's part of a Zarr selection: ``(member,)`` on a store with members, ``()`` without."""
+        if self.members is None:
+            if member is not None:
+                raise ValueError(f"{self.path} has no ensemble-member dimension {MEMBER_DIM!r}; read it with member=None, not {member}")
+            return ()
+        if member is None:
+            raise ValueError(
+                f"{self.path} has an ensemble-member dimension {MEMBER_DIM!r} ({self.members} members): say which member to read "
+                "(member=0 .. members - 1), or convert one member into its own store: convert_cfgrib_to_wb2(src, dst, member=0)"
+            )
+        if isinstance(member, bool) or not isinstance(member, int | np.integer) or not 0 <= member < self.members:
+            raise ValueError(f"{self.path}: member {member!r} is not a position on its {MEMBER_DIM!r} axis (0 .. {self.members - 1})")
+        return (int(member),)
 
     def read_static(self, variable: str, lat: slice = slice(None), lon: slice = slice(None)) -> np.ndarray:
         """A static (latitude, longitude) variable, e.g. ``land_sea_mask``, latitude 90N first, float64."""

@@ -670,13 +670,17 @@ def write_leaderboard(
     ]
 
 
-def write_all(runs: Mapping[str, pd.DataFrame], out_dir: str | Path, region: str = "global") -> list[Path]:
-    """Leaderboard (md, html) and, when some model has a baseline to compare with, ``scorecard.png``."""
-    from fcn3_lightning.eval.scorecard import plot_scorecard, scorecard_panels
+def write_all(runs: Mapping[str, pd.DataFrame], out_dir: str | Path, region: str = "global", reference: str | None = None) -> list[Path]:
+    """Leaderboard (md, html) and, when some model has a baseline to compare with, ``scorecard.png``; with
+    ``reference`` (a model's name) the scorecard compares every other model with that one."""
+    from fcn3_lightning.eval.scorecard import DEFAULT_PAIRS, plot_scorecard, reference_pairs, scorecard_panels
 
     paths = write_leaderboard(runs, out_dir, region)
-    if scorecard_panels(runs, region):
-        paths.append(plot_scorecard(runs, Path(out_dir) / "scorecard.png", region=region))
+    pairs = reference_pairs(reference) if reference else DEFAULT_PAIRS
+    if scorecard_panels(runs, region, pairs, reference):
+        paths.append(plot_scorecard(runs, Path(out_dir) / "scorecard.png", region=region, pairs=pairs, reference=reference))
+    elif reference:
+        raise ValueError(f"--reference {reference!r}: no other model shares a score and lead time with it in region {region!r}")
     return paths
 
 
@@ -691,7 +695,7 @@ def write_reports(result_dir: str | Path, region: str = "global") -> list[Path]:
 
 def _leaderboard_cmd(args: argparse.Namespace) -> None:
     runs = load_runs(args.result_dirs)
-    for path in write_all(runs, args.out, args.region):
+    for path in write_all(runs, args.out, args.region, args.reference):
         print(f"wrote {path}")
 
 
@@ -704,5 +708,6 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("result_dirs", nargs="+", metavar="RESULT_DIR", help="evaluation output directory (scores.csv + meta.json)")
     p.add_argument("--out", required=True, help="output directory for leaderboard.md, leaderboard.html, scorecard.png")
     p.add_argument("--region", default="global", help="WeatherBench2 region (default: global)")
+    p.add_argument("--reference", default=None, metavar="NAME", help="a model (evaluate --name) the scorecard compares the others with")
     p.set_defaults(func=_leaderboard_cmd)
     return p

@@ -63,19 +63,36 @@ def _row_order(keys: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
     return [k for k in head if k in keys] + sorted(k for k in keys if k not in head)
 
 
+def reference_pairs(reference: str) -> tuple[tuple[str, str], ...]:
+    """The comparisons with another model (``leaderboard --reference``): its RMSE and CRPS as the baseline's."""
+    return (("RMSE", reference), ("CRPS", reference))
+
+
 def scorecard_panels(
     runs: Mapping[str, pd.DataFrame] | pd.DataFrame,
     region: str = "global",
     pairs: Sequence[tuple[str, str]] = DEFAULT_PAIRS,
+    reference: str | None = None,
 ) -> list[Panel]:
-    """The (model, score, baseline) comparisons the scores allow, in model then ``pairs`` order."""
+    """The (model, score, baseline) comparisons the scores allow, in model then ``pairs`` order. ``reference``: the
+    name of a model (of any run) that serves every other model as a baseline (scored on the same inits)."""
     import pandas as pd
 
+    runs = _as_runs(runs)
+    ref = None
+    if reference is not None:
+        found = [e for run, df in runs.items() for e in collect_entries({run: df}, region) if e.kind == "model" and e.name == reference]
+        if not found:
+            names = sorted({e.name for run, df in runs.items() for e in collect_entries({run: df}, region) if e.kind == "model"})
+            raise ValueError(f"--reference {reference!r} is none of the models {names}")
+        ref = found[0]
     panels = []
-    for run, df in _as_runs(runs).items():
+    for run, df in runs.items():
         entries = collect_entries({run: df}, region)
-        models = [e for e in entries if e.kind == "model"]
+        models = [e for e in entries if e.kind == "model" and e.name != reference]
         baselines = {e.name: e for e in entries if e.kind == "baseline"}
+        if ref is not None:
+            baselines[ref.name] = ref
         years = baseline_years(df.attrs.get("meta") or {})
         for model in models:
             for score, base in pairs:
@@ -123,6 +140,7 @@ def plot_scorecard(
     vmax: float | None = None,
     title: str | None = None,
     dpi: int = 120,
+    reference: str | None = None,
 ) -> Path:
     """Draw the scorecard of one run's scores (a DataFrame) or of several runs (name -> scores) to ``out_png``
     (atomically). ``vmax``: the colour scale's limit in % (default: a round number near the 95th percentile of
@@ -136,7 +154,7 @@ def plot_scorecard(
     from fcn3_lightning.io import atomic_path
 
     runs = _as_runs(runs)
-    panels = scorecard_panels(runs, region, pairs)
+    panels = scorecard_panels(runs, region, pairs, reference)
     if not panels:
         raise ValueError(f"nothing to compare in region {region!r}: no model has a score together with a baseline of {list(pairs)}")
     all_leads = sorted({int(h) for p in panels for h in p.rel.columns})
@@ -205,7 +223,8 @@ def plot_scorecard(
         aspect=30,
         label="100·(model − baseline) / baseline [%]\nblue: model better, red: model worse",
     )
-    fig.suptitle(title or f"Scorecard: {', '.join(models)} vs baselines, region {region}", fontsize=12)
+    against = f"the model {reference}" if reference else "baselines"
+    fig.suptitle(title or f"Scorecard: {', '.join(models)} vs {against}, region {region}", fontsize=12)
     out_png = Path(out_png)
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)

@@ -18,7 +18,9 @@ def _summary(args: argparse.Namespace) -> None:
 def _convert(args: argparse.Namespace) -> None:
     from fcn3_lightning.forecaster import convert
 
-    kind = convert(args.reference, args.out, config=args.config, data_path=args.data_path, stats_path=args.stats)
+    kind = convert(
+        args.reference, args.out, config=args.config, data_path=args.data_path, stats_path=args.stats, channels=_channels(args.channels)
+    )
     print(f"wrote {args.out} ({kind})")
 
 
@@ -169,6 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="reference architecture (config.json or a golden manifest.json) for a reference checkpoint file")
     p.add_argument("--data-path", help="for a checkpoint of this project: the WB2 store of its static fields (default: its training store)")
     p.add_argument("--stats", help="for a checkpoint of this project: its normalisation statistics (default: the training store's)")
+    p.add_argument(
+        "--channels",
+        help="map the network onto this channel list (comma-separated or @file): kept channels keep their weights, new ones "
+        "start with no effect on them (their statistics: --stats, or --data-path's <store>.stats.json)",
+    )
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("export", help="write a model as a model package in the published FCN3 layout (reference code, Earth2Studio)")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,12 +34,13 @@ from torch import nn
 
 from fcn3_lightning.data.conventions import PROJECT, InputConventions
 from fcn3_lightning.data.statics import STATIC_AUX, static_channels
-from fcn3_lightning.data.stats import ChannelStats, Normalizer, default_modes
+from fcn3_lightning.data.stats import ChannelStats, Normalizer, check_units, default_modes, merge_statistics
 from fcn3_lightning.data.zenith import cos_zenith
 from fcn3_lightning.io import atomic_torch_save, read_checkpoint
 from fcn3_lightning.model.build import FORECASTER_FORMAT as FORMAT
 from fcn3_lightning.model.build import FORMAT as NETWORK_FORMAT
 from fcn3_lightning.model.build import model_kwargs, save_model
+from fcn3_lightning.model.channel_map import MappingReport, fresh_network, map_state_dict, mapped_settings
 from fcn3_lightning.model.convert import convert_reference_state_dict, reference_config_to_kwargs, reference_to_ours
 from fcn3_lightning.model.fcn3 import FCN3
 from fcn3_lightning.model.noise import NoiseSettings, NoiseStreams
@@ -739,8 +740,12 @@ def convert(
     config: str | Path | None = None,
     data_path: str | Path | None = None,
     stats_path: str | Path | None = None,
+    channels: Sequence[str] | None = None,
 ) -> str:
     """Write ``source`` as one model file of this project; returns what was written.
+
+    ``channels``: map the network onto this channel list first (:func:`map_channels`; new channels take their
+    statistics from ``stats_path``, or ``<data_path>.stats.json``), printing the mapping report.
 
     A package, a model file or a checkpoint of this project becomes a model file with everything (network,
     statistics, static fields, noise, conventions): ``load_forecaster`` and ``predict`` need nothing else. A bare
@@ -753,8 +758,51 @@ def convert(
         net.load_state_dict(src.state_dict)
         save_model(net, src.net_kwargs, out)
         return "network only: no statistics or static fields in the source"
-    _assemble(src, data_path, stats_path).save(out)
-    return "network, statistics, static fields and noise settings"
+    forecaster = _assemble(src, None if channels else data_path, None if channels else stats_path)
+    if channels:
+        stats_file = stats_path or (f"{data_path}.stats.json" if data_path else None)
+        data_stats = ChannelStats.load(stats_file) if stats_file else None
+        forecaster, report = map_channels(forecaster, channels, data_stats)
+        print("channel mapping:\n  " + "\n  ".join(report.lines()), flush=True)
+    forecaster.save(out)
+    return "network, statistics, static fields and noise settings" + (f", mapped onto {len(channels)} channels" if channels else "")
+
+
+def map_channels(
+    forecaster: Forecaster, channels: Sequence[str], data_stats: ChannelStats | None = None
+) -> tuple[Forecaster, MappingReport]:
+    """The forecaster on another channel list (:mod:`fcn3_lightning.model.channel_map`): the same network for the
+    channels it keeps, new variables and levels starting with no effect on them. New channels are normalised with
+    ``data_stats`` (required for them), the others as the source was."""
+    settings = mapped_settings(forecaster.net_kwargs, channels, forecaster.aux_channels)
+    net = fresh_network(settings)
+    state, report = map_state_dict(forecaster.net_kwargs, forecaster.net.state_dict(), net, settings)
+    net.load_state_dict(state)
+    stats = forecaster.stats
+    new = [c for c in channels if c not in stats.channels]
+    if new:
+        if data_stats is None:
+            raise ValueError(f"the new channels {new} need statistics: pass the data's (--stats, or --data-path with <store>.stats.json)")
+        check_units(data_stats, stats, [c for c in channels if c not in new], forecaster.source.get("path", "the model"), "the data")
+        stats, _ = merge_statistics(stats, data_stats, channels)
+    modes = {c: forecaster.normalization.get(c) or default_modes([c])[c] for c in channels}
+    for c in new:
+        modes[c] = default_modes([c])[c]
+    mapped = Forecaster(
+        net,
+        net_kwargs=settings,
+        stats=stats,
+        normalization=modes,
+        lat=forecaster.lat,
+        lon=forecaster.lon,
+        step_hours=forecaster.step_hours,
+        noise=forecaster.noise_settings,
+        conventions=forecaster.conventions,
+        orography=forecaster.orography,
+        land_sea_mask=forecaster.land_sea_mask,
+        source={**forecaster.source, "channel_mapping": report.to_dict()},
+    )
+    return mapped, report
 
 
 def fingerprint(forecaster: Forecaster) -> str:

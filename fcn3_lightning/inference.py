@@ -180,7 +180,7 @@ def load_predictor(
             f"initial conditions of its channels {forecaster.channels}"
         )
     try:
-        store = WB2Store(data, forecaster.channels, step_hours=forecaster.step_hours)
+        store = WB2Store(data, forecaster.channels, step_hours=None)  # initial states only: any cadence serves
     except ValueError as e:
         raise ValueError(f"the data store {data} does not hold what {checkpoint} needs: {e}") from e
     store.require_single_member("predict (the initial condition of each forecast)")

@@ -54,7 +54,7 @@ class WB2Store:
         path: the Zarr store.
         channels: channel names (``z500``, ``t2m``, ...; see :mod:`fcn3_lightning.channels`).
         step_hours: the model step; the store's cadence must divide it (hourly and 6-hourly stores
-            both serve a 6 h model).
+            both serve a 6 h model). None: the store's cadence (for readers of single states, e.g. initial conditions).
 
     Attributes:
         members: the size of the store's ensemble-member dimension ``number``, or None for a store
@@ -62,7 +62,7 @@ class WB2Store:
         member_numbers: the ``number`` coordinate's values (``(members,)`` int64), or None.
     """
 
-    def __init__(self, path: str | Path, channels: Sequence[str], *, step_hours: int = 6):
+    def __init__(self, path: str | Path, channels: Sequence[str], *, step_hours: int | None = 6):
         self.path = local_path(path, "data store")
         if not self.path.exists():
             raise FileNotFoundError(f"data store {self.path} does not exist")
@@ -75,7 +75,7 @@ class WB2Store:
             if coord not in ds.coords:
                 raise ValueError(f"{self.path}: coordinate {coord!r} missing (WB2 layout has time, [level], latitude, longitude)")
         self.channels = tuple(channels)
-        self.step_hours = int(step_hours)
+        self.step_hours = None if step_hours is None else int(step_hours)
 
         self.times = ds["time"].values.astype("datetime64[ns]")
         if self.times.size < 2:
@@ -88,6 +88,8 @@ class WB2Store:
                 f"{self.times[bad]} and {self.times[bad + 1]} differs from {steps[0] / np.timedelta64(1, 'h'):g} h"
             )
         cadence_h = steps[0] / np.timedelta64(1, "h")
+        if step_hours is None:  # only single states are read (initial conditions): any cadence serves
+            self.step_hours = int(cadence_h) if cadence_h == int(cadence_h) else 1
         if cadence_h <= 0 or self.step_hours % cadence_h != 0:
             raise ValueError(f"{self.path}: store cadence {cadence_h:g} h does not divide the model step of {self.step_hours} h")
         self.cadence_hours = float(cadence_h)

@@ -35,6 +35,9 @@ import torch
 from fcn3_lightning.channels import FCN3_AUX_CHANNELS, ChannelLayout, channel_layout
 from fcn3_lightning.model.fcn3 import FCN3
 
+#: seed of the fresh network whose values new slices take: the same in every run, on every rank, in every command
+FRESH_SEED = 0
+
 _DEFAULTS = {k: p.default for k, p in inspect.signature(FCN3.__init__).parameters.items() if k not in ("self", "layers")}
 
 
@@ -213,6 +216,13 @@ def mapped_settings(source: Mapping[str, Any], channel_names: Sequence[str], aux
     if tgt.hidden != src.hidden or source.get("mlp_hidden_channels") is not None:
         kwargs["mlp_hidden_channels"] = src.hidden
     return kwargs
+
+
+def fresh_network(settings: Mapping[str, Any]) -> FCN3:
+    """A serial network with ``settings``, initialised from :data:`FRESH_SEED` (the global generator untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(FRESH_SEED)
+        return FCN3(**dict(settings))
 
 
 def map_state_dict(

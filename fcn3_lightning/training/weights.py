@@ -8,14 +8,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fcn3_lightning.forecaster import DATA_SETTINGS, network_settings, read_network
-from fcn3_lightning.model.channel_map import MappingReport, map_state_dict, mapped_settings
+from fcn3_lightning.model.channel_map import MappingReport, fresh_network, map_state_dict, mapped_settings
 from fcn3_lightning.model.fcn3 import FCN3
-
-#: seed of the fresh network whose values new slices take (the same on every rank and in every run)
-FRESH_SEED = 0
 
 
 def _differs(data: Mapping[str, Any], channels: Sequence[str], aux_channels: Sequence[str]) -> bool:
@@ -82,9 +77,7 @@ def load_initial_weights(net: FCN3, path: str | Path, settings: Mapping[str, Any
         if settings is None:
             raise ValueError(f"init_from {path} has other channels than the network: pass the network's settings to map them")
         source = {**found[0], **found[1], "inp_shape": list(net.inp_shape)}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(FRESH_SEED)
-            fresh = FCN3(**dict(settings))  # serial and seeded: every rank (and a rerun) starts new slices alike
+        fresh = fresh_network(settings)  # serial and seeded: every rank (and a rerun) starts new slices alike
         state, report = map_state_dict(source, state, fresh, settings)
         del fresh
     if net.tiled:  # a network on tiles (spatial parallelism) holds its shard of the spectral weights

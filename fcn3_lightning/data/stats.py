@@ -131,7 +131,11 @@ def check_units(data: ChannelStats, model: ChannelStats, channels: Sequence[str]
         ds, ms = float(data.std[i]), float(model.std[j])
         ratio = ds / ms if ms > 0 else float("inf")
         if not 1 / UNITS_FACTOR < ratio < UNITS_FACTOR:
-            hint = next((h for f, h in _UNIT_HINTS if abs(np.log(max(ratio, 1 / ratio) / f)) < 0.2), None)
+            # the nearest usual mix-up within a factor of 2 (the model's statistics are of another period or data)
+            factor = max(ratio, 1 / ratio)
+            hint = next(
+                (h for f, h in sorted(_UNIT_HINTS, key=lambda fh: abs(np.log(factor / fh[0]))) if abs(np.log(factor / f)) < np.log(2)), None
+            )
             bad.append(
                 f"{c}: std {ds:.4g} in the data, {ms:.4g} in the model's statistics (x{ratio:.3g})"
                 + (f", as between {hint}" if hint else "")

@@ -32,7 +32,7 @@ from fcn3_lightning.parallel import DistributedEnsembleCRPSLoss, ProcessMesh, al
 from fcn3_lightning.training.ema import WeightAverage
 from fcn3_lightning.training.forecaster import EnsembleForecaster, keyed_streams
 from fcn3_lightning.training.parameters import freeze, optimizer_groups, warmup_factor
-from fcn3_lightning.training.weights import initial_architecture, load_initial_weights
+from fcn3_lightning.training.weights import check_grid, initial_architecture, load_initial_weights
 
 # Lightning recommends sync_dist=True for epoch-level values (warning at epoch end, once per value and rank); the
 # WB2 scores are torchmetrics values, synced over the processes already and identical on every rank
@@ -159,6 +159,7 @@ class FCN3Module(L.LightningModule):
             if mesh.sizes.model > 1:
                 dm.set_tile(*mesh.tile(dm.store.shape))  # every sample is read on this rank's tile only
         if self.hparams.init_from:
+            check_grid(self.hparams.init_from, dm.store.shape)  # before anything is read for a network that cannot be
             self._adopt_inputs(dm)
         self.build(dm.channels, dm.aux_channels, dm.store.shape, dm.normalizer, layers=layers)
         self.register_buffer("static", dm.static, persistent=False)
@@ -443,9 +444,13 @@ class FCN3Module(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if checkpoint.get("ema_in_network_keys"):
-            if self.ema is None:
-                raise ValueError("this checkpoint was trained with model.ema_decay; resume it with the same setting")
             sd = checkpoint["state_dict"]
+            if self.ema is None:
+                if self.trainer.state.fn == "fit":
+                    raise ValueError("this checkpoint was trained with model.ema_decay: resume it with the same model.ema_decay")
+                for key in [k for k in sd if k.startswith("ema.")]:  # validate/test the average, which the network keys hold
+                    del sd[key]
+                return
             for buf, net in self.ema.checkpoint_keys("ema.", "forecaster.net."):
                 sd[buf], sd[net] = sd[net], sd[buf]
 

@@ -19,6 +19,21 @@ def _differs(data: Mapping[str, Any], channels: Sequence[str], aux_channels: Seq
     )
 
 
+def check_grid(path: str | Path, shape: Sequence[int], data: Mapping[str, Any] | None = None) -> None:
+    """Refuse a data grid other than the source's, saying what would be needed (``data``: the source's data settings,
+    read from ``path`` when not given)."""
+    if data is None:
+        found = network_settings(path)
+        data = found[1] if found is not None else {}
+    if "inp_shape" in data and tuple(data["inp_shape"]) != tuple(shape):
+        src = "x".join(map(str, data["inp_shape"]))
+        raise ValueError(
+            f"init_from {path} was trained on the {src} grid, but the data grid is {'x'.join(map(str, shape))}: FCN3's weights "
+            f"belong to their grid (the DISCO filters' supports and the spectral weights' modes are set by it). Regrid the data "
+            f"to the source's {src} equiangular grid (both poles, 90N first), or train from scratch (no init_from)"
+        )
+
+
 def initial_architecture(
     configured: Mapping[str, Any], path: str | Path, channels: Sequence[str], aux_channels: Sequence[str], shape: Sequence[int]
 ) -> dict[str, Any]:
@@ -29,13 +44,7 @@ def initial_architecture(
     if found is None:  # a bare state dict: its architecture is the configured one
         return dict(configured)
     settings, data = found
-    if "inp_shape" in data and tuple(data["inp_shape"]) != tuple(shape):
-        src = "x".join(map(str, data["inp_shape"]))
-        raise ValueError(
-            f"init_from {path} was trained on the {src} grid, but the data grid is {'x'.join(map(str, shape))}: FCN3's weights "
-            f"belong to their grid (the DISCO filters' supports and the spectral weights' modes are set by it). Regrid the data "
-            f"to the source's {src} equiangular grid (both poles, 90N first), or train from scratch (no init_from)"
-        )
+    check_grid(path, shape, data)
     defaults = {k: p.default for k, p in inspect.signature(FCN3.__init__).parameters.items()}
     merged = dict(configured)
     changed = []

@@ -120,6 +120,24 @@ def prepare_sqlite_store(uri: str) -> None:
         MlflowClient(uri).search_experiments(max_results=1)  # touches the store: creates or migrates the schema
 
 
+def check_run_exists(uri: str, run_id: str | None) -> None:
+    """A resumed run continues its MLflow run: refuse, with the way out, a store that does not hold it (MLflow would
+    fail deep inside the logger with a traceback)."""
+    if not uri or not run_id:
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(uri).get_run(run_id)
+    except MlflowException:
+        raise RunError(
+            f"the checkpoint continues MLflow run {run_id}, which the tracking store {uri} does not hold: resume in the "
+            "working directory the run started in (a relative sqlite:/// store is relative to it), or pass its store with "
+            "--trainer.logger.init_args.tracking_uri"
+        ) from None
+
+
 _LIGHTNING_CKPT_WORDS = ("best", "hpc", "registry")  # --ckpt_path values Lightning resolves itself
 
 
@@ -170,6 +188,7 @@ class FCN3CLI(LightningCLI):
         if mlflow:
             try:
                 prepare_sqlite_store(str(logger["init_args"].get("tracking_uri") or ""))
+                check_run_exists(str(logger["init_args"].get("tracking_uri") or ""), logger["init_args"].get("run_id"))
             except BaseException:
                 self._abandon()
                 raise

@@ -185,6 +185,16 @@ def test_kill_9_and_resume_give_the_uninterrupted_weight_average(store, tmp_path
     # the checkpoint's network holds the average (what predict and export read), the raw weights sit aside
     net = "forecaster.net.blocks.0.mlp.fc1.weight"
     assert not torch.equal(a["state_dict"][net], a["state_dict"]["ema.blocks__0__mlp__fc1__weight"])
+    # validating it without the setting validates the average; resuming elsewhere names the missing MLflow run
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump({**TINY, "model": {k: v for k, v in TINY["model"].items() if k != "ema_decay"}}))
+    _run(_argv("validate", plain, store, "--ckpt_path", str(last)), tmp_path / "c")
+    res = _run(_argv("fit", plain, store, "--ckpt_path", str(last), "--trainer.max_epochs", "4"), tmp_path / "d", ok=False)
+    assert res.returncode == 2 and "which the tracking store sqlite:///mlruns.db does not hold" in res.stderr, res.stderr[-2000:]
+    # a resume takes the run's settings from its checkpoint (LightningCLI), the average included
+    _run(_argv("fit", plain, store, "--ckpt_path", str(last), "--trainer.max_epochs", "4"), cwd)
+    c = _sd(last)
+    assert c["global_step"] == 16 and c["hyper_parameters"]["ema_decay"] == 0.7 and c["ema_in_network_keys"]
 
 
 def test_bad_fine_tuning_input_is_named(store, golden_package_dir, tmp_path):
@@ -196,6 +206,17 @@ def test_bad_fine_tuning_input_is_named(store, golden_package_dir, tmp_path):
     res = _run(_argv("fit", config, store, "--model.init_from", str(package)), tmp_path / "grid", ok=False)
     assert res.returncode == 2 and "was trained on the 61x120 grid, but the data grid is 17x32" in res.stderr, res.stderr[-2000:]
     assert "Regrid the data to the source's 61x120" in res.stderr
+    # a source whose channels the data has none of
+    from fcn3_lightning.model.build import save_model
+    from fcn3_lightning.model.fcn3 import FCN3
+
+    kwargs = dict(inp_shape=[17, 32], channel_names=CHANNELS, aux_channel_names=["xzen", "xnoise0", "xnoise1"], **SMALL_NET)
+    save_model(FCN3(**kwargs), kwargs, tmp_path / "source.pt")
+    other, _ = make_store(tmp_path / "other.zarr", ["t2m", "msl"], n_times=120, cadence_hours=6, nlat=17, nlon=32)
+    compute_stats(WB2Store(other, ["t2m", "msl"]), *TRAIN, progress=False).save(f"{other}.stats.json")
+    argv = _argv("fit", config, other, "--model.init_from", str(tmp_path / "source.pt"), "--data.channels", "[t2m, msl]")
+    res = _run(argv + ["--data.aux_channels", "[xzen, xnoise0, xnoise1]"], tmp_path / "none", ok=False)
+    assert res.returncode == 2 and "keeps none of the source's channels" in res.stderr, res.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")

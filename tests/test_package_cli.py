@@ -18,8 +18,9 @@ import xarray as xr
 from wb2_synthetic import make_store
 
 from fcn3_lightning import load_forecaster
-from fcn3_lightning.channels import FCN3_CHANNELS
+from fcn3_lightning.channels import FCN3_CHANNELS, parse_channel
 from fcn3_lightning.data import WB2Store, compute_stats
+from fcn3_lightning.package import read_package
 
 ENV = {**os.environ, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false", "COLUMNS": "200"}
 TRAIN = ("2019-01-01", "2019-01-02T18")
@@ -40,10 +41,23 @@ def store(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def train_store(tmp_path_factory) -> Path:
-    """The same with the static fields, which training reads from its data."""
+def train_store(tmp_path_factory, package: Path) -> Path:
+    """The same channels with static fields, in the package's units (what fine-tuning from it requires)."""
     root = tmp_path_factory.mktemp("package_train")
-    path, _ = make_store(root / "era72.zarr", FCN3_CHANNELS, start="2019-01-01", n_times=16, nlat=61, nlon=120)
+    raw, _ = make_store(root / "raw.zarr", FCN3_CHANNELS, start="2019-01-01", n_times=16, nlat=61, nlon=120)
+    # in the package's units: each channel moved to the package's mean and spread (fine-tuning refuses data whose
+    # spread is orders of magnitude off the package's statistics)
+    pkg = read_package(package)
+    have = compute_stats(WB2Store(raw, list(FCN3_CHANNELS)), *TRAIN, progress=False)
+    ds = xr.open_zarr(raw).load()
+    for c in FCN3_CHANNELS:
+        ch = parse_channel(c)
+        i, j = have.channels.index(c), pkg.stats.channels.index(c)
+        sel = {} if ch.level is None else {"level": ch.level}
+        v = ds[ch.long_name].loc[sel]
+        ds[ch.long_name].loc[sel] = pkg.stats.mean[j] + pkg.stats.std[j] * (v - have.mean[i]) / have.std[i]
+    path = root / "era72.zarr"
+    ds.to_zarr(path, zarr_format=2, consolidated=True)
     compute_stats(WB2Store(path, list(FCN3_CHANNELS)), *TRAIN, progress=False).save(f"{path}.stats.json")
     return path
 

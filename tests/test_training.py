@@ -148,7 +148,7 @@ def test_init_from_a_lightning_checkpoint_and_a_model_file(tmp_path):
     ckpt = {"state_dict": {f"forecaster.net.{k}": v for k, v in src.net.state_dict().items()}, "optimizer_states": [{}], "global_step": 7}
     torch.save(ckpt, tmp_path / "stage1.ckpt")
     dst = FCN3(inp_shape=(17, 32), channel_names=CHANNELS, aux_channel_names=AUX, **SMALL_NET)
-    assert load_initial_weights(dst, tmp_path / "stage1.ckpt") == "ours"
+    assert load_initial_weights(dst, tmp_path / "stage1.ckpt") is None  # no channel mapping: loaded as it is
     for k, v in src.net.state_dict().items():
         assert torch.equal(dst.state_dict()[k], v), k
     save_model(src.net, dict(inp_shape=(17, 32), channel_names=CHANNELS, aux_channel_names=AUX, **SMALL_NET), tmp_path / "m.pt")

@@ -144,7 +144,10 @@ def check_units(data: ChannelStats, model: ChannelStats, channels: Sequence[str]
             far.append(f"{c} (mean {float(data.mean[i]):.4g} vs {float(model.mean[j]):.4g}, std {ms:.4g})")
     if bad:
         raise ValueError(
-            f"the data ({data_source}) and the model ({model_source}) disagree in units: " + "; ".join(bad) + ". Convert the "
+            f"the data ({data_source}) and the model ({model_source}) disagree in units: "
+            + "; ".join(bad[:6])
+            + (f"; and {len(bad) - 6} more channels" if len(bad) > 6 else "")
+            + ". Convert the "
             "data to the model's units (the model's statistics define what its inputs mean)"
         )
     if far:

@@ -321,6 +321,12 @@ def flat_keys(cfg: Any, prefix: str = "") -> list[str]:
 
 
 def unknown_key_error(where: str, key: str, cfg: dict[str, Any], what: str) -> SweepError:
-    close = difflib.get_close_matches(key, flat_keys(cfg), n=3, cutoff=0.5)
+    keys = flat_keys(cfg)
+    section, _, leaf = key.rpartition(".")
+    # an abbreviation of the words first (model.learning_rate -> model.lr), then keys that look alike
+    acronym = "".join(w[0] for w in leaf.split("_") if w)
+    close = [k for k in keys if k.rpartition(".")[0] == section and k.rpartition(".")[2] == acronym and k != key]
+    close += [k for k in difflib.get_close_matches(key, keys, n=3, cutoff=0.5) if k not in close]
+    close = close[:3]
     hint = f"; did you mean {close}?" if close else ""
     return SweepError(f"{where}: {key}: no such key in {what}{hint} (a key of model.net that is not set can be added under overrides)")

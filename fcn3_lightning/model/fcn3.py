@@ -10,10 +10,11 @@ apply grouped DISCO convolutions; water channels are soft-clamped at zero.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fcn3_lightning.channels import FCN3_AUX_CHANNELS, FCN3_CHANNELS, ChannelLayout, channel_layout, check_aux_channels
 from fcn3_lightning.model.layers import GRIDS, GRIDS_WITH_POLES, SERIAL, SphericalLayers, fcn3_theta_cutoff
@@ -22,6 +23,15 @@ from fcn3_lightning.model.layers import GRIDS, GRIDS_WITH_POLES, SERIAL, Spheric
 def soft_clamp_water(x: torch.Tensor) -> torch.Tensor:
     """C1 spline ReLU: 0 for x <= 0, x^2 on (0, 0.5), x - 0.25 from 0.5 on."""
     return torch.where(x >= 0.5, x - 0.25, torch.where(x > 0.0, x * x, torch.zeros_like(x)))
+
+
+#: activation checkpointing levels (:meth:`FCN3.set_checkpointing`) -> the parts whose activations are recomputed
+CHECKPOINTING_LEVELS: dict[str, frozenset[str]] = {
+    "none": frozenset(),
+    "encoder+decoder": frozenset({"encoder", "decoder"}),
+    "blocks": frozenset({"blocks"}),
+    "blocks+encoder+decoder": frozenset({"blocks", "encoder", "decoder"}),
+}
 
 
 class _fp32(torch.autocast):
@@ -266,6 +276,29 @@ class FCN3(nn.Module):
 
         self.atmo_decoder = decoder("atmo_decoder", atmo_embed_dim, n_level_vars)
         self.surf_decoder = decoder("surf_decoder", surf_embed_dim, n_surf)
+        # a training-time setting, not architecture: kept out of the constructor (and so of model packages)
+        self.checkpointing = "none"
+
+    def set_checkpointing(self, level: str) -> None:
+        """Activation checkpointing of the training forward: one of :data:`CHECKPOINTING_LEVELS`.
+
+        ``"blocks"`` keeps only each processor block's input for backward and recomputes the block there (the
+        reference's ``checkpointing_level`` 3 minus its encoder / decoder part); ``"encoder+decoder"`` does the same
+        for the encoders and decoders (the reference's level 1), ``"blocks+encoder+decoder"`` for all of them. Non-
+        reentrant ``torch.utils.checkpoint``: the recomputation replays the same operations, collectives of the
+        distributed layers included, in the same order on every rank; nothing inside the network draws random
+        numbers (the noise is an input), and the RNG state is restored for the replay all the same. Gradients are
+        those of ``"none"``; only memory and time change. Without autograd (inference, validation) it does nothing.
+        """
+        if level not in CHECKPOINTING_LEVELS:
+            raise ValueError(f"checkpointing level {level!r} is not supported; choose one of {list(CHECKPOINTING_LEVELS)}")
+        self.checkpointing = level
+
+    def _run(self, part: str, fn: Callable[..., object], *args: object) -> object:
+        """``fn(*args)``, checkpointed when the current level covers ``part`` and autograd records."""
+        if part in CHECKPOINTING_LEVELS[self.checkpointing] and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     @property
     def n_channels(self) -> int:
@@ -286,7 +319,7 @@ class FCN3(nn.Module):
 
     def process(self, z: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
         for block in self.blocks:
-            z = block(z if aux is None else torch.cat([z, aux.to(z.dtype)], dim=1))
+            z = self._run("blocks", _block_step, block, z, aux)
         return z
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -306,8 +339,8 @@ class FCN3(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        z, aux = self.encode(x)
-        return self.decode(self.process(z, aux))
+        z, aux = self._run("encoder", self.encode, x)
+        return self._run("decoder", self.decode, self.process(z, aux))
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a clear error for an input of the wrong rank, channel count or grid."""
@@ -324,6 +357,12 @@ class FCN3(nn.Module):
                     f"input tile {tuple(x.shape[-2:])} does not match this rank's tile {self.local_inp_shape} of inp_shape={self.inp_shape}"
                 )
             raise ValueError(f"input grid {tuple(x.shape[-2:])} does not match the model's data grid inp_shape={self.inp_shape}")
+
+
+def _block_step(block: ProcessorBlock, z: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
+    """One processor block on the latent state with the auxiliary embedding re-joined (the join is recomputed with
+    the block under checkpointing, so only ``z`` and the shared ``aux`` are kept)."""
+    return block(z if aux is None else torch.cat([z, aux.to(z.dtype)], dim=1))
 
 
 def _check_shape(name: str, shape: Sequence[int]) -> tuple[int, int]:

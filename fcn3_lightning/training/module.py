@@ -26,7 +26,7 @@ from fcn3_lightning.losses import CRPS_KINDS, EnsembleCRPSLoss, channel_weights,
 from fcn3_lightning.metrics.suite import DEFAULT_SCORES, PROVIDERS, ValidationScores, lead_label
 from fcn3_lightning.model.build import model_kwargs
 from fcn3_lightning.model.channel_map import MappingReport
-from fcn3_lightning.model.fcn3 import FCN3
+from fcn3_lightning.model.fcn3 import CHECKPOINTING_LEVELS, FCN3
 from fcn3_lightning.model.noise import NoiseStreams, SphericalDiffusionNoise
 from fcn3_lightning.parallel import DistributedEnsembleCRPSLoss, ProcessMesh, all_reduce_, gather_members, split_slice
 from fcn3_lightning.training.ema import WeightAverage
@@ -78,6 +78,8 @@ class FCN3Module(L.LightningModule):
         val_scores: which WB2 scores to log for them, in physical units (names of
             :data:`fcn3_lightning.metrics.suite.PROVIDERS`; default crps, ensemble_mean_rmse, ensemble_spread,
             spread_skill_ratio, bias). Logged as ``val/{score}/{channel}/{lead}``.
+        checkpointing: activation checkpointing of the training forward (``none``, ``blocks``, ``encoder+decoder``,
+            ``blocks+encoder+decoder``; :meth:`fcn3_lightning.model.FCN3.set_checkpointing`): less memory, same gradients.
     """
 
     #: builds its network through the strategy's layers factory (see SpatialParallelStrategy)
@@ -111,6 +113,7 @@ class FCN3Module(L.LightningModule):
         ema_decay: float | None = None,
         log_channels: list[str] | None = None,
         val_scores: list[str] | None = None,
+        checkpointing: str = "none",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -135,6 +138,8 @@ class FCN3Module(L.LightningModule):
             raise ValueError(f"model.scheduler.name must be 'plateau' or 'step', got {scheduler.get('name')!r}")
         if warmup_steps < 0:
             raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+        if checkpointing not in CHECKPOINTING_LEVELS:
+            raise ValueError(f"model.checkpointing must be one of {list(CHECKPOINTING_LEVELS)}, got {checkpointing!r}")
         self.forecaster: EnsembleForecaster | None = None
         self.ema: WeightAverage | None = None
         self.mapping: MappingReport | None = None
@@ -222,6 +227,7 @@ class FCN3Module(L.LightningModule):
             self.net_kwargs = initial_architecture(self.net_kwargs, hp.init_from, channels, aux_channels, shape)
             self.hparams["net"] = dict(self.net_kwargs)
         net = FCN3(inp_shape=shape, channel_names=channels, aux_channel_names=aux_channels, **self.net_kwargs, **extra)
+        net.set_checkpointing(hp.checkpointing)
         noise = None
         if net.noise_channel_names:
             noise = SphericalDiffusionNoise(

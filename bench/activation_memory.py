@@ -11,9 +11,11 @@ One training step is :meth:`FCN3Module.training_step` (the ensemble forecaster w
 rollout of ``--members`` members folded into the batch, the module's CRPS loss with its spectral term) and
 ``backward``, on a module built as ``fit`` builds it (``FCN3Module(checkpointing=level).build(...)``), with the same
 seeded weights and batch for every level. The network has FCN3's 72 prognostic and 12 auxiliary channels on
-``--grid`` (default 181x360, latent Legendre-Gauss grid 90x180) and the widths / depth given (defaults below; the
-full-size widths of configs/model/fcn3.yaml are ``--atmo-embed-dim 45 --surf-embed-dim 56 --aux-embed-dim 36
---num-layers 10``, several minutes per level on 2 CPU cores).
+``--grid`` (default 181x360, latent Legendre-Gauss grid 90x180) and the widths / depth given. Defaults: FCN3's
+depth and block pattern (10 blocks, a spectral one every 5th) with a third of its widths (embed 15 / 19 / 12 instead
+of configs/model/fcn3.yaml's 45 / 56 / 36), which keeps the proportions of decoder to block activations that set the
+ratios. FCN3's own widths (``--atmo-embed-dim 45 --surf-embed-dim 56 --aux-embed-dim 36``) work too but were not
+run on the 2-core development machine: the default already saves 5.4 GB and takes minutes per level there.
 
 Activation memory (the figure checked): :class:`SavedTensorMeter` of bench/parallel_memory.py around the step, i.e.
 the peak of live bytes of the storages autograd saves for backward (each storage counted once, parameters and

@@ -17,18 +17,12 @@ from torch import nn
 
 from fcn3_lightning.channels import FCN3_AUX_CHANNELS, FCN3_CHANNELS, ChannelLayout, channel_layout, check_aux_channels
 from fcn3_lightning.model.layers import GRIDS, GRIDS_WITH_POLES, SERIAL, SphericalLayers, fcn3_theta_cutoff
+from fcn3_lightning.precision import float32_region
 
 
 def soft_clamp_water(x: torch.Tensor) -> torch.Tensor:
     """C1 spline ReLU: 0 for x <= 0, x^2 on (0, 0.5), x - 0.25 from 0.5 on."""
     return torch.where(x >= 0.5, x - 0.25, torch.where(x > 0.0, x * x, torch.zeros_like(x)))
-
-
-class _fp32(torch.autocast):
-    """Autocast disabled: encoders, decoders and SHTs run in float32 as in the reference."""
-
-    def __init__(self, x: torch.Tensor):
-        super().__init__(device_type=x.device.type, enabled=False)
 
 
 class Encoder(nn.Module):
@@ -39,7 +33,7 @@ class Encoder(nn.Module):
         self.conv = conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with _fp32(x):
+        with float32_region(x):  # the float32 rule: fcn3_lightning.precision
             return self.conv(x.float())
 
 
@@ -52,7 +46,7 @@ class Decoder(nn.Module):
         self.conv = conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with _fp32(x):
+        with float32_region(x):  # the float32 rule: fcn3_lightning.precision
             return self.conv(self.resample(x.float()))
 
 

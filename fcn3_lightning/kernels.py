@@ -29,7 +29,7 @@ INSTALL_HINT = (
     "your torch (python -c 'import torch; print(torch.version.cuda)': 12.6 -> cu126; cu126, cu128, cu129, cu130, cu132 "
     "exist for 0.9.3). Same import name, and the two overwrite each other, so uninstall first:\n"
     "    pip uninstall -y torch-harmonics\n"
-    "    pip install --extra-index-url https://pypi.nvidia.com torch-harmonics-cu128==0.9.3\n"
+    "    pip install --extra-index-url https://pypi.nvidia.com torch-harmonics-cu130==0.9.3   # torch.version.cuda 13.0\n"
     f"(README, section 'GPU install'). Or allow the slow torch path explicitly: {ALLOW_SLOW_ENV}=1."
 )
 

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import MLFlowLogger
 
 from fcn3_lightning.data.datamodule import WB2DataModule
 from fcn3_lightning.io import read_checkpoint
+from fcn3_lightning.kernels import check_disco_kernels
 from fcn3_lightning.runs import (
     LATEST,
     RUNS_ROOT,
@@ -212,6 +214,8 @@ class FCN3CLI(LightningCLI):
 
     def _guarded(self, method: Any, model: LightningModule, **kwargs: Any) -> None:
         try:
+            # on a GPU: torch-harmonics' DISCO CUDA kernels, or a clear stop (fcn3_lightning.kernels); no-op otherwise
+            check_disco_kernels("cuda" if isinstance(self.trainer.accelerator, CUDAAccelerator) else "cpu")
             method(model, **kwargs)
         except BaseException:
             self._abandon()

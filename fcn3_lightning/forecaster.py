@@ -37,6 +37,7 @@ from fcn3_lightning.data.statics import STATIC_AUX, static_channels
 from fcn3_lightning.data.stats import ChannelStats, Normalizer, check_units, default_modes, merge_statistics
 from fcn3_lightning.data.zenith import cos_zenith
 from fcn3_lightning.io import atomic_torch_save, read_checkpoint
+from fcn3_lightning.kernels import check_disco_kernels
 from fcn3_lightning.model.build import FORECASTER_FORMAT as FORMAT
 from fcn3_lightning.model.build import FORMAT as NETWORK_FORMAT
 from fcn3_lightning.model.build import model_kwargs, save_model
@@ -522,10 +523,11 @@ def load_forecaster(
         stats_path: statistics for such sources (default: the checkpoint's, else ``<store>.stats.json``).
         noise_seed: base seed of the noise streams (default: the source's, else 333).
     """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_disco_kernels(dev)  # on CUDA: torch-harmonics' DISCO kernels, or a clear stop before the load (fcn3_lightning.kernels)
     f = _assemble(read_network(path, config=config), data_path, stats_path)
     if noise_seed is not None and f.noise_settings is not None:
         f.noise_settings = NoiseSettings.from_dict({**f.noise_settings.to_dict(), "seed": int(noise_seed)})
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return f.to(dev).eval()
 
 

@@ -621,7 +621,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--output", default="forecast.zarr", help="output Zarr store (default forecast.zarr)")
     p.add_argument("--seed", type=int, help="noise seed (default: the checkpoint's noise_seed, else 333)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--batch-members", type=int, help="members run at once (default: all; lower saves memory)")
+    p.add_argument(
+        "--member-batch",
+        "--batch-members",  # the earlier name, kept as an alias
+        dest="batch_members",
+        type=int,
+        help="members run at once (default: all; lower saves memory; the forecast is the same)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output, or a .partial store of another run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_cli)
@@ -639,7 +645,7 @@ def run_cli(args: argparse.Namespace) -> None:
     if args.steps is not None:
         _check_count("--steps", args.steps, 1)
     if args.batch_members is not None:
-        _check_count("--batch-members", args.batch_members, 1, args.members)
+        _check_count("--member-batch", args.batch_members, 1, args.members)
     predictor = load_predictor(
         args.checkpoint, data_path=args.data_path, stats_path=args.stats, config=args.config, device=args.device, noise_seed=args.seed
     )

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from fcn3_lightning.channels import parse_channel
 from fcn3_lightning.model.layers import SERIAL, SphericalLayers
+from fcn3_lightning.precision import at_least_float32, float32_region
 
 #: CRPS kernels: "cdf" (standard CRPS of the empirical CDF) and "fair" (almost-fair CRPS_alpha).
 CRPS_KINDS: tuple[str, ...] = ("cdf", "fair")
@@ -37,7 +38,6 @@ TENDENCY_STD_FLOOR = 1e-4
 # Surface channels with the 0.1 "auto" base weight; t2m gets 1.0 and level channels 0.001 * hPa.
 _AUTO_SURFACE_01 = frozenset({"u10m", "v10m", "u100m", "v100m", "msl", "tcwv", "tp", "sp", "sst"})
 _AUTO_LEVEL_PREFIXES = frozenset({"z", "u", "v", "t", "r", "q"})
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _check_kind(kind: str, alpha: float) -> str:
@@ -140,8 +140,7 @@ def spatial_crps(pred: Tensor, obs: Tensor, weights: Tensor, kind: str = "fair",
         raise ValueError(f"weights of shape {tuple(weights.shape)} do not broadcast to the grid {tuple(grid)}")
     crps = crps_ensemble(pred, obs, member_dim=1, kind=kind, alpha=alpha)
     # Summing ~10^6 points in half precision loses the loss's low digits: accumulate in fp32 at least.
-    if crps.dtype in _LOW_PRECISION:
-        crps = crps.float()
+    crps = at_least_float32(crps)
     return (crps * weights.to(device=crps.device, dtype=crps.dtype)).sum((-2, -1))
 
 
@@ -208,11 +207,10 @@ class SpectralCRPS(nn.Module):
         return int(self.sht.mmax)
 
     def _magnitudes(self, x: Tensor) -> Tensor:
-        # The SHT runs in fp32 (fp64 kept) with autocast off: half-precision FFT/Legendre sums are too coarse.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            if x.dtype in _LOW_PRECISION:
-                x = x.float()
-            return (self.sht(x) * self.coeff_scale).abs()
+        # The SHT runs in fp32 (fp64 kept) with autocast off (fcn3_lightning.precision): half-precision FFT/Legendre
+        # sums are too coarse.
+        with float32_region(x):
+            return (self.sht(at_least_float32(x)) * self.coeff_scale).abs()
 
     def coefficient_crps(self, pred: Tensor, obs: Tensor, kind: str = "fair", alpha: float = 1.0) -> Tensor:
         """Unweighted CRPS of each |c_lm|: pred (B, M, C, H, W), obs (B, C, H, W) -> (B, C, lmax, mmax)."""
@@ -304,8 +302,8 @@ class EnsembleCRPSLoss(nn.Module):
       CRPS of steps 1 and 3 is weighted spectral_weight * w_c and the spectral CRPS of steps 0 and 2 the full
       w_c. FCN3's 4-step stage 2 and fine-tuning trained this way. Both agree for S = 1.
 
-    Low-precision inputs are scored in fp32. ``quadrature`` overrides the spatial weights (e.g. the rows of a
-    latitude tile); by default :func:`quadrature_weights` of ``img_shape`` and ``grid``.
+    Low-precision inputs are scored in fp32, with autocast off (:mod:`fcn3_lightning.precision`). ``quadrature``
+    overrides the spatial weights (e.g. the rows of a latitude tile); by default :func:`quadrature_weights` of ``img_shape`` and ``grid``.
     """
 
     def __init__(
@@ -372,14 +370,14 @@ class EnsembleCRPSLoss(nn.Module):
         if not self.distributed and (h, w) != self.img_shape:
             raise ValueError(f"the loss was built for a {self.img_shape} grid, got fields of {(h, w)}")
         # CRPS sums and sorts are scored in fp32 at least (bf16 keeps ~3 significant digits).
-        if pred.dtype in _LOW_PRECISION:
-            pred = pred.float()
-        if obs.dtype in _LOW_PRECISION:
-            obs = obs.float()
-        return pred, obs
+        return at_least_float32(pred), at_least_float32(obs)
 
     def forward(self, pred: Tensor, obs: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        pred, obs = self._check(pred, obs)
+        # the whole loss in fp32 with autocast off: the rule of fcn3_lightning.precision
+        with float32_region(pred):
+            return self._forward(*self._check(pred, obs))
+
+    def _forward(self, pred: Tensor, obs: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         b, _, s, c, _, _ = pred.shape
         spatial = spatial_crps(pred, obs, self.quadrature, self.kind, self.alpha)  # (B, S, C)
         details = {"spatial_crps": spatial.detach().mean(0)}

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fcn3_lightning.channels import FCN3_AUX_CHANNELS, FCN3_CHANNELS, ChannelLayout, channel_layout, check_aux_channels
 from fcn3_lightning.model.layers import GRIDS, GRIDS_WITH_POLES, SERIAL, SphericalLayers, fcn3_theta_cutoff
+from fcn3_lightning.precision import float32_region
 
 
 def soft_clamp_water(x: torch.Tensor) -> torch.Tensor:
@@ -34,13 +35,6 @@ CHECKPOINTING_LEVELS: dict[str, frozenset[str]] = {
 }
 
 
-class _fp32(torch.autocast):
-    """Autocast disabled: encoders, decoders and SHTs run in float32 as in the reference."""
-
-    def __init__(self, x: torch.Tensor):
-        super().__init__(device_type=x.device.type, enabled=False)
-
-
 class Encoder(nn.Module):
     """Grouped DISCO convolution from the data grid to the latent grid (groups = gcd(in, out))."""
 
@@ -49,7 +43,7 @@ class Encoder(nn.Module):
         self.conv = conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with _fp32(x):
+        with float32_region(x):  # the float32 rule: fcn3_lightning.precision
             return self.conv(x.float())
 
 
@@ -62,7 +56,7 @@ class Decoder(nn.Module):
         self.conv = conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with _fp32(x):
+        with float32_region(x):  # the float32 rule: fcn3_lightning.precision
             return self.conv(self.resample(x.float()))
 
 

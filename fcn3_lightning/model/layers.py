@@ -17,6 +17,8 @@ import torch
 import torch_harmonics as th
 from torch import nn
 
+from fcn3_lightning.kernels import disco_optimized_kernel
+
 #: Grid names torch-harmonics understands; "equiangular" includes both poles.
 GRIDS_WITH_POLES = ("equiangular", "equiangular-trapezoidal", "lobatto")
 GRIDS = (*GRIDS_WITH_POLES, "legendre-gauss")
@@ -90,7 +92,7 @@ class SphericalLayers:
                 grid_out=grid_out,
                 bias=False,
                 theta_cutoff=theta_cutoff,
-                optimized_kernel=True,
+                optimized_kernel=disco_optimized_kernel(),  # the compiled kernels, unless the slow path is allowed
             )
 
     def spectral_conv(self, shape: Sequence[int], channels: int, *, grid: str) -> nn.Module:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from fcn3_lightning.model.layers import GRIDS, SERIAL, SphericalLayers
+from fcn3_lightning.precision import float32_region
 
 #: FCN3 uses eight noise channels (length scales 50 km doubling up to 6400 km).
 DEFAULT_N_CHANNELS = 8
@@ -288,9 +289,9 @@ class SphericalDiffusionNoise(nn.Module):
                 f"state has trailing shape {tuple(state.shape[-3:])}, expected {self.state_shape} (C, lmax, mmax)"
                 + (" (this rank's chunk)" if self.distributed else "")
             )
-        # fp32 regardless of any surrounding autocast: reduced-precision iFFTs need power-of-two nlon
-        # and would degrade the high-degree content of the field.
-        with torch.autocast(device_type=state.device.type, enabled=False):
+        # fp32 regardless of any surrounding autocast (the rule of fcn3_lightning.precision): reduced-precision
+        # iFFTs need power-of-two nlon and would degrade the high-degree content of the field.
+        with float32_region(state):
             return self.isht(state.to(torch.complex64)).to(torch.float32)
 
     def extra_repr(self) -> str:

@@ -31,6 +31,7 @@ import torch
 import torch_harmonics.distributed as thd
 from torch import nn
 
+from fcn3_lightning.kernels import disco_optimized_kernel
 from fcn3_lightning.model.layers import SphericalLayers
 
 #: DISCO polar modes: torch-harmonics' two, plus "auto" = halo exchange where the filter reach fits one neighbour.
@@ -127,7 +128,7 @@ class DistributedSphericalLayers(SphericalLayers):
                 grid_out=grid_out,
                 bias=False,
                 theta_cutoff=theta_cutoff,
-                optimized_kernel=True,
+                optimized_kernel=disco_optimized_kernel(),  # the compiled kernels, unless the slow path is allowed
                 polar_mode=polar_mode,
             )
 

@@ -29,6 +29,7 @@ from fcn3_lightning.model.channel_map import MappingReport
 from fcn3_lightning.model.fcn3 import CHECKPOINTING_LEVELS, FCN3
 from fcn3_lightning.model.noise import NoiseStreams, SphericalDiffusionNoise
 from fcn3_lightning.parallel import DistributedEnsembleCRPSLoss, ProcessMesh, all_reduce_, gather_members, split_slice
+from fcn3_lightning.precision import at_least_float32, float32_region
 from fcn3_lightning.training.ema import WeightAverage
 from fcn3_lightning.training.forecaster import EnsembleForecaster, keyed_streams
 from fcn3_lightning.training.parameters import freeze, optimizer_groups, warmup_factor
@@ -340,11 +341,13 @@ class FCN3Module(L.LightningModule):
         target = batch["target"]
         b = target.shape[0]
         loss, _ = self.loss_fn(pred[:, :, :1], target[:, :1])  # as in the reference: the loss at the first lead time
-        pred = self._all_members(pred)
+        # the scores in fp32 at least, autocast off (the rule of fcn3_lightning.precision); WB2 scores: float64
+        pred, target = at_least_float32(self._all_members(pred)), at_least_float32(target)
         q = self.quadrature
-        # area-weighted fair CRPS (normalised units) per lead and channel; persistence's CRPS is its MAE
-        crps = self._tile_sum(crps_ensemble(pred, target, member_dim=1, kind="fair") * q).mean(0)  # (S, C)
-        persistence = self._tile_sum((batch["input"][:, None] - target).abs() * q).mean(0)  # (S, C)
+        with float32_region(pred):
+            # area-weighted fair CRPS (normalised units) per lead and channel; persistence's CRPS is its MAE
+            crps = self._tile_sum(crps_ensemble(pred, target, member_dim=1, kind="fair") * q).mean(0)  # (S, C)
+            persistence = self._tile_sum((at_least_float32(batch["input"])[:, None] - target).abs() * q).mean(0)  # (S, C)
         self.log(f"{split}/loss", loss, batch_size=b, sync_dist=True)
         self.log(f"{split}/crps", crps[0].mean(), batch_size=b, sync_dist=True, prog_bar=split == "val")
         self.log(f"{split}/persistence_mae", persistence[0].mean(), batch_size=b, sync_dist=True)

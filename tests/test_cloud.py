@@ -210,7 +210,7 @@ def test_a_url_without_a_zarr_store_says_so(world, fits, tmp_path):
     url = world["server"].url("not_a_store")
     print(_one_line_error(_predict(tmp_path, fits["local"], world["stats"], url), url, "no Zarr store there"))
     res = _cli(tmp_path, "evaluate", "--forecast", world["server"].url("nothing.zarr"), "--obs", world["url"], "--out", "o")
-    print(_one_line_error(res, "--forecast", "nothing.zarr", "no Zarr store there"))
+    print(_one_line_error(res, "the forecast", "nothing.zarr", "no Zarr store there"))
 
 
 @pytest.mark.parametrize("status", [401, 403])

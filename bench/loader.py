@@ -2,15 +2,23 @@
 
     python bench/loader.py                      # writes the store once (24 times, about 7 GB), then measures
     python bench/loader.py --workers 0 1 2      # loader settings to compare
+    python bench/loader.py --url --nlat 361 --nlon 720 --times 12 --workers 2 4
+                                                # the same store served over HTTP on 127.0.0.1 with 20 ms per request
 
 Prints samples/s of the raw Zarr read of exactly the chunks a sample needs (input + one target,
 every variable, in one process) next to the data module's loader (read into the flipped, channel-
 ordered output + cos zenith + worker transfer; normalisation runs on the device), per worker setting.
+
+``--url``: the loader reading the store over HTTP (a server in another process on 127.0.0.1 that sleeps ``--delay-ms``
+before every answer, as a bucket's latency) next to the loader reading the local copy, per worker setting; the target is
+>= 80% of the local rate. ``--url URL`` measures that remote store instead (no local comparison).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import multiprocessing
 import shutil
 import tempfile
 import time
@@ -28,10 +36,10 @@ from fcn3_lightning.data.datamodule import collate_batch
 NLAT, NLON = 721, 1440
 
 
-def write_store(path: Path, n_times: int) -> None:
+def write_store(path: Path, n_times: int, nlat: int = NLAT, nlon: int = NLON) -> None:
     """A WB2-layout store, ascending latitude like WB2's ERA5, smooth fields (so they compress like real ones)."""
-    lat = np.linspace(-90, 90, NLAT)
-    lon = np.arange(NLON) * 0.25
+    lat = np.linspace(-90, 90, nlat)
+    lon = np.arange(nlon) * 360.0 / nlon
     rng = np.random.default_rng(0)
     phase = rng.uniform(0, 2 * np.pi, size=8)
     variables = dict.fromkeys(parse_channel(c).long_name for c in FCN3_CHANNELS)
@@ -41,7 +49,7 @@ def write_store(path: Path, n_times: int) -> None:
             base = np.cos(np.deg2rad(lat))[:, None] * np.sin(np.deg2rad(lon)[None, :] * 3 + phase[t % 8] + t * 0.1)
             data = {}
             for k, var in enumerate(variables):
-                field = (base * (k + 1) + 0.01 * rng.standard_normal((NLAT, NLON))).astype(np.float32)
+                field = (base * (k + 1) + 0.01 * rng.standard_normal((nlat, nlon))).astype(np.float32)
                 if parse_channel(next(c for c in FCN3_CHANNELS if parse_channel(c).long_name == var)).level is None:
                     data[var] = (("time", "latitude", "longitude"), field[None])
                 else:
@@ -87,20 +95,56 @@ def loader_rate(dataset: ForecastDataset, workers: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def _serve(root: str, delay_s: float, port: multiprocessing.Queue) -> None:
+    """An HTTP server for ``root`` that sleeps ``delay_s`` before every answer (threaded: requests wait side by side)."""
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(SimpleHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            time.sleep(delay_s)
+            super().do_GET()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 256  # the default 5 drops concurrent connections (the client then waits seconds to retry)
+
+    httpd = Server(("127.0.0.1", 0), functools.partial(Handler, directory=root))
+    httpd.daemon_threads = True
+    port.put(httpd.server_address[1])
+    httpd.serve_forever()
+
+
+def http_server(root: Path, delay_ms: float) -> tuple[multiprocessing.Process, int]:
+    """A delaying HTTP server in its own process (its work does not take the loader's GIL); returns (process, port)."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_serve, args=(str(root), delay_ms / 1000, queue), daemon=True)
+    proc.start()
+    return proc, queue.get(timeout=60)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default=str(Path(tempfile.gettempdir()) / "fcn3_loader_bench"))
     p.add_argument("--times", type=int, default=24, help="time steps in the store (each about 300 MB)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--nlat", type=int, default=NLAT, help="grid of the written store (default 721x1440)")
+    p.add_argument("--nlon", type=int, default=NLON)
+    p.add_argument("--url", nargs="?", const="", help="read over HTTP: no value serves the local store on 127.0.0.1; or a store URL")
+    p.add_argument("--delay-ms", type=float, default=20.0, help="with --url: the server's delay before every answer (default 20)")
     args = p.parse_args()
 
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
-    path = root / f"era5_like_{NLAT}x{NLON}_{args.times}.zarr"
+    path = root / f"era5_like_{args.nlat}x{args.nlon}_{args.times}.zarr"
+    if args.url is not None:
+        return url_bench(args, root, path)
     if not path.exists():
-        write_store(path, args.times)
+        write_store(path, args.times, args.nlat, args.nlon)
     store = WB2Store(path, FCN3_CHANNELS)
-    stats_path = root / "stats.json"
+    stats_path = root / f"stats_{args.nlat}x{args.nlon}.json"
     if not stats_path.exists():
         compute_stats(store, str(store.times[0]), str(store.times[3]), progress=False).save(stats_path)
     from fcn3_lightning.data.stats import ChannelStats
@@ -108,8 +152,8 @@ def main() -> None:
     normalizer = ChannelStats.load(stats_path).normalizer(FCN3_CHANNELS)
     # as the data module builds it: normalisation and the NaN screen run on the device after transfer
     dataset = ForecastDataset(store, normalizer, str(store.times[0]), str(store.times[-1]), n_targets=1, on_device=True)
-    sample_mb = 2 * 72 * NLAT * NLON * 4 / 2**20
-    print(f"store {path}: {args.times} times, 72 channels, {NLAT}x{NLON}; one sample = input + 1 target = {sample_mb:.0f} MB")
+    sample_mb = 2 * 72 * args.nlat * args.nlon * 4 / 2**20
+    print(f"store {path}: {args.times} times, 72 channels, {args.nlat}x{args.nlon}; one sample = input + 1 target = {sample_mb:.0f} MB")
 
     raw_rate(path, list(range(len(dataset))))  # warm the page cache so both runs read the same way
     raw = raw_rate(path, list(range(len(dataset))))
@@ -117,6 +161,41 @@ def main() -> None:
     for w in args.workers:
         rate = loader_rate(dataset, w)
         print(f"data loader, num_workers={w}:               {rate:6.2f} samples/s  ({100 * rate / raw:5.1f}% of raw)")
+
+
+def url_bench(args: argparse.Namespace, root: Path, path: Path) -> None:
+    """Loader samples/s over HTTP (latency added by the server) next to the local copy, per worker setting."""
+    if args.url:
+        stores = {"url": WB2Store(args.url, FCN3_CHANNELS)}
+        server = None
+    else:
+        if not path.exists():
+            write_store(path, args.times, args.nlat, args.nlon)
+        server, port = http_server(root, args.delay_ms)
+        stores = {"local": WB2Store(path, FCN3_CHANNELS), "url": WB2Store(f"http://127.0.0.1:{port}/{path.name}", FCN3_CHANNELS)}
+    try:
+        first = next(iter(stores.values()))
+        stats = compute_stats(first, str(first.times[0]), str(first.times[1]), progress=False)
+        normalizer = stats.normalizer(FCN3_CHANNELS)
+        nlat, nlon = first.shape
+        sample_mb = 2 * 72 * nlat * nlon * 4 / 2**20
+        where = args.url or f"{path} served on 127.0.0.1 with {args.delay_ms:g} ms per request"
+        print(f"store {where}: {first.times.size} times, 72 channels, {nlat}x{nlon}; one sample = {sample_mb:.0f} MB")
+        for store in stores.values():  # warm: the page cache for both, the HTTP connections
+            ForecastDataset(store, normalizer, str(store.times[0]), str(store.times[-1]), n_targets=1, on_device=True)[0]
+        for w in args.workers:
+            rates = {}
+            for name, store in stores.items():
+                dataset = ForecastDataset(store, normalizer, str(store.times[0]), str(store.times[-1]), n_targets=1, on_device=True)
+                rates[name] = loader_rate(dataset, w)
+            line = f"num_workers={w}: " + ", ".join(f"{k} {v:6.2f} samples/s ({v * sample_mb:.0f} MB/s)" for k, v in rates.items())
+            if "local" in rates:
+                ratio = rates["url"] / rates["local"]
+                line += f"; HTTP/local = {100 * ratio:5.1f}% ({'meets' if ratio >= 0.8 else 'MISSES'} the 80% target)"
+            print(line, flush=True)
+    finally:
+        if server is not None:
+            server.terminate()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ from typing import Any
 
 from fcn3_lightning.eval.baselines import BASELINES
 
+from fcn3_lightning.paths import is_url as _is_url
+from fcn3_lightning.paths import parse_storage_options
+
 _EPILOG = """\
 outputs (in --out): scores.csv, per_init.csv, rank_histogram.csv (ensembles), spectra.csv, one {eval}.nc per
 eval in WB2's results layout, meta.json. Evals: deterministic | ensemble_mean_deterministic, probabilistic,
@@ -48,6 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--obs", required=True, help="ground-truth Zarr (time, [level], latitude, longitude), with land_sea_mask for the land regions"
     )
     p.add_argument("--climatology", help="WB2 climatology Zarr (hour, dayofyear, ...); default: computed from --obs (WB2's definition)")
+    p.add_argument(
+        "--storage-options",
+        type=parse_storage_options,
+        metavar="JSON",
+        help="fsspec options for the stores given as URLs (gs://, s3://, https://; default: anonymous for gs:// and s3://)",
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--name", help="model name (default: the forecast store's name)")
     p.add_argument("--regions", type=_list, help="comma-separated regions (default: all 13 WB2 regions + the 3 land regions)")
@@ -143,12 +152,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "fcn3_lightning" / "inductor"))
     from fcn3_lightning.eval.harness import evaluate
 
-    from fcn3_lightning.paths import local_path
+    from fcn3_lightning.paths import local_path, store_location
 
-    for option, value in (("--forecast", args.forecast), ("--obs", args.obs), ("--climatology", args.climatology), ("--out", args.out)):
-        if value is not None:
-            local_path(value, option)  # a URL: say so before anything is opened or created
-    meta = evaluate(args.forecast, args.obs, args.out, args.climatology, options_from_args(args))
+    # the stores may be URLs (read in place with --storage-options); the output is a local folder: checked before anything is opened
+    sources = {
+        option: None if value is None else store_location(value, option, args.storage_options if _is_url(value) else None)
+        for option, value in (("--forecast", args.forecast), ("--obs", args.obs), ("--climatology", args.climatology))
+    }
+    local_path(args.out, "--out")
+    meta = evaluate(sources["--forecast"], sources["--obs"], args.out, sources["--climatology"], options_from_args(args))
     rows = meta["rows"]
     print(
         f"evaluate: {meta['name']} ({meta['forecast_kind']}, {len(meta['inits'])} inits, {len(meta['lead_hours'])} lead times): "

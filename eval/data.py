@@ -16,7 +16,7 @@ import numpy as np
 import xarray as xr
 from fcn3_lightning.eval.derived import wind_of, wind_speed
 
-from fcn3_lightning.paths import local_path
+from fcn3_lightning.paths import StoreLocation, open_zarr, store_location
 
 Index = np.ndarray | slice
 
@@ -26,19 +26,21 @@ MEMBER_DIMS = ("number", "member", "realization")
 LEAD_DIM = "prediction_timedelta"
 
 
-def open_store(source: str | Path | xr.Dataset, what: str) -> xr.Dataset:
-    """A Zarr store (or netCDF file) opened lazily; datasets pass through."""
+def open_store(source: str | Path | StoreLocation | xr.Dataset, what: str) -> xr.Dataset:
+    """A Zarr store (local, or a URL read in place: see :mod:`fcn3_lightning.paths`) or a local netCDF file, opened lazily;
+    datasets pass through."""
     if isinstance(source, xr.Dataset):
         return source
-    path = local_path(source, f"the {what}")
-    if not path.exists():
-        raise FileNotFoundError(f"the {what} {path} does not exist")
-    try:
-        if path.suffix in (".nc", ".nc4", ".h5"):
+    location = store_location(source, f"the {what}")
+    path = Path(location.path)
+    if not location.remote and path.suffix in (".nc", ".nc4", ".h5"):
+        if not path.exists():
+            raise FileNotFoundError(f"the {what} {path} does not exist")
+        try:
             return xr.open_dataset(path, decode_timedelta=True)
-        return xr.open_zarr(path, chunks=None, decode_timedelta=True)
-    except Exception as err:  # noqa: BLE001 - any reader error: name the file
-        raise ValueError(f"cannot open the {what} {path}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - any reader error: name the file
+            raise ValueError(f"cannot open the {what} {path}: {err}") from err
+    return open_zarr(location, what=what, chunks=None)
 
 
 def ascending_latitude(ds: xr.Dataset, where: str) -> xr.Dataset:

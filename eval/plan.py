@@ -161,7 +161,9 @@ class _Planner:
             for k, v in (("forecast", forecast), ("obs", obs), ("climatology", climatology))
         }
         self.name = opt.name or (
-            Path(forecast).name.removesuffix(".zarr").removesuffix(".nc") if not isinstance(forecast, xr.Dataset) else "forecast"
+            Path(str(forecast).rstrip("/")).name.removesuffix(".zarr").removesuffix(".nc")
+            if not isinstance(forecast, xr.Dataset)
+            else "forecast"
         )
         if opt.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype must be float32 or float64, got {opt.dtype!r}")

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from fcn3_lightning.paths import parse_storage_options
+
 
 def _summary(args: argparse.Namespace) -> None:
     from fcn3_lightning.model.build import build_model
@@ -55,7 +57,7 @@ def _stats(args: argparse.Namespace) -> None:
     from fcn3_lightning.channels import FCN3_CHANNELS
     from fcn3_lightning.data.stats import compute_stats
     from fcn3_lightning.data.store import WB2Store
-    from fcn3_lightning.paths import local_path
+    from fcn3_lightning.paths import StoreError, local_path, store_location
 
     channels = _channels(args.channels)
     if args.data is None:
@@ -65,14 +67,16 @@ def _stats(args: argparse.Namespace) -> None:
         channels = channels or list(DEFAULT_WORLD_CHANNELS)
         start, end = args.start or DEFAULT_WORLD_SPLITS["train"][0], args.end or DEFAULT_WORLD_SPLITS["train"][1]
     else:
-        path = local_path(args.data, "--data")
+        path = store_location(args.data, "--data", args.storage_options)
+        if path.remote and not args.out:
+            raise StoreError(f"--data {args.data} is a URL: nothing is written next to it; pass --out (a local statistics file)")
         channels = channels or list(FCN3_CHANNELS)
         if not (args.start and args.end):
             raise ValueError("stats: --start and --end (the training range) are required with --data")
         start, end = args.start, args.end
-    store = WB2Store(path, channels, step_hours=args.step_hours)
+    store = WB2Store(path, channels, step_hours=args.step_hours)  # a StoreLocation carries its storage options
     stats = compute_stats(store, start, end)
-    out = Path(args.out) if args.out else path.with_name(path.name + ".stats.json")
+    out = local_path(args.out, "--out") if args.out else store.location.stats_sibling()
     stats.save(out)
     print(f"wrote statistics of {len(channels)} channels over {stats.source['start']} .. {stats.source['end']} to {out}")
 
@@ -194,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start", help="first time of the training range (inclusive)")
     p.add_argument("--end", help="last time of the training range (inclusive)")
     p.add_argument("--step-hours", type=int, default=6, help="model step for the tendency statistics (default 6)")
-    p.add_argument("--out", help="stats file (default: <store>.stats.json next to the store)")
+    p.add_argument("--out", help="stats file (default: <store>.stats.json next to the store; required for a URL --data)")
+    p.add_argument("--storage-options", type=parse_storage_options, metavar="JSON", help="fsspec options for a URL --data")
     p.set_defaults(func=_stats)
 
     p = sub.add_parser("default-world", help="generate the embedded default world (shallow-water dynamics) into the cache")

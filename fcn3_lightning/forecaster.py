@@ -46,6 +46,7 @@ from fcn3_lightning.model.convert import convert_reference_state_dict, reference
 from fcn3_lightning.model.fcn3 import FCN3
 from fcn3_lightning.model.noise import NoiseSettings, NoiseStreams
 from fcn3_lightning.package import Package, is_package, package_config, read_package, write_package
+from fcn3_lightning.paths import StoreLocation, store_location
 from fcn3_lightning.training.forecaster import EnsembleForecaster, keyed_streams
 
 #: validation's noise key: inference draws exactly the noise that validation draws for the same sample id
@@ -507,7 +508,7 @@ def load_forecaster(
     device: str | torch.device | None = None,
     *,
     config: str | Path | None = None,
-    data_path: str | Path | None = None,
+    data_path: str | Path | StoreLocation | None = None,
     stats_path: str | Path | None = None,
     noise_seed: int | None = None,
 ) -> Forecaster:
@@ -518,7 +519,8 @@ def load_forecaster(
         device: "cpu", "cuda", ... (default: CUDA if available).
         config: the reference ``config.json`` of a reference checkpoint file outside its package folder.
         data_path: for sources without statistics and static fields (checkpoints of this project, network-only
-            model files, bare reference checkpoints): the WB2 store to take the static fields (and, by default,
+            model files, bare reference checkpoints): the WB2 store (a path, a URL, or a
+            :class:`~fcn3_lightning.paths.StoreLocation` carrying storage options) to take the static fields (and, by default,
             the statistics) from; default: the checkpoint's training store (the default world when there was none).
         stats_path: statistics for such sources (default: the checkpoint's, else ``<store>.stats.json``).
         noise_seed: base seed of the noise streams (default: the source's, else 333).
@@ -531,7 +533,7 @@ def load_forecaster(
     return f.to(dev).eval()
 
 
-def _assemble(src: NetworkFile, data_path: str | Path | None, stats_path: str | Path | None) -> Forecaster:
+def _assemble(src: NetworkFile, data_path: str | Path | StoreLocation | None, stats_path: str | Path | None) -> Forecaster:
     if src.kind == "package":
         return _from_package(src)
     if src.kind == "forecaster":
@@ -603,7 +605,7 @@ def _from_model_file(src: NetworkFile) -> Forecaster:
     )
 
 
-def _from_store(src: NetworkFile, data_path: str | Path | None, stats_path: str | Path | None) -> Forecaster:
+def _from_store(src: NetworkFile, data_path: str | Path | StoreLocation | None, stats_path: str | Path | None) -> Forecaster:
     """Statistics and static fields from a WB2 store: checkpoints of this project, network-only files, bare reference checkpoints."""
     from fcn3_lightning.channels import FCN3_AUX_CHANNELS, FCN3_CHANNELS
     from fcn3_lightning.data.default_world import DEFAULT_WORLD_SPLITS, default_world_path, ensure_default_world
@@ -622,6 +624,8 @@ def _from_store(src: NetworkFile, data_path: str | Path | None, stats_path: str 
             raise ValueError(f"{src.path}: the checkpoint holds no data settings (datamodule_hyper_parameters); use a model file instead")
         world_seed = int(dm.get("seed") or 0)
         train_store = dm.get("data_path")
+        if train_store is not None:  # a URL keeps the storage options it was trained with
+            train_store = store_location(train_store, "the training store", dm.get("storage_options"))
         if train_store is None:
             from fcn3_lightning.data.default_world import DEFAULT_WORLD_CHANNELS
 
@@ -693,9 +697,14 @@ def _from_store(src: NetworkFile, data_path: str | Path | None, stats_path: str 
         if train_stats:
             candidates.append(Path(train_stats))
         if src.kind == "lightning":
-            train_path = Path(train_store) if train_store is not None else default_world_path(world_seed)
-            candidates.append(train_path.with_name(train_path.name + ".stats.json"))
-        candidates.append(store.path.with_name(store.path.name + ".stats.json"))
+            if train_store is not None:
+                sibling = train_store.stats_sibling()  # None for a remote training store
+            else:
+                world = default_world_path(world_seed)
+                sibling = world.with_name(world.name + ".stats.json")
+            candidates += [sibling] if sibling is not None else []
+        if store.location.stats_sibling() is not None:  # a remote store has none: its statistics come with --stats
+            candidates.append(store.location.stats_sibling())
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         if src.kind == "lightning" and train_store is None and not explicit_data and not stats_path:

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fcn3_lightning.bounds import Bounds, Extremes, Report
-from fcn3_lightning.paths import local_path
+from fcn3_lightning.paths import local_path, parse_storage_options, store_location
 
 if TYPE_CHECKING:  # the heavy imports (torch, torch-harmonics, zarr) wait until a command runs
     import torch
@@ -154,6 +154,7 @@ def load_predictor(
     config: str | Path | None = None,
     device: str | None = None,
     noise_seed: int | None = None,
+    storage_options: dict | None = None,
 ) -> Predictor:
     """Build a :class:`Predictor`: :func:`fcn3_lightning.load_forecaster` and the store of the initial conditions.
 
@@ -168,8 +169,12 @@ def load_predictor(
         config: reference architecture (``config.json`` or a golden ``manifest.json``) for reference checkpoints.
         device: "cpu", "cuda", ... (default: CUDA if available).
         noise_seed: base seed of the noise (default: the checkpoint's, else 333).
+        storage_options: fsspec options for a URL ``data_path`` (see :mod:`fcn3_lightning.paths`).
     """
     from fcn3_lightning.data.store import WB2Store
+
+    if data_path is not None:
+        data_path = store_location(data_path, "--data", storage_options)
     from fcn3_lightning.forecaster import load_forecaster
 
     forecaster = load_forecaster(checkpoint, device, config=config, data_path=data_path, stats_path=stats_path, noise_seed=noise_seed)
@@ -428,7 +433,7 @@ def predict(
     arguments = {
         "format": FORMAT,
         "model_sha256": fingerprint(predictor.forecaster),
-        "data": str(predictor.store.path.resolve()),
+        "data": predictor.store.path if predictor.store.location.remote else str(predictor.store.path.resolve()),
         "channels": predictor.channels,
         "init_times": [_iso(t) for t in times],
         "members": members,
@@ -609,7 +614,15 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="WB2 store with the initial conditions (default: the checkpoint's training store / default world; "
         "required for a model package, whose static fields come with it)",
     )
-    p.add_argument("--stats", help="normalisation statistics (default: the checkpoint's, else <store>.stats.json)")
+    p.add_argument(
+        "--storage-options",
+        type=parse_storage_options,
+        metavar="JSON",
+        help='fsspec options for a URL --data, e.g. \'{"token": "google_default"}\' (default: anonymous for gs:// and s3://)',
+    )
+    p.add_argument(
+        "--stats", help="normalisation statistics (default: the checkpoint's, else <store>.stats.json; required with a URL --data)"
+    )
     when = p.add_mutually_exclusive_group(required=True)
     when.add_argument("--init-times", nargs="+", metavar="TIME", help="initial times, e.g. 2002-07-01T00 2002-07-02T12")
     when.add_argument("--init-range", nargs=2, metavar=("START", "END"), help="every store time in START .. END (inclusive) ...")
@@ -638,7 +651,7 @@ def run_cli(args: argparse.Namespace) -> None:
     """``predict``: the argparse entry point."""
     # cheap checks before the (slow) model load
     if args.data_path is not None:
-        local_path(args.data_path, "--data-path")
+        store_location(args.data_path, "--data", args.storage_options)
     local_path(args.output, "--output")
     if args.members is not None:
         _check_count("--members", args.members, 1)
@@ -647,7 +660,13 @@ def run_cli(args: argparse.Namespace) -> None:
     if args.batch_members is not None:
         _check_count("--member-batch", args.batch_members, 1, args.members)
     predictor = load_predictor(
-        args.checkpoint, data_path=args.data_path, stats_path=args.stats, config=args.config, device=args.device, noise_seed=args.seed
+        args.checkpoint,
+        data_path=args.data_path,
+        stats_path=args.stats,
+        config=args.config,
+        device=args.device,
+        noise_seed=args.seed,
+        storage_options=args.storage_options,
     )
     if args.init_times:
         times = args.init_times

@@ -32,7 +32,7 @@ from fcn3_lightning.data.statics import LAND_SEA_MASK_VARIABLE, OROGRAPHY_VARIAB
 from fcn3_lightning.data.stats import ChannelStats, Normalizer, check_units, compute_stats, default_modes, merge_statistics
 from fcn3_lightning.data.store import WB2Store
 from fcn3_lightning.data.zenith import cos_zenith
-from fcn3_lightning.paths import local_path
+from fcn3_lightning.paths import StoreError, store_location
 from fcn3_lightning.training.sampler import EpochShuffleSampler
 
 
@@ -134,10 +134,14 @@ class WB2DataModule(L.LightningDataModule):
     """ERA5 (or any WB2-style store) for training, validation and testing; the default world when no path is given.
 
     Args:
-        data_path: the Zarr store; None uses the embedded default world (generated once into a cache).
+        data_path: the Zarr store, a local path or a URL (``https://``, ``gs://``, ``s3://``: read in place, concurrently);
+            None uses the embedded default world (generated once into a cache).
+        storage_options: fsspec options for a URL ``data_path`` (default: anonymous for gs:// and s3://; see
+            :mod:`fcn3_lightning.paths`).
         channels: prognostic channels; default FCN3's 72 (the default world's own list without a path).
         aux_channels: auxiliary model inputs in order; only ``xzen`` and the static ones come from here.
-        stats_path: statistics file from ``python -m fcn3_lightning stats``; default ``<store>.stats.json``.
+        stats_path: statistics file from ``python -m fcn3_lightning stats``; default ``<store>.stats.json`` (required
+            for a URL ``data_path``: nothing is written into a bucket).
         train_range, valid_range, test_range: inclusive (start, end) dates of each split.
         step_hours: model step; the store's cadence must divide it (stride over hourly stores).
         train_rollout, valid_rollout: number of targets per sample.
@@ -161,10 +165,17 @@ class WB2DataModule(L.LightningDataModule):
         batch_size: int = 1,
         num_workers: int = 0,
         seed: int = 0,
+        storage_options: dict | None = None,
     ):
         super().__init__()
-        if data_path is not None:
-            local_path(data_path, "data.data_path")  # a URL fails here, before any training setup
+        if data_path is not None:  # a bad location or a URL without its statistics fails here, before any training setup
+            location = store_location(data_path, "data.data_path", storage_options)
+            if location.remote and not stats_path:
+                raise StoreError(
+                    f"data.data_path {data_path} is a URL: its statistics cannot be written next to it; compute them once into a "
+                    f"local file (python -m fcn3_lightning stats --data {data_path} --start ... --end ... --out era5.stats.json) "
+                    "and pass data.stats_path"
+                )
         self.save_hyperparameters()
         self.default_world = data_path is None
         if self.default_world:
@@ -195,14 +206,15 @@ class WB2DataModule(L.LightningDataModule):
                 from fcn3_lightning.data.default_world import ensure_default_world
 
                 path = ensure_default_world(seed=self.hparams.seed)
-            self._store = WB2Store(path, self.channels, step_hours=self.hparams.step_hours)
+            options = self.hparams.storage_options if self.hparams.data_path is not None else None
+            self._store = WB2Store(path, self.channels, step_hours=self.hparams.step_hours, storage_options=options)
         return self._store
 
     @property
     def stats_path(self) -> Path:
         if self.hparams.stats_path:
             return Path(self.hparams.stats_path)
-        return self.store.path.with_name(self.store.path.name + ".stats.json")
+        return self.store.location.stats_sibling()  # a local store here: a URL without stats_path was refused in __init__
 
     def data_statistics(self) -> ChannelStats:
         """The store's statistics file (``stats_path``), checked against the channels and the grid."""

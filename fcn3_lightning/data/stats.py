@@ -240,7 +240,7 @@ def compute_stats(store: WB2Store, start: str, end: str, *, chunk: int | None = 
     lo, hi = np.full(c, np.inf), np.full(c, -np.inf)
     members = [None] if store.members is None else range(store.members)
     unit = "times" if store.members is None else "member times"
-    bar = progress_bar(n * len(members), f"stats of {store.path.name}", unit, disable=not progress)  # lines, not a bar, in a log
+    bar = progress_bar(n * len(members), f"stats of {store.location.name}", unit, disable=not progress)  # lines, not a bar, in a log
     for member in members:
         carry = np.empty((0, c, *store.shape))  # the last `stride` times of the previous chunk, for tendencies
         for a in range(i0, i1 + 1, chunk):

@@ -15,7 +15,9 @@ such a store with :meth:`WB2Store.require_single_member` rather than pick a memb
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +27,11 @@ import zarr
 from zarr.core.buffer.cpu import NDBuffer
 
 from fcn3_lightning.channels import parse_channel
-from fcn3_lightning.paths import local_path
+from fcn3_lightning.paths import StoreLocation, open_zarr, store_location
+
+#: variables of a remote store read at once (each one a few chunk requests, themselves concurrent in zarr): a sample's
+#: reads then overlap instead of paying the round-trip time one variable after another
+REMOTE_READ_THREADS = 16
 
 #: the ensemble-member dimension of a store holding several analyses of the same times (cfgrib's name)
 MEMBER_DIM = "number"
@@ -51,10 +57,11 @@ class WB2Store:
     """A WB2-style Zarr store seen through a channel list.
 
     Args:
-        path: the Zarr store.
+        path: the Zarr store: a local path or an fsspec URL (``https://``, ``gs://``, ``s3://``; see :mod:`fcn3_lightning.paths`).
         channels: channel names (``z500``, ``t2m``, ...; see :mod:`fcn3_lightning.channels`).
         step_hours: the model step; the store's cadence must divide it (hourly and 6-hourly stores
             both serve a 6 h model). None: the store's cadence (for readers of single states, e.g. initial conditions).
+        storage_options: fsspec options for a URL (default: anonymous for gs:// and s3://, a time-out for http(s)://).
 
     Attributes:
         members: the size of the store's ensemble-member dimension ``number``, or None for a store
@@ -62,14 +69,18 @@ class WB2Store:
         member_numbers: the ``number`` coordinate's values (``(members,)`` int64), or None.
     """
 
-    def __init__(self, path: str | Path, channels: Sequence[str], *, step_hours: int | None = 6):
-        self.path = local_path(path, "data store")
-        if not self.path.exists():
-            raise FileNotFoundError(f"data store {self.path} does not exist")
-        try:
-            ds = xr.open_zarr(self.path, consolidated=None, decode_timedelta=True)
-        except Exception as e:  # noqa: BLE001 - re-raised with the path, the user's first clue
-            raise ValueError(f"cannot open {self.path} as a Zarr store: {e}") from e
+    def __init__(
+        self,
+        path: str | Path | StoreLocation,
+        channels: Sequence[str],
+        *,
+        step_hours: int | None = 6,
+        storage_options: dict | None = None,
+    ):
+        self.location = store_location(path, "data store", storage_options)
+        # a local store is a Path (as callers expect), a remote one its URL
+        self.path: Path | str = self.location.path if self.location.remote else Path(self.location.path)
+        ds = open_zarr(self.location, what="data store")
         self.dataset = ds
         for coord in ("time", "latitude", "longitude"):
             if coord not in ds.coords:
@@ -112,8 +123,26 @@ class WB2Store:
             numbers = ds[MEMBER_DIM].values if MEMBER_DIM in ds.coords else np.arange(self.members)
             self.member_numbers = np.asarray(numbers).astype(np.int64)
 
-        self._group = zarr.open_group(str(self.path), mode="r")
+        self._open_arrays()
         self._reads = self._plan(ds)
+
+    def _open_arrays(self) -> None:
+        """The Zarr group read from, per process: a remote store's filesystem (its HTTP session, its event loop) does not
+        survive a fork, so a data-loader worker reopens it on its first read."""
+        self._pid = os.getpid()
+        self._pool: ThreadPoolExecutor | None = None
+        store = self.location.zarr_store() if self.location.remote else str(self.path)
+        self._group = zarr.open_group(store, mode="r")
+
+    def _reopen_after_fork(self) -> None:
+        self._open_arrays()
+        self._reads = [_VariableRead(r.name, self._group[r.name], r.has_level, r.level_index, r.out_index) for r in self._reads]
+
+    def __getstate__(self) -> dict:
+        # spawned loader workers: the group and the pool are reopened on arrival
+        state = dict(self.__dict__)
+        state["_pool"], state["_pid"] = None, -1
+        return state
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -215,7 +244,10 @@ class WB2Store:
         elif out.shape != shape or out.dtype != np.float32:
             raise ValueError(f"out has shape {out.shape} {out.dtype}, expected {shape} float32")
         t_sel = _as_slice(t_idx)
-        for r in self._reads:
+        if self.location.remote and self._pid != os.getpid():
+            self._reopen_after_fork()
+
+        def one(r: _VariableRead) -> None:
             lev_sel, dest = _level_plan(r) if r.has_level else (None, _as_slice(np.asarray(r.out_index)))
             sel = (t_sel, *m_sel, *(() if lev_sel is None else (lev_sel,)), store_lat, slice(lon0, lon1))
             # an integer member index drops the member axis, as a slice would not: it counts as a basic selection
@@ -227,13 +259,25 @@ class WB2Store:
                 if self.flip_lat:
                     view = view[..., ::-1, :]
                 r.array.get_basic_selection(sel, out=NDBuffer.from_numpy_array(view))
-                continue
+                return
             block = np.asarray(r.array.get_orthogonal_selection(sel), dtype=np.float32)
             if not r.has_level:
                 block = block[:, None]
             if self.flip_lat:
                 block = block[..., ::-1, :]
             out[:, list(r.out_index)] = block
+
+        if self.location.remote and len(self._reads) > 1:
+            # a remote store: every variable's requests in flight at once, so latency is paid once per sample, not per variable
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=min(REMOTE_READ_THREADS, len(self._reads)), thread_name_prefix="wb2-read")
+            try:
+                list(self._pool.map(one, self._reads))
+            except Exception as e:  # noqa: BLE001 - a network error mid-run: name the store and the cause in one line
+                raise ValueError(self.location.describe(e)) from e
+        else:
+            for r in self._reads:
+                one(r)
         # a sum is a cheap screen (NaN/Inf propagate); only a non-finite sum pays for the element-wise search
         if check_finite and not np.isfinite(np.add.reduce(out, axis=None)) and not np.isfinite(out).all():
             t, c = np.argwhere(~np.isfinite(out))[0][:2]

@@ -49,8 +49,8 @@ and 64 GPUs.
      measures the real per-rank figure: with ``--grid 121 240 --layouts serial 3x1 --members 1``, i.e. 20 latent
      rows per rank as at 16 h ranks at full size, it gave 0.321 of the serial figure, the ideal being 0.333), plus
      the loss over all members (the distributed loss
-     gathers the ensemble) on the tile. There is no activation checkpointing in the project: every rollout step's
-     activations stay until backward;
+     gathers the ensemble) on the tile. Without activation checkpointing (``model.checkpointing: none``): every
+     rollout step's activations stay until backward;
    * the batch tensors (input, targets and cos zenith of every step, fp32) on the tile, and the fixed tables at
      their full-grid size (an upper bound under a split: the distributed layers hold parts of them).
 
@@ -487,7 +487,7 @@ def main() -> int:
     b, mm, ss = RECIPE["batch"], RECIPE["members"], RECIPE["steps"]
     print(
         f"\nPer-GPU memory, fine-tune recipe at full size (configs/finetune.yaml: batch {b} per process, {mm} members, {ss}-step "
-        f"rollouts, fp32, Adam; no activation checkpointing), GB = 1e9 bytes, capacity {GPU_BYTES / GB:.0f} GB per GPU:"
+        f"rollouts, fp32, Adam; model.checkpointing none), GB = 1e9 bytes, capacity {GPU_BYTES / GB:.0f} GB per GPU:"
     )
     frozen_label = scenarios[1][0]
     head = (

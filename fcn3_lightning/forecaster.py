@@ -608,9 +608,7 @@ def _from_model_file(src: NetworkFile) -> Forecaster:
 def _from_store(src: NetworkFile, data_path: str | Path | StoreLocation | None, stats_path: str | Path | None) -> Forecaster:
     """Statistics and static fields from a WB2 store: checkpoints of this project, network-only files, bare reference checkpoints."""
     from fcn3_lightning.channels import FCN3_AUX_CHANNELS, FCN3_CHANNELS
-    from fcn3_lightning.data.default_world import DEFAULT_WORLD_SPLITS, default_world_path, ensure_default_world
-    from fcn3_lightning.data.statics import LAND_SEA_MASK_VARIABLE, OROGRAPHY_VARIABLE
-    from fcn3_lightning.data.stats import compute_stats
+    from fcn3_lightning.data.default_world import ensure_default_world
     from fcn3_lightning.data.store import WB2Store
 
     step_hours, train_store, train_stats, world_seed, train_range = 6, None, None, 0, None
@@ -673,24 +671,56 @@ def _from_store(src: NetworkFile, data_path: str | Path | StoreLocation | None, 
         raise ValueError(f"the network's grid {tuple(kwargs['inp_shape'])} differs from the data store's {store.shape} ({store.path})")
 
     embedded = src.blob.get(INPUTS_KEY) if src.kind == "lightning" and not stats_path else None
-    if isinstance(embedded, Mapping):  # a fine-tuned checkpoint: what it was trained with travels with it
+    if isinstance(embedded, Mapping):  # a checkpoint carries what it was trained with (fine-tuning: a source's inputs)
         inputs = ModelInputs.from_checkpoint(embedded)
         inputs.stats.check_compatible(channels, store.lat, store.lon, where=f"{src.path} (embedded statistics)")
-        return _build(
-            src,
-            kwargs,
-            stats=inputs.stats,
-            normalization=inputs.normalization,
-            lat=store.lat,
-            lon=store.lon,
-            step_hours=step_hours,
-            noise=noise if sum(a.startswith("xnoise") for a in aux) else None,
-            conventions=PROJECT,
-            orography=inputs.orography,
-            land_sea_mask=inputs.land_sea_mask,
-            source={"kind": src.kind, "path": str(src.path.resolve()), "files": [str(src.path.resolve())], "data": str(store.path)}
-            | ({"members": int(members)} if members else {}),
+        stats, normalization, oro, lsm, files = inputs.stats, inputs.normalization, inputs.orography, inputs.land_sea_mask, []
+    else:
+        stats, normalization, oro, lsm, found = _stats_and_statics(
+            src, store, channels, aux, stats_path, train_stats, train_store, train_range, world_seed, explicit_data
         )
+        files = [str(found.resolve())]
+    n_noise = sum(a.startswith("xnoise") for a in aux)
+    return _build(
+        src,
+        kwargs,
+        stats=stats,
+        normalization=normalization,
+        lat=store.lat,
+        lon=store.lon,
+        step_hours=step_hours,
+        noise=noise if n_noise else None,
+        conventions=PROJECT,
+        orography=oro,
+        land_sea_mask=lsm,
+        source={
+            "kind": src.kind,
+            "path": str(src.path.resolve()),
+            "files": [str(src.path.resolve()), *files],
+            "data": str(store.path),
+            **({"members": int(members)} if members else {}),
+        },
+    )
+
+
+def _stats_and_statics(
+    src: NetworkFile,
+    store: Any,
+    channels: list[str],
+    aux: list[str],
+    stats_path: str | Path | None,
+    train_stats: str | None,
+    train_store: Any,
+    train_range: Any,
+    world_seed: int,
+    explicit_data: bool,
+) -> tuple[ChannelStats, None, np.ndarray | None, np.ndarray | None, Path]:
+    """For a source without embedded inputs: the statistics file it was trained with (found, or computed once for
+    the default world) and the store's static fields; normalisation modes by this project's rule (None)."""
+    from fcn3_lightning.data.default_world import DEFAULT_WORLD_SPLITS, default_world_path
+    from fcn3_lightning.data.statics import LAND_SEA_MASK_VARIABLE, OROGRAPHY_VARIABLE
+    from fcn3_lightning.data.stats import compute_stats
+
     # the normaliser the network was trained with: the checkpoint's statistics where they can be found
     candidates = [Path(stats_path)] if stats_path else []
     if not stats_path:
@@ -721,27 +751,7 @@ def _from_store(src: NetworkFile, data_path: str | Path | StoreLocation | None, 
     wanted = set(aux) & set(STATIC_AUX)
     oro = store.read_static(OROGRAPHY_VARIABLE) if "xoro" in wanted else None
     lsm = store.read_static(LAND_SEA_MASK_VARIABLE) if wanted & {"xlsml", "xlsms"} else None
-    n_noise = sum(a.startswith("xnoise") for a in aux)
-    return _build(
-        src,
-        kwargs,
-        stats=stats,
-        normalization=None,
-        lat=store.lat,
-        lon=store.lon,
-        step_hours=step_hours,
-        noise=noise if n_noise else None,
-        conventions=PROJECT,
-        orography=oro,
-        land_sea_mask=lsm,
-        source={
-            "kind": src.kind,
-            "path": str(src.path.resolve()),
-            "files": [str(src.path.resolve()), str(found.resolve())],
-            "data": str(store.path),
-            **({"members": int(members)} if members else {}),
-        },
-    )
+    return stats, None, oro, lsm, found
 
 
 def convert(

@@ -144,6 +144,7 @@ class FCN3Module(L.LightningModule):
         self.forecaster: EnsembleForecaster | None = None
         self.ema: WeightAverage | None = None
         self.mapping: MappingReport | None = None
+        self._new_tensors: list[str] = []  # what channel mapping added (the "@new" of freeze / param_groups)
         self.loss_fn: EnsembleCRPSLoss | DistributedEnsembleCRPSLoss | None = None
         self.mesh: ProcessMesh | None = None
 

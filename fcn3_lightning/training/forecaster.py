@@ -159,6 +159,15 @@ class EnsembleForecaster(nn.Module):
             def zenith(s: int) -> torch.Tensor:
                 return self.to_tile(full_zenith(s), "zenith")
 
+        if x0.device.type == "cpu" and b == 1 and n_members > 1:
+            # The CPU kernels (torch-harmonics' DISCO contraction, the Legendre transforms) round differently with the
+            # batch size, and batching members is not faster there: one network call per member, so a member's
+            # forecast does not depend on which members share its batch (predict --member-batch).
+            parts = [
+                self._steps(x0, zenith, static, None if streams is None else streams.subset(m, m + 1), n_steps, 1)
+                for m in range(n_members)
+            ]
+            return (torch.cat(ys, dim=1) for ys in zip(*parts, strict=True))
         # checked here, not inside the generator: a bad call fails when it is made, not at the first step
         return self._steps(x0, zenith, static, streams, n_steps, n_members)
 

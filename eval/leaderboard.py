@@ -23,7 +23,7 @@ import argparse
 import html
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -223,6 +223,57 @@ def load_runs(result_dirs: Iterable[str | Path]) -> dict[str, pd.DataFrame]:
             name, n = f"{base} #{n}", n + 1
         runs[name] = df
     return runs
+
+
+def _regions_of(df: pd.DataFrame) -> set[str]:
+    return {r if isinstance(r, str) and r else "global" for r in df["region"].unique()}
+
+
+def _model_keys(df: pd.DataFrame, region: str) -> set[str]:
+    """Variable keys (``z500``, ``t2m``) of the run's model scores in ``region``."""
+    rows = _region_rows(df, region)
+    rows = rows[~rows["eval"].map(is_baseline)]
+    return {variable_key(v, lev) for v, lev in zip(rows["variable"], rows["level"], strict=True)}
+
+
+def harmonise(runs: Mapping[str, pd.DataFrame], region: str = "global") -> tuple[dict[str, pd.DataFrame], list[str]]:
+    """The runs restricted to what they have in common, and a line per thing left out.
+
+    Every run must have ``region`` (an error names those that lack it and what they have). Variables (with
+    level) that some run's models were not scored on are left out of every run, by name; regions not in every
+    run are named too (the leaderboard shows one region)."""
+    if len(runs) < 2:
+        return dict(runs), []
+    regions = {run: _regions_of(df) for run, df in runs.items()}
+    lacking = [run for run, r in regions.items() if region not in r]
+    if lacking:
+        have = "; ".join(f"{run}: {sorted(regions[run])}" for run in lacking)
+        raise ValueError(
+            f"region {region!r} is not in the scores of {', '.join(lacking)} ({have}); choose --region among those all runs have"
+        )
+    left: list[str] = []
+    every = set.intersection(*regions.values())
+    some = set.union(*regions.values()) - every
+    if some:
+        left.append(f"regions not in every run, left out: {', '.join(sorted(some))} (the leaderboard shows {region!r})")
+    keys = {run: _model_keys(df, region) for run, df in runs.items()}
+    common = set.intersection(*keys.values())
+    if not common:
+        raise ValueError(
+            "the runs share no scored variable in region "
+            f"{region!r}: " + "; ".join(f"{run}: {', '.join(sorted(k)) or 'none'}" for run, k in keys.items())
+        )
+    out = {}
+    for run, df in runs.items():
+        extra = sorted(keys[run] - common)
+        if extra:
+            left.append(f"{run}: {', '.join(extra)} left out (not scored in every run)")
+        lev = df["level"].astype(float).fillna(_NO_LEVEL)
+        k = [variable_key(v, lv) for v, lv in zip(df["variable"], lev, strict=True)]
+        kept = df[[x in common for x in k]].copy()
+        kept.attrs.update(df.attrs)
+        out[run] = kept
+    return out, left
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -561,6 +612,8 @@ def render_markdown(table: pd.DataFrame, runs: Mapping[str, pd.DataFrame] | None
             lines += ["Baselines:", ""] + [f"- *{n}* — {d}" for n, d in notes] + [""]
         warnings = out_of_bounds_notes(runs)
         lines += [f"**Warning:** {w}" for w in warnings] + ([""] if warnings else [])
+    notes = table.attrs.get("notes") or []
+    lines += ["Notes:", ""] + [f"- {n}" for n in notes] + [""] if notes else []
     heads = [lead_label(h) for h in table.columns]
     for key, block in table.groupby(level="variable", sort=False):
         vi = info.get(key, {})
@@ -620,6 +673,9 @@ def render_html(table: pd.DataFrame, runs: Mapping[str, pd.DataFrame] | None = N
             out += [f"<li><i>{esc(n)}</i> — {esc(d)}</li>" for n, d in notes]
             out.append("</ul>")
         out += [f"<p><b>Warning:</b> {esc(w)}</p>" for w in out_of_bounds_notes(runs)]
+    notes = table.attrs.get("notes") or []
+    if notes:
+        out.append("<p>Notes:</p><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
     heads = "".join(f"<th>{esc(lead_label(h))}</th>" for h in table.columns)
     for key, block in table.groupby(level="variable", sort=False):
         vi = info.get(key, {})
@@ -660,9 +716,11 @@ def write_leaderboard(
     region: str = "global",
     lead_times: Sequence[int] | None = None,
     max_leads: int | None = 12,
+    notes: Sequence[str] = (),
 ) -> list[Path]:
     """Write ``leaderboard.md`` and ``leaderboard.html`` (atomically) into ``out_dir``; returns their paths."""
     table = headline_table(runs, region, lead_times=lead_times, max_leads=max_leads)
+    table.attrs["notes"] = list(notes)
     out_dir = Path(out_dir)
     return [
         _write_text(out_dir / "leaderboard.md", render_markdown(table, runs)),
@@ -670,15 +728,42 @@ def write_leaderboard(
     ]
 
 
-def write_all(runs: Mapping[str, pd.DataFrame], out_dir: str | Path, region: str = "global", reference: str | None = None) -> list[Path]:
+def write_all(
+    runs: Mapping[str, pd.DataFrame],
+    out_dir: str | Path,
+    region: str = "global",
+    reference: str | None = None,
+    notes: Sequence[str] = (),
+    warn: Callable[[str], None] | None = None,
+) -> list[Path]:
     """Leaderboard (md, html) and, when some model has a baseline to compare with, ``scorecard.png``; with
-    ``reference`` (a model's name) the scorecard compares every other model with that one."""
+    ``reference`` (a model's name) the scorecard compares every other model and baseline with that one, and
+    ``intervals.csv``, ``significance.csv`` and ``significance.nc`` (see :mod:`.significance`) hold the bootstrap
+    intervals and the paired tests that mark the scorecard's non-significant cells. ``notes``: lines for the
+    leaderboard (what was left out of the merge); ``warn``: called with each note of the significance step."""
+    from fcn3_lightning.eval import significance
     from fcn3_lightning.eval.scorecard import DEFAULT_PAIRS, plot_scorecard, reference_pairs, scorecard_panels
 
-    paths = write_leaderboard(runs, out_dir, region)
+    notes = list(notes)
+    sig = None
+    if reference:
+        entries = collect_entries(runs, region)
+        models = [e.name for e in entries if e.kind == "model"]
+        if reference not in models:
+            raise ValueError(f"--reference {reference!r} is none of the models {models} (the names in meta.json, or evaluate --name)")
+        sig = significance.compute(entries, runs, region, reference)
+        notes += sig.notes
+        for line in sig.notes if warn else []:
+            warn(line)
+    paths = write_leaderboard(runs, out_dir, region, notes=notes)
+    if sig is not None:
+        paths += significance.write(sig, out_dir)
     pairs = reference_pairs(reference) if reference else DEFAULT_PAIRS
     if scorecard_panels(runs, region, pairs, reference):
-        paths.append(plot_scorecard(runs, Path(out_dir) / "scorecard.png", region=region, pairs=pairs, reference=reference))
+        p_values = sig.p_values() if sig is not None else None
+        paths.append(
+            plot_scorecard(runs, Path(out_dir) / "scorecard.png", region=region, pairs=pairs, reference=reference, p_values=p_values)
+        )
     elif reference:
         raise ValueError(f"--reference {reference!r}: no other model shares a score and lead time with it in region {region!r}")
     return paths
@@ -694,8 +779,13 @@ def write_reports(result_dir: str | Path, region: str = "global") -> list[Path]:
 
 
 def _leaderboard_cmd(args: argparse.Namespace) -> None:
-    runs = load_runs(args.result_dirs)
-    for path in write_all(runs, args.out, args.region, args.reference):
+    import sys
+
+    runs, left = harmonise(load_runs(args.result_dirs), args.region)
+    warn = lambda line: print(f"leaderboard: WARNING: {line}", file=sys.stderr)  # noqa: E731
+    for line in left:
+        warn(line)
+    for path in write_all(runs, args.out, args.region, args.reference, notes=left, warn=warn):
         print(f"wrote {path}")
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +48,8 @@ class Panel:
     baseline: str
     rel: pd.DataFrame  # relative difference in %, rows variable keys, columns lead hours
     years: str = ""  # the years of the truth the baseline used (climatologies; from meta.json), e.g. "2000-2001"
+    p: pd.DataFrame | None = None  # p-values of the paired test, like rel (NaN: not tested); None: no test at all
+    keys: list = field(default_factory=list)  # (variable, level) of rel's rows
 
 
 def _as_runs(runs: Mapping[str, pd.DataFrame] | pd.DataFrame) -> dict[str, pd.DataFrame]:
@@ -76,7 +78,6 @@ def scorecard_panels(
 ) -> list[Panel]:
     """The (model, score, baseline) comparisons the scores allow, in model then ``pairs`` order. ``reference``: the
     name of a model (of any run) that serves every other model as a baseline (scored on the same inits)."""
-    import pandas as pd
 
     runs = _as_runs(runs)
     ref = None
@@ -87,30 +88,57 @@ def scorecard_panels(
             raise ValueError(f"--reference {reference!r} is none of the models {names}")
         ref = found[0]
     panels = []
+    if ref is not None:  # every other model and baseline (a shared one once) against the reference
+        for e in collect_entries(runs, region):
+            if e.name == reference:
+                continue
+            for score, base in pairs:
+                if score not in SCORES:
+                    raise ValueError(f"unknown score {score!r} (known: {list(SCORES)})")
+                if base == ref.name:
+                    _add_panel(panels, e, ref, score, base, "")
+        return panels
     for run, df in runs.items():
         entries = collect_entries({run: df}, region)
-        models = [e for e in entries if e.kind == "model" and e.name != reference]
+        models = [e for e in entries if e.kind == "model"]
         baselines = {e.name: e for e in entries if e.kind == "baseline"}
-        if ref is not None:
-            baselines[ref.name] = ref
         years = baseline_years(df.attrs.get("meta") or {})
         for model in models:
             for score, base in pairs:
                 if score not in SCORES:
                     raise ValueError(f"unknown score {score!r} (known: {list(SCORES)})")
-                if base not in baselines:
-                    continue
-                m, b = model.scores[score].align(baselines[base].scores[score], join="inner")
-                rel = 100.0 * (m - b) / b.abs()
-                rel = rel[m.notna() & b.notna() & (b != 0)]
-                if rel.empty:
-                    continue
-                grid = rel.unstack("lead_time_hours")
-                order = _row_order(list(grid.index))
-                grid = grid.loc[order]
-                grid.index = pd.Index([variable_key(v, lev) for v, lev in order], name="variable")
-                panels.append(Panel(model.name, score, base, grid, years.get(base, "")))
+                if base in baselines:
+                    _add_panel(panels, model, baselines[base], score, base, years.get(base, ""))
     return panels
+
+
+def _add_panel(panels: list[Panel], model, baseline, score: str, base: str, years: str) -> None:
+    import pandas as pd
+
+    m, b = model.scores[score].align(baseline.scores[score], join="inner")
+    rel = 100.0 * (m - b) / b.abs()
+    rel = rel[m.notna() & b.notna() & (b != 0)]
+    if rel.empty:
+        return
+    grid = rel.unstack("lead_time_hours")
+    order = _row_order(list(grid.index))
+    grid = grid.loc[order]
+    grid.index = pd.Index([variable_key(v, lev) for v, lev in order], name="variable")
+    panels.append(Panel(model.name, score, base, grid, years, keys=order))
+
+
+def attach_p_values(panels: Sequence[Panel], p_values: Mapping[tuple[str, str, str, float, int], float]) -> None:
+    """Set each panel's ``p`` from ``(model, score, variable, level, lead) -> p`` (:meth:`.significance.Result.p_values`);
+    a panel none of whose cells was tested keeps ``p = None``."""
+    import numpy as np
+    import pandas as pd
+
+    for panel in panels:
+        vals = np.full(panel.rel.shape, np.nan)
+        for i, (var, lev) in enumerate(panel.keys):
+            for j, h in enumerate(panel.rel.columns):
+                vals[i, j] = p_values.get((panel.model, panel.score, var, float(lev), int(h)), np.nan)
+        panel.p = pd.DataFrame(vals, index=panel.rel.index, columns=panel.rel.columns) if np.isfinite(vals).any() else None
 
 
 def wrap_title(parts: Sequence[str], width_in: float, fontsize: float) -> str:
@@ -141,20 +169,26 @@ def plot_scorecard(
     title: str | None = None,
     dpi: int = 120,
     reference: str | None = None,
+    p_values: Mapping[tuple[str, str, str, float, int], float] | None = None,
+    alpha: float = 0.05,
 ) -> Path:
     """Draw the scorecard of one run's scores (a DataFrame) or of several runs (name -> scores) to ``out_png``
     (atomically). ``vmax``: the colour scale's limit in % (default: a round number near the 95th percentile of
-    |difference|, 5 … 100; larger values saturate)."""
+    |difference|, 5 … 100; larger values saturate). ``p_values`` (reference mode): cells whose paired test gives
+    ``p >= alpha`` are hatched (not significant); a panel without any test says so in its title."""
     import numpy as np
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure  # a bare Figure renders with Agg and leaves pyplot's state alone
+    from matplotlib.patches import Rectangle
 
     from fcn3_lightning.io import atomic_path
 
     runs = _as_runs(runs)
     panels = scorecard_panels(runs, region, pairs, reference)
+    if p_values is not None:
+        attach_p_values(panels, p_values)
     if not panels:
         raise ValueError(f"nothing to compare in region {region!r}: no model has a score together with a baseline of {list(pairs)}")
     all_leads = sorted({int(h) for p in panels for h in p.rel.columns})
@@ -203,6 +237,9 @@ def plot_scorecard(
                     continue
                 txt = (f"{v:+.1f}" if abs(v) < 10 else f"{v:+.0f}") + ("%" if len(leads) <= 12 else "")  # narrow cells: no "%"
                 ax.text(j, i, txt, ha="center", va="center", fontsize=fs, color="white" if abs(v) > 0.6 * vmax else "black")
+                pv = float(p.p.reindex(columns=leads).iloc[i, j]) if p.p is not None else math.nan
+                if math.isfinite(pv) and pv >= alpha:  # not significant: hatched, as WeatherBench-X's scorecards grey them
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="////", edgecolor="#555555", linewidth=0))
             ax.set_xticks(range(len(leads)), [f"{h // 24}" if days else f"{h}" for h in leads], fontsize=fs + 1)
             ax.set_yticks(range(len(rel.index)), list(rel.index), fontsize=fs + 1)
             ax.set_xlabel(f"lead time [{'days' if days else 'hours'}]")
@@ -210,6 +247,8 @@ def plot_scorecard(
                 ax.set_ylabel("variable")
             better = "higher" if SCORES[score].higher_is_better else "lower"
             used = f"years {p.years}; " if p.years else ""
+            if p_values is not None:
+                used += "no per-init scores: not tested; " if p.p is None else ""
             ax.set_title(wrap_title([f"{model}: {score} vs {base}", f"({used}{better} is better)"], panel_w - 0.6, 10), fontsize=10)
             ax.set_xticks(np.arange(-0.5, len(leads)), minor=True)
             ax.set_yticks(np.arange(-0.5, len(rel.index)), minor=True)
@@ -224,7 +263,8 @@ def plot_scorecard(
         label="100·(model − baseline) / baseline [%]\nblue: model better, red: model worse",
     )
     against = f"the model {reference}" if reference else "baselines"
-    fig.suptitle(title or f"Scorecard: {', '.join(models)} vs {against}, region {region}", fontsize=12)
+    sub = f"\nhatched: difference not significant (paired stationary bootstrap over inits, p ≥ {alpha:g})" if p_values is not None else ""
+    fig.suptitle(title or f"Scorecard: {', '.join(models)} vs {against}, region {region}{sub}", fontsize=12)
     out_png = Path(out_png)
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)

@@ -37,6 +37,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import stdtr  # the t distribution's CDF
 
 #: scores that are the square root of the mean of the squared per-init values
 RMS_METRICS = frozenset({"rmse", "ensemble_mean_rmse", "ensemble_spread"})
@@ -306,8 +307,6 @@ def effective_sample_size(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def t_test(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Two-sided p-value of mean(d) = 0 per row of ``d`` ``(R, n)``, with the AR(1) effective sample size;
     returns ``(p, n_eff)``. A row of equal values: p = 1 if they are 0, else 0."""
-    from scipy.special import stdtr  # the t distribution's CDF
-
     d = np.atleast_2d(np.asarray(d, dtype=np.float64))
     n_eff, _ = effective_sample_size(d)
     mean, sd = d.mean(axis=1), d.std(axis=1, ddof=1)

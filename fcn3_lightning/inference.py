@@ -658,8 +658,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         dest="batch_members",
         type=int,
         help="members held in memory at once (default: all; lower saves memory; the forecast is the same). CPU: each runs "
-        "through the network on its own and the first step encodes the initial state once per batch (measured: all is "
-        "fastest); GPU: one batch (unmeasured); see the README",
+        "through the network on its own (measured not slower than batched), and the first step encodes the initial state "
+        "once per member batch; GPU: one batch (unmeasured); see the README",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output, or a .partial store of another run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -83,6 +83,23 @@ WB2_UNITS: dict[str, str] = {
 }
 
 
+def default_member_batch(members: int) -> int:
+    """``predict``'s member batch when ``--member-batch`` is not given: all ``members`` of an initial time.
+
+    The rule, and what it rests on:
+
+    - CPU (measured, 2 threads): the members of a batch go through the network one call each anyway
+      (``EnsembleForecaster.steps``: one at a time is 0.95x / 0.78x the batched time at 33x64 / 181x360,
+      ``bench/member_batch.py``), so a larger batch costs only memory (a state and a noise state per member), and at the
+      first step the state encoders run once per batch instead of once per member (``bench/shared_encoders.py``).
+    - GPU and other devices (unmeasured: this project's sessions had no GPU): the members run as one batch, which is
+      expected to use the device better than one at a time, with the same encoder sharing; neither has been timed, and
+      a batch too large for the device's memory fails with its out-of-memory error: lower ``--member-batch`` then.
+      ``python bench/member_batch.py --device cuda`` and ``python bench/shared_encoders.py --device cuda`` measure both.
+    """
+    return members
+
+
 def _iso(t: np.datetime64) -> str:
     return str(np.datetime64(t, "s"))
 
@@ -135,10 +152,10 @@ class Predictor:
     ) -> Iterator[tuple[int, int, np.ndarray]]:
         """Yield ``(first member, step index, values)`` with values ``(m, C, H, W)`` float32 in physical units (90N first).
 
-        ``batch_members`` members run at once (default: all); each member draws from its own noise
-        stream, so the split changes only how much memory a step takes.
+        ``batch_members`` members run at once (default: :func:`default_member_batch`); each member draws from its own
+        noise stream, so the split changes only how much memory a step takes.
         """
-        batch_members = batch_members or members
+        batch_members = batch_members or default_member_batch(members)
         x0 = self.initial_state(init_time)
         for m0 in range(0, members, batch_members):
             m1 = min(members, m0 + batch_members)
@@ -413,7 +430,7 @@ def predict(
         output: the Zarr store to write (built as ``<output>.partial``, renamed when complete).
         members: ensemble size (default: the checkpoint's validation ensemble size).
         steps: number of 6 h steps (lead times step, 2 step, ...).
-        batch_members: members run at once (default: all); lower it to save memory.
+        batch_members: members run at once (default: :func:`default_member_batch`, all); lower it to save memory.
         overwrite: replace an existing ``output`` (kept until the new one is complete) or a ``.partial``
             store of another run.
         progress: show a progress bar.
@@ -426,7 +443,8 @@ def predict(
 
     members = _check_count("members", predictor.default_members if members is None else members, 1)
     steps = _check_count("steps", steps, 1)
-    batch_members = _check_count("batch_members", members if batch_members is None else batch_members, 1, members)
+    batch_members = default_member_batch(members) if batch_members is None else batch_members
+    batch_members = _check_count("batch_members", batch_members, 1, members)
     times = _check_init_times(predictor.store, init_times)
     output = Path(output)
     partial = output.with_name(output.name + PARTIAL_SUFFIX)
@@ -639,7 +657,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--batch-members",  # the earlier name, kept as an alias
         dest="batch_members",
         type=int,
-        help="members run at once (default: all; lower saves memory; the forecast is the same)",
+        help="members held in memory at once (default: all; lower saves memory; the forecast is the same). CPU: each runs "
+        "through the network on its own (measured not slower than batched), and the first step encodes the initial state "
+        "once per member batch; GPU: one batch (unmeasured); see the README",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output, or a .partial store of another run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

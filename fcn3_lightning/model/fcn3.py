@@ -298,18 +298,38 @@ class FCN3(nn.Module):
     def n_channels(self) -> int:
         return self.layout.n_channels
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Data-grid input -> (latent state, auxiliary embedding)."""
-        b = x.shape[0]
+    def encode_state(self, state: torch.Tensor) -> torch.Tensor:
+        """Prognostic channels ``(B, C, H, W)`` -> latent state ``(B, L, h, w)``: the state encoders (levels, surface).
+
+        Members of an ensemble whose states are equal (the first step of a rollout) need it once per sample:
+        :meth:`forward_encoded` takes it, repeated over the members (see
+        :class:`fcn3_lightning.training.forecaster.EnsembleForecaster`). Under activation checkpointing it is
+        recomputed in backward with the ``encoder`` part, as in :meth:`forward`.
+        """
+        if state.dim() != 4 or state.shape[1] != self.n_channels or tuple(state.shape[-2:]) != self.local_inp_shape:
+            raise ValueError(
+                f"FCN3.encode_state: state has shape {tuple(state.shape)}, expected (batch, {self.n_channels}, "
+                f"{', '.join(map(str, self.local_inp_shape))}) (the prognostic channels on this process's grid)"
+            )
+        return self._run("encoder", self._encode_state, state)
+
+    def _encode_state(self, state: torch.Tensor) -> torch.Tensor:
+        b = state.shape[0]
         parts = []
         if self.atmo_encoder is not None:
-            lev = x.index_select(1, self.level_index)
-            lev = lev.reshape(b * len(self.layout.levels), len(self.layout.level_variables), *x.shape[-2:])
+            lev = state.index_select(1, self.level_index)
+            lev = lev.reshape(b * len(self.layout.levels), len(self.layout.level_variables), *state.shape[-2:])
             parts.append(self.atmo_encoder(lev).reshape(b, -1, *self.local_latent_shape))
         if self.surf_encoder is not None:
-            parts.append(self.surf_encoder(x.index_select(1, self.surface_index)))
-        aux = self.aux_encoder(x[:, self.n_channels :]) if self.aux_encoder is not None else None
-        return torch.cat(parts, dim=1), aux
+            parts.append(self.surf_encoder(state.index_select(1, self.surface_index)))
+        return torch.cat(parts, dim=1)
+
+    def _encode_aux(self, aux: torch.Tensor) -> torch.Tensor | None:
+        return self.aux_encoder(aux) if self.aux_encoder is not None else None
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Data-grid input -> (latent state, auxiliary embedding)."""
+        return self._encode_state(x[:, : self.n_channels]), self._encode_aux(x[:, self.n_channels :])
 
     def process(self, z: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
         for block in self.blocks:
@@ -335,6 +355,26 @@ class FCN3(nn.Module):
         self.check_input(x)
         z, aux = self._run("encoder", self.encode, x)
         return self._run("decoder", self.decode, self.process(z, aux))
+
+    def forward_encoded(self, z: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` from a state encoding made beforehand: ``z`` ``(B, L, h, w)`` from :meth:`encode_state`
+        (run once for members whose states are equal, then repeated), ``aux`` ``(B, A, H, W)`` the auxiliary input
+        channels of each row (the noise differs per member, so the auxiliary encoder runs here). Equals
+        ``forward(cat([state, aux]))`` where ``z = encode_state(state)``; under autograd the gradient reaching a
+        repeated ``z`` is the sum over its rows. Activation checkpointing covers the auxiliary encoder with the
+        ``encoder`` part, the processor and the decoders as in :meth:`forward`.
+        """
+        want_z = (self.latent_channels, *self.local_latent_shape)
+        if z.dim() != 4 or tuple(z.shape[1:]) != want_z:
+            raise ValueError(f"FCN3.forward_encoded: z has shape {tuple(z.shape)}, expected (batch, {', '.join(map(str, want_z))})")
+        want_aux = (len(self.aux_channel_names), *self.local_inp_shape)
+        if aux.dim() != 4 or tuple(aux.shape[1:]) != want_aux or aux.shape[0] != z.shape[0]:
+            raise ValueError(
+                f"FCN3.forward_encoded: aux has shape {tuple(aux.shape)}, expected ({z.shape[0]}, {', '.join(map(str, want_aux))}) "
+                f"(the auxiliary channels {list(self.aux_channel_names)} of each row of z)"
+            )
+        a = self._run("encoder", self._encode_aux, aux)
+        return self._run("decoder", self.decode, self.process(z, a))
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a clear error for an input of the wrong rank, channel count or grid."""

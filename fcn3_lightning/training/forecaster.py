@@ -44,11 +44,18 @@ class EnsembleForecaster(nn.Module):
         net: the FCN3 network; its ``aux_channel_names`` say which inputs to assemble and in which order.
         noise: noise process on the data grid, one channel per ``xnoise*`` auxiliary channel; for a tiled network it
             must be built with the same (distributed) layers factory, so that it produces this rank's tile.
+        share_encoders: at the first step every member of a sample starts from the same state (only the noise
+            channels differ), so the state encoders run once per sample and their output is repeated over the
+            members (:meth:`FCN3.encode_state`, :meth:`FCN3.forward_encoded`); the auxiliary encoder still runs per
+            member. The same mathematics (in training the shared encoding gets the sum of the members' gradients);
+            False runs every member through the whole network (``tests/test_shared_encoders.py`` compares the two,
+            ``bench/shared_encoders.py`` times them).
     """
 
-    def __init__(self, net: FCN3, noise: SphericalDiffusionNoise | None = None):
+    def __init__(self, net: FCN3, noise: SphericalDiffusionNoise | None = None, share_encoders: bool = True):
         super().__init__()
         self.net = net
+        self.share_encoders = share_encoders
         names = net.aux_channel_names
         n_noise = len(net.noise_channel_names)
         if n_noise and noise is None:
@@ -159,16 +166,21 @@ class EnsembleForecaster(nn.Module):
             def zenith(s: int) -> torch.Tensor:
                 return self.to_tile(full_zenith(s), "zenith")
 
-        if x0.device.type == "cpu" and b == 1 and n_members > 1:
+        lockstep = x0.device.type == "cpu" and b == 1 and n_members > 1
+        # made at the first step (inside the generator: under the caller's grad mode), dropped once all have it
+        encoding = _SharedEncoding(self.net, x0, n_members if lockstep else 1) if self.share_encoders else None
+        if lockstep:
             # The CPU kernels (torch-harmonics' DISCO contraction, the Legendre transforms) round differently with the
             # batch size, and batching members is not faster there: one network call per member, so a member's
-            # forecast does not depend on which members share its batch (predict --member-batch).
+            # forecast does not depend on which members share its batch (predict --member-batch). The shared state
+            # encoding is that of the same one-sample batch, so sharing keeps this exact.
             parts = [
-                self._steps(x0, zenith, static, None if streams is None else streams.subset(m, m + 1), n_steps, 1) for m in range(n_members)
+                self._steps(x0, zenith, static, None if streams is None else streams.subset(m, m + 1), n_steps, 1, encoding)
+                for m in range(n_members)
             ]
             return (torch.cat(ys, dim=1) for ys in zip(*parts, strict=True))
         # checked here, not inside the generator: a bad call fails when it is made, not at the first step
-        return self._steps(x0, zenith, static, streams, n_steps, n_members)
+        return self._steps(x0, zenith, static, streams, n_steps, n_members, encoding)
 
     def _steps(
         self,
@@ -178,9 +190,10 @@ class EnsembleForecaster(nn.Module):
         streams: NoiseStreams | None,
         n_steps: int,
         n_members: int,
+        encoding: _SharedEncoding | None,
     ) -> Iterator[torch.Tensor]:
         b = x0.shape[0]
-        x = x0.repeat_interleave(n_members, dim=0)
+        x = x0.repeat_interleave(n_members, dim=0) if encoding is None else x0
         state = None
         if self.noise is not None:
             with torch.no_grad():
@@ -192,6 +205,31 @@ class EnsembleForecaster(nn.Module):
                     if s > 0:
                         state = self.noise.ar1_step(state, streams)
                     noise = self.noise.to_grid(state)
-            aux = self.aux_inputs(zenith(s), noise, static, n_members)
-            x = self.net(torch.cat([x, aux.to(x.dtype)], dim=1))
+            aux = self.aux_inputs(zenith(s), noise, static, n_members).to(x.dtype)
+            if s == 0 and encoding is not None:
+                z = encoding.get()
+                encoding = None
+                x = self.net.forward_encoded(z if n_members == 1 else z.repeat_interleave(n_members, dim=0), aux)
+            else:
+                x = self.net(torch.cat([x, aux], dim=1))
             yield x.unflatten(0, (b, n_members))
+
+
+class _SharedEncoding:
+    """The state encoding of a rollout's initial condition (:meth:`FCN3.encode_state`), shared by ``users`` member
+    rollouts: made at the first request, dropped after the last (so a long forecast does not hold it)."""
+
+    def __init__(self, net: FCN3, x0: torch.Tensor, users: int):
+        self.net, self.x0, self.left = net, x0, users
+        self.z: torch.Tensor | None = None
+
+    def get(self) -> torch.Tensor:
+        if self.left < 1:
+            raise RuntimeError("the shared state encoding was requested more times than it has users")
+        if self.z is None:
+            self.z = self.net.encode_state(self.x0)
+        z = self.z
+        self.left -= 1
+        if self.left == 0:
+            self.z = self.x0 = None
+        return z

@@ -61,6 +61,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="model name (default: the forecast store's name)")
     p.add_argument("--regions", type=_list, help="comma-separated regions (default: all 13 WB2 regions + the 3 land regions)")
     p.add_argument(
+        "--per-init-regions",
+        type=_list,
+        help="comma-separated regions with per-initialisation records in per_init.csv, or 'none' (default: every scored region, as WB2)",
+    )
+    p.add_argument(
         "--variables", type=_list, help="comma-separated WB2 variable names (default: all of the forecast, plus derived wind speeds)"
     )
     p.add_argument("--levels", type=_floats, help="comma-separated pressure levels (default: all of the forecast)")
@@ -120,6 +125,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
     return Options(
         name=args.name,
         regions=args.regions,
+        per_init_regions=None if args.per_init_regions is None else ([] if args.per_init_regions == ["none"] else args.per_init_regions),
         variables=args.variables,
         levels=args.levels,
         lead_hours=args.lead_hours,

@@ -40,6 +40,7 @@ class Options:
 
     name: str | None = None
     regions: Sequence[str] | None = None  # None: all of REGIONS (land regions only with a land-sea mask)
+    per_init_regions: Sequence[str] | None = None  # regions with per-init (_temporal) records; None: every scored one, [] none
     variables: Sequence[str] | None = None
     levels: Sequence[float] | None = None
     lead_hours: Sequence[float] | None = None

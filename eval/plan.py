@@ -111,7 +111,7 @@ class Plan:
     valid_index: np.ndarray  # (init, lead) indices into the truth's times
     regions: list[str]
     lsm: np.ndarray | None  # land-sea mask (for the land regions)
-    record_region: int | None  # index of "global": its per-init values are recorded
+    record_regions: list[int]  # indices into regions of those whose per-init values are recorded (Options.per_init_regions)
     baselines: list[str]
     skipped: dict[str, str]  # baseline -> why it was skipped
     pers_index: np.ndarray | None  # persistence: the truth's time index of each init
@@ -337,9 +337,13 @@ class _Planner:
                 warn(f"{self.obs_where} has no static land_sea_mask: the land regions {land} are skipped", self.notes)
                 names = [r for r in names if r not in land]
         self.regions = names
-        self.record_region = names.index("global") if "global" in names else None
-        if self.record_region is None:
-            warn("region 'global' is not scored: per_init.csv (global values per initialisation) stays empty", self.notes)
+        if self.opt.per_init_regions is None:  # WB2 writes the per-init scores of every region it evaluates
+            self.record_regions = list(range(len(names)))
+        else:
+            unscored = [r for r in self.opt.per_init_regions if r not in names]
+            if unscored:
+                raise ValueError(f"--per-init-regions {unscored} are not among the scored regions {names} (see --regions)")
+            self.record_regions = [names.index(r) for r in dict.fromkeys(self.opt.per_init_regions)]
 
     def _plan_baselines(self) -> None:
         explicit = self.opt.baselines is not None

@@ -134,7 +134,7 @@ class Scorer:
         self.plan = plan
         self.opt = plan.opt
         self.fused = fused
-        self.per_init: list[tuple] = []  # (eval, metric, labels, leads, inits, (B, L, C) values)
+        self.per_init: list[tuple] = []  # (eval, metric, labels, leads, inits, regions, (B, R, L, C) values)
         self._weights_memo: dict[tuple, np.ndarray] = {}  # region weights shared by all metric objects
         with shared_region_weights(self._weights_memo):
             # the truth's spectra: over the distinct valid times, whatever their lead
@@ -160,7 +160,8 @@ class Scorer:
         dtype: torch.dtype | None = None,
         **kw: Any,
     ) -> GriddedMetric:
-        klass = variant(cls, self.opt.skipna, record and self.plan.record_region is not None)
+        record = record and bool(self.plan.record_regions)
+        klass = variant(cls, self.opt.skipna, record)
         regions = list(regions) if regions is not None else self.plan.regions
         m = klass(
             self.plan.lat,
@@ -172,8 +173,8 @@ class Scorer:
             dtype=dtype or self.plan.compute_dtype,
             **kw,
         )
-        if record and self.plan.record_region is not None:
-            m.record_region = self.plan.record_region  # type: ignore[attr-defined]
+        if record:
+            m.record_regions = self.plan.record_regions  # type: ignore[attr-defined]
         return m.to(self.plan.device)
 
     def _metric_set(self, b: Block) -> dict[str, Any]:
@@ -314,7 +315,7 @@ class Scorer:
         self._record(ms, blk.block)
 
     def _record(self, ms: dict[str, Any], b: Block) -> None:
-        if self.plan.record_region is None:
+        if not self.plan.record_regions:
             return
         inits = [iso(self.plan.inits[i]) for i in b.inits]
         for p in ms["parts"]:
@@ -322,5 +323,5 @@ class Scorer:
                 continue
             values = per_forecast(p.metric)
             for key in p.keys:
-                a = values[key].detach().cpu().double().numpy()  # (B, L, C)
-                self.per_init.append((f"{p.eval}_temporal", key, p.labels, ms["leads"], inits, a))
+                a = values[key].detach().cpu().double().numpy()  # (B, R, L, C)
+                self.per_init.append((f"{p.eval}_temporal", key, p.labels, ms["leads"], inits, self.plan.record_regions, a))

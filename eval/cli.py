@@ -43,6 +43,13 @@ def _years(text: str) -> tuple[int, int]:
     return int(m[1]), int(m[2] or m[1])
 
 
+#: ``--preset``: WeatherBench-X's official settings (public_benchmark/run_benchmark_evaluation.py): its levels, its inits
+#: every 12 h (00 and 12 UTC) and its region list (metrics.regions.WBX_REGIONS); options given explicitly win
+PRESETS: dict[str, dict[str, Any]] = {
+    "wbx": {"levels": [500.0, 700.0, 850.0], "init_every_hours": 12.0, "regions": "WBX_REGIONS"},
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--forecast", required=True, help="forecast Zarr, WB2 by-init layout (time=init, [number], prediction_timedelta, [level], lat, lon)"
@@ -71,6 +78,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levels", type=_floats, help="comma-separated pressure levels (default: all of the forecast)")
     p.add_argument("--lead-times", type=_floats, dest="lead_hours", help="comma-separated lead times in hours (default: all)")
     p.add_argument("--max-lead", type=float, dest="max_lead_hours", help="score lead times up to this many hours")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="official settings: wbx = WeatherBench-X's (levels 500,700,850, inits every 12 h, its 17 regions); explicit options win",
+    )
+    p.add_argument("--init-every-hours", type=float, help="score only the inits at multiples of this many hours after 00 UTC")
     p.add_argument("--start", help="first initialisation time to score (inclusive, e.g. 2020-01-01)")
     p.add_argument("--end", help="last initialisation time to score (inclusive)")
     p.add_argument("--skipna", action="store_true", help="leave NaN points out of the spatial means instead of failing")
@@ -121,7 +134,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> Any:
     from fcn3_lightning.eval.harness import Options
 
+    from fcn3_lightning.metrics.regions import WBX_REGIONS
+
     spectra = None if args.spectra is None else ([] if args.spectra == ["none"] else args.spectra)
+    preset = PRESETS.get(getattr(args, "preset", None) or "", {})
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, list(WBX_REGIONS) if value == "WBX_REGIONS" else value)
     return Options(
         name=args.name,
         regions=args.regions,
@@ -132,6 +151,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
         max_lead_hours=args.max_lead_hours,
         start=args.start,
         end=args.end,
+        init_every_hours=args.init_every_hours,
         skipna=args.skipna,
         baselines=[] if args.no_baselines else args.baselines,
         prob_clim_years=args.prob_clim_years,

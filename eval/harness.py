@@ -47,6 +47,7 @@ class Options:
     max_lead_hours: float | None = None
     start: str | None = None  # first initialisation time scored (inclusive)
     end: str | None = None  # last initialisation time scored (inclusive)
+    init_every_hours: float | None = None  # score only the inits at multiples of this many hours after 00 UTC (12: 00 and 12 UTC)
     skipna: bool = False
     baselines: Sequence[str] | None = None  # None: all three, each skipped (loudly) when its data are missing
     prob_clim_years: tuple[int, int] | None = None

@@ -38,6 +38,7 @@ from fcn3_lightning.eval.derived import WINDS, wind_of
 from fcn3_lightning.eval.leaderboard import year_span
 
 from fcn3_lightning.metrics import REGIONS
+from fcn3_lightning.metrics.regions import ALL_REGIONS
 
 if TYPE_CHECKING:  # harness imports this module: Options only as a type here
     from fcn3_lightning.eval.harness import Options
@@ -293,8 +294,15 @@ class _Planner:
             keep &= inits >= np.datetime64(self.opt.start, "ns")
         if self.opt.end:
             keep &= inits <= np.datetime64(self.opt.end, "ns")
+        if self.opt.init_every_hours is not None:  # e.g. 12: the inits at 00 and 12 UTC
+            every = float(self.opt.init_every_hours)
+            if not every > 0 or 24 % every:
+                raise ValueError(f"--init-every-hours must divide 24 (e.g. 6, 12, 24), got {self.opt.init_every_hours:g}")
+            hours = (inits - inits.astype("datetime64[D]")) / np.timedelta64(1, "h")
+            keep &= np.isclose(np.mod(hours, every), 0.0)
         if not keep.any():
-            raise ValueError(f"no initialisation time of {self.fc_where} in {self.opt.start} ... {self.opt.end}")
+            every = f" every {self.opt.init_every_hours:g} h" if self.opt.init_every_hours is not None else ""
+            raise ValueError(f"no initialisation time of {self.fc_where} in {self.opt.start} ... {self.opt.end}{every}")
         self.init_index = np.flatnonzero(keep)
         self.inits = inits[keep]
         leads = self.fc[LEAD_DIM].values.astype("timedelta64[ns]")
@@ -325,9 +333,9 @@ class _Planner:
 
     def _plan_regions(self) -> None:
         explicit = self.opt.regions is not None
-        names = _choose(self.opt.regions, REGIONS, "regions", "known:")
+        names = list(REGIONS) if self.opt.regions is None else _choose(self.opt.regions, ALL_REGIONS, "regions", "known:")
         self.lsm = None
-        land = [r for r in names if REGIONS[r].land]
+        land = [r for r in names if ALL_REGIONS[r].land]
         if land:
             if "land_sea_mask" in self.obs.data_vars and set(self.obs["land_sea_mask"].dims) == {"latitude", "longitude"}:
                 self.lsm = self.obs["land_sea_mask"].transpose("latitude", "longitude").values.astype(np.float64)

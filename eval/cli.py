@@ -114,7 +114,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=("float32", "float64"),
         default="float32",
-        help="dtype of the pointwise work and spatial means (default float32, as WB2; sums over inits are float64)",
+        help="dtype of the pointwise work (default float32, as WB2; its spatial means and the sums over inits are float64)",
     )
     p.add_argument("--device", default="cpu", help="torch device for the metrics (cpu, cuda)")
     p.add_argument(

@@ -6,8 +6,9 @@ inits). Evals (names as WB2's results): a deterministic forecast gets ``determin
 ``ensemble_mean_deterministic`` (the member mean, taken in the data's dtype as WB2 does), ``probabilistic``,
 ``ensemble_experimental`` and the rank histogram; both get the baselines (:mod:`.baselines`) and zonal energy
 spectra of the forecast and of the truth (each distinct valid time once). Deterministic scores: mse, rmse,
-rmse_sqrt_before_time_avg, bias, mae, acc (climatology at the valid time), seeps_24hr (total_precipitation_24hr,
-:mod:`.seeps`), and mse/rmse/rmse_sqrt_before_time_avg of the wind vectors (:mod:`.derived`).
+rmse_sqrt_before_time_avg, bias, mae, acc and WeatherBench-X's prediction_activity (climatology at the valid time),
+seeps_24hr (total_precipitation_24hr, :mod:`.seeps`), and mse/rmse/rmse_sqrt_before_time_avg of the wind vectors
+(:mod:`.derived`).
 
 Speed: the pointwise work of the metric classes' updates is fused into one kernel per block (:mod:`.fast`,
 compiled with ``torch.compile`` for large data), in float32 by default (WB2 computes in the data's float32; the
@@ -47,7 +48,16 @@ from fcn3_lightning.eval.plan import Plan, iso
 from fcn3_lightning.eval.seeps import SEEPS
 from torch import Tensor
 
-from fcn3_lightning.metrics import ACC, CRPS, DeterministicScores, EnergyScore, RankHistogram, SpreadSkill, ZonalEnergySpectrum
+from fcn3_lightning.metrics import (
+    ACC,
+    CRPS,
+    DeterministicScores,
+    EnergyScore,
+    PredictionActivity,
+    RankHistogram,
+    SpreadSkill,
+    ZonalEnergySpectrum,
+)
 from fcn3_lightning.metrics.base import GriddedMetric
 from fcn3_lightning.metrics.suite import CRPS_SCORES, ENERGY_SCORES, SPREAD_SKILL_SCORES
 
@@ -191,6 +201,11 @@ class Scorer:
                 "scores": Part(name, self._make(DeterministicScores, labels, leads, record=temporal), DET_KEYS, labels, temporal)
             }
             d["acc"] = Part(name, self._make(ACC, labels, leads, record=temporal), ("acc",), labels, temporal) if acc else None
+            d["activity"] = (
+                Part(name, self._make(PredictionActivity, labels, leads, record=temporal), ("prediction_activity",), labels, temporal)
+                if acc
+                else None
+            )
             d["seeps"] = (
                 Part(
                     name, self._make(SEEPS, seeps_labels, leads, record=temporal, p1=self.plan.p1), ("seeps_24hr",), seeps_labels, temporal
@@ -256,14 +271,17 @@ class Scorer:
         d = ms["det"][name]
         g: Group = ms["group"]
         acc = d["acc"].metric if d["acc"] is not None else None
+        activity = d["activity"].metric if d["activity"] is not None else None
         if self.opt.skipna:
             f, o = self._mask(pred, obs)
             d["scores"].metric.update(f, o)
             if acc is not None:
                 acc.update(f, o, clim)
+            if activity is not None:
+                activity.update(f, clim)
         else:
             f, o = pred, obs
-            if not self.fused.deterministic(pred, obs, d["scores"].metric, acc, clim):
+            if not self.fused.deterministic(pred, obs, d["scores"].metric, acc, clim, activity):
                 raise_nonfinite(self.plan, blk)
         if d["seeps"] is not None:
             # categories in the data's dtype, as WB2 compares them; SEEPS skips NaN points itself

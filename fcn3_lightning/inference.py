@@ -796,7 +796,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--score-dtype",
         choices=("float32", "float64"),
         default="float32",
-        help="as evaluate --dtype; float64 reproduces a later evaluate --dtype float64 to ~1e-14 (float32: ~1e-6, the blocks differ)",
+        help="as evaluate --dtype (the same dtype reproduces a later evaluate to ~1e-14)",
     )
     score.add_argument(
         "--no-keep-forecast", action="store_true", help="do not write the forecast Zarr, only the scores (needs --score-against)"

@@ -134,7 +134,8 @@ def test_persistence_baseline_rows(runs):
     """Not in the fixture: check persistence against its definition (truth at init) for one record, and crps = mae."""
     df = _read(runs["det"] / "scores.csv")
     p = df[df["eval"] == "persistence_baseline"]
-    assert set(p["metric"]) == {"mse", "rmse", "rmse_sqrt_before_time_avg", "bias", "mae", "acc", "seeps_24hr", "crps"}
+    det_metrics = {"mse", "rmse", "rmse_sqrt_before_time_avg", "bias", "mae", "acc", "prediction_activity", "seeps_24hr"}
+    assert set(p["metric"]) == det_metrics | {"crps"}
     crps = p[p["metric"] == "crps"].drop(columns="metric").set_index(KEYS[:2] + KEYS[3:])["value"]
     mae = p[p["metric"] == "mae"].drop(columns="metric").set_index(KEYS[:2] + KEYS[3:])["value"]
     pd.testing.assert_series_equal(crps.sort_index(), mae.sort_index())
@@ -521,7 +522,7 @@ def test_fused_updates_equal_the_classes(members):
     import torch
     from fcn3_lightning.eval.fast import FusedUpdates
 
-    from fcn3_lightning.metrics import ACC, CRPS, DeterministicScores, EnergyScore, RankHistogram, SpreadSkill
+    from fcn3_lightning.metrics import ACC, CRPS, DeterministicScores, EnergyScore, PredictionActivity, RankHistogram, SpreadSkill
 
     g = torch.Generator().manual_seed(members)
     lat, lon = np.linspace(-80, 80, 9), np.arange(16) * 22.5
@@ -547,15 +548,17 @@ def test_fused_updates_equal_the_classes(members):
             torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-12, atol=1e-12, msg=f"{cls.__name__}.{name}")
     s1, s2 = DeterministicScores(lat, lon, chans, leads, **kw), DeterministicScores(lat, lon, chans, leads, **kw)
     a1, a2 = ACC(lat, lon, chans, leads, **kw), ACC(lat, lon, chans, leads, **kw)
+    p1, p2 = PredictionActivity(lat, lon, chans, leads, **kw), PredictionActivity(lat, lon, chans, leads, **kw)
     s1.update(x[:, 0], o)
     a1.update(x[:, 0], o, c)
-    fused.deterministic(x[:, 0], o, s2, a2, c)
+    p1.update(x[:, 0], c)
+    fused.deterministic(x[:, 0], o, s2, a2, c, p2)
     from fcn3_lightning.eval.derived import WindVectorScores
 
     w1, w2 = WindVectorScores(lat, lon, chans[:2], leads, **kw), WindVectorScores(lat, lon, chans[:2], leads, **kw)
     w1.update(x[:, 0, :, :2], x[:, 1, :, :2], o[:, :, :2], c[:, :, :2])
     fused.wind_vector(w2, x[:, 0, :, :2], x[:, 1, :, :2], o[:, :, :2], c[:, :, :2])
-    for m1, m2 in ((s1, s2), (a1, a2), (w1, w2)):
+    for m1, m2 in ((s1, s2), (a1, a2), (p1, p2), (w1, w2)):
         for name in m1._defaults:
             torch.testing.assert_close(getattr(m2, name), getattr(m1, name), rtol=1e-12, atol=1e-12, msg=f"{type(m1).__name__}.{name}")
 

@@ -103,8 +103,7 @@ class StreamingEvaluation:
         dims = (p.init_dim, *((p.member_dim,) if p.ensemble else ()), LEAD_DIM)
         for g in p.groups:
             b = Block(g.index, np.array([i]), np.array([j]), (g.index, j))
-            # contiguous: a flipped latitude axis is a negative-stride view here (a store read gives a fresh array)
-            fc = np.ascontiguousarray(SourcePlan(ds, g.channels, "the forecast step").read({p.init_dim: [0], LEAD_DIM: [0]}, dims))
+            fc = SourcePlan(ds, g.channels, "the forecast step").read({p.init_dim: [0], LEAD_DIM: [0]}, dims)
             blk = self._loaders[g.index].load(b, fc=fc)
             if b.key not in self._sets:
                 self._sets[b.key] = self.scorer.metric_set(b)

@@ -307,11 +307,11 @@ def test_an_exported_package_forecasts_exactly_as_its_checkpoint(world, tmp_path
 SCORE_FILES = ("scores.csv", "per_init.csv", "spectra.csv")
 
 
-def _score_options(dtype: str = "float64"):
+def _score_options(dtype: str = "float64", block_mb: float = 128.0):
     from fcn3_lightning.eval.harness import Options
 
     # the store holds one year: its climatology is computed from that year (with evaluate's warning)
-    return Options(name="m", clim_years=(2000, 2000), progress=False, dtype=dtype)
+    return Options(name="m", clim_years=(2000, 2000), progress=False, dtype=dtype, block_mb=block_mb)
 
 
 #: max relative difference from predict + evaluate (acceptance 4), by the dtype of the pointwise work: the spatial means
@@ -404,7 +404,8 @@ def test_score_against_keeping_the_forecast(world, evaluated, tmp_path):
 
 def test_score_against_a_descending_latitude_store(world, tmp_path):
     """A store with latitude north to south (WB2's own ERA5 layout): the step is flipped to ascending latitude, a
-    negative-stride view that torch cannot take (this crashed); the scores equal predict + evaluate of the same store."""
+    negative-stride view that torch cannot take (this crashed when a channel group held one variable, read without a copy:
+    a tiny block budget makes every variable its own group); the scores equal predict + evaluate of the same store."""
     from fcn3_lightning.eval.harness import evaluate
 
     store, _ = make_store(tmp_path / "era_desc.zarr", CHANNELS, n_times=40, nlat=SHAPE[0], nlon=SHAPE[1], ascending_lat=False)
@@ -416,13 +417,14 @@ def test_score_against_a_descending_latitude_store(world, tmp_path):
         p,
         INITS,
         tmp_path / "desc.zarr",
+        members=MEMBERS,
         steps=STEPS,
         progress=False,
         score_against=store,
         score_out=tmp_path / "scores",
-        score_options=_score_options("float32"),
+        score_options=_score_options("float32", block_mb=0.001),
     )
-    evaluate(out, store, tmp_path / "evaluated", None, _score_options("float32"))
+    evaluate(out, store, tmp_path / "evaluated", None, _score_options("float32", block_mb=0.001))
     worst = _max_relative_difference(tmp_path / "scores", tmp_path / "evaluated")
     print(f"descending latitude: predict --score-against vs predict + evaluate: max relative difference {worst:.2e}", file=sys.__stdout__)
     assert worst <= TOLERANCE["float32"]

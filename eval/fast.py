@@ -220,18 +220,22 @@ class FusedUpdates:
         self.warn(f"torch.compile of the metric kernels failed ({type(err).__name__}: {first}); running them eagerly")
 
     def _smean(self, metric: Any, x: Tensor, weights: str = "weights") -> Tensor:
-        """``metric._spatial_mean`` of ``x`` (float32 work) in the metric's dtype, one slice of the first axis at a time.
+        """``metric._spatial_mean`` of ``x`` (float32 work), summed in the metric's dtype.
 
         The pointwise values are the work dtype's; their spatial means are summed in the metric's float64: a float32
         GEMM's rounding depends on the block's shape (BLAS blocking), so ``evaluate`` (all lead times in a block) and
-        ``predict --score-against`` (one lead time) would differ by ~1e-6; in float64 they agree to ~1e-15. Converting
-        one slice at a time keeps the float64 copy at one slice of the block.
+        ``predict --score-against`` (one lead time) would differ by ~1e-6; in float64 they agree to ~1e-15. Converted in
+        chunks, the float64 copy stays small (measured ~3x the float32 product's time on 2 cores: the conversion).
         """
         w = getattr(metric, weights)
-        other = None if weights == "weights" else w
-        if x.dtype == w.dtype:
-            return metric._spatial_mean(x, other)
-        return torch.cat([metric._spatial_mean(x[i : i + 1].to(w.dtype), other) for i in range(x.shape[0])])
+        if x.dtype == w.dtype or metric.sharded:
+            return metric._spatial_mean(x.to(w.dtype), None if weights == "weights" else w)
+        # the same product as _spatial_mean's einsum, as (fields, points) @ (points, regions) in chunks of ~64 MB of float64
+        *lead, h, wd = x.shape
+        flat, wt = x.reshape(-1, h * wd), w.reshape(w.shape[0], h * wd).T
+        step = max(1, (1 << 23) // (h * wd))
+        out = torch.cat([flat[i : i + step].to(w.dtype) @ wt for i in range(0, flat.shape[0], step)])
+        return out.reshape(*lead, w.shape[0])
 
     @staticmethod
     def _validate(metrics: list[Any], pred: Tensor, target: Tensor, ensemble: bool) -> None:

@@ -3,7 +3,7 @@
     python bench/predict_memory.py                          # 1-degree synthetic store, 8 members, 10 vs 60 steps (~5 min, 2 cores)
     python bench/predict_memory.py --steps 10 60 240 --members 4
     python bench/predict_memory.py --checkpoint runs/latest/checkpoints/best.ckpt    # the default world and a trained model
-    python bench/predict_memory.py --score                  # predict --score-against --no-keep-forecast: scored, not kept
+    python bench/predict_memory.py --score --grid 91 180 --steps 8 40   # predict --score-against --no-keep-forecast (~10 min, 2 cores)
 
 Without ``--checkpoint`` the bench builds its own case in a temporary folder: a WB2-style store on a
 1-degree grid (181x360, channels tcwv, u500, v500, z500, smooth random fields, static fields), its
@@ -21,7 +21,9 @@ status 1 when that ratio exceeds 1.10.
 
 ``--score``: scoring while forecasting (``predict(..., score_against=<the store>, keep_forecast=False)``, the
 climatology computed from the store's one year), no forecast store written; the synthetic store then holds every
-valid time of the longest run.
+valid time of the longest run. Profiled at 46x90, 8 members, 16 steps on 2 cores: ~90% of the time is the network's
+forecast, ~10% the scoring (the spatial means of 16 regions most of it); the climatology is computed once per
+channel group, not per step.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 * :class:`SkipNaN`: with ``--skipna``, non-finite points drop out of each field's spatial mean (the region's
   area weights renormalised over the remaining points, as WB2's NaN-skipping averages do);
-* :class:`Recording`: keeps the per-forecast spatial means of one region (the ``_temporal`` rows), and
+* :class:`Recording`: keeps the per-forecast spatial means of the recorded regions (the ``_temporal`` rows), and
   :func:`per_forecast` turns them into per-forecast scores with the class's own ``compute`` formulas;
 * :class:`NaNRankHistogram`: the rank histogram with NaN points excluded (a NaN compares false, so the plain
   class would count it in bin 0);
@@ -40,14 +40,16 @@ class SkipNaN:
 
 
 class Recording:
-    """Mixin: ``record_region`` set -> ``recorded`` holds the last update's per-forecast ``(B, lead, channel)`` sums."""
+    """Mixin: ``record_regions`` (indices into the metric's regions) set -> ``recorded`` holds the last update's
+    per-forecast ``(B, region, lead, channel)`` sums of those regions."""
 
-    record_region: int | None = None
+    record_regions: list[int] | None = None
     recorded: dict[str, Tensor] | None = None
 
     def _accumulate(self, n: int, **sums: Tensor) -> None:
-        if self.record_region is not None:
-            self.recorded = {k: v[..., self.record_region].detach().clone() for k, v in sums.items()}
+        if self.record_regions:
+            idx = torch.as_tensor(self.record_regions, dtype=torch.long, device=next(iter(sums.values())).device)
+            self.recorded = {k: v.index_select(-1, idx).movedim(-1, 1).detach().clone() for k, v in sums.items()}
         super()._accumulate(n, **sums)  # type: ignore[misc]
 
 
@@ -73,25 +75,28 @@ def variant(cls: type[GriddedMetric], skipna: bool, record: bool) -> type[Gridde
 
 
 def per_forecast(metric: GriddedMetric) -> dict[str, Tensor]:
-    """Per-forecast scores ``(B, lead, channel)`` of the last update's recorded region.
+    """Per-forecast scores ``(B, region, lead, channel)`` of the last update's recorded regions.
 
     The class's own ``compute`` (unwrapped: no torchmetrics caching or syncing) runs on states that hold one
-    forecast each, with the batch in place of the region axis and a forecast count of 1; the metric's
-    accumulated states are restored afterwards.
+    forecast each, with (batch x recorded region) in place of the region axis and a forecast count of 1; the
+    metric's accumulated states are restored afterwards.
     """
     recorded: dict[str, Any] | None = getattr(metric, "recorded", None)
     if not recorded:
-        raise RuntimeError(f"{type(metric).__name__} recorded nothing (record_region unset or no update)")
+        raise RuntimeError(f"{type(metric).__name__} recorded nothing (record_regions unset or no update)")
+    first = next(iter(recorded.values()))
+    b, r = first.shape[:2]
+    flat = (b * r, *first.shape[2:])
     saved = {name: getattr(metric, name) for name in [*recorded, "n_forecasts"]}
     try:
         for name, value in recorded.items():
-            setattr(metric, name, value)
-        metric.n_forecasts = torch.ones((), dtype=metric.compute_dtype, device=next(iter(recorded.values())).device)
+            setattr(metric, name, value.reshape(b * r, *value.shape[2:]))
+        metric.n_forecasts = torch.ones((), dtype=metric.compute_dtype, device=first.device)
         values = type(metric).compute(metric)
     finally:
         for name, value in saved.items():
             setattr(metric, name, value)
-    return {k: v for k, v in values.items() if v.shape == next(iter(recorded.values())).shape}
+    return {k: v.reshape(first.shape) for k, v in values.items() if v.shape == flat}
 
 
 @contextlib.contextmanager

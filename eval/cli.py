@@ -43,6 +43,13 @@ def _years(text: str) -> tuple[int, int]:
     return int(m[1]), int(m[2] or m[1])
 
 
+#: ``--preset``: WeatherBench-X's official settings (public_benchmark/run_benchmark_evaluation.py): its levels, its inits
+#: every 12 h (00 and 12 UTC) and its region list (metrics.regions.WBX_REGIONS); options given explicitly win
+PRESETS: dict[str, dict[str, Any]] = {
+    "wbx": {"levels": [500.0, 700.0, 850.0], "init_every_hours": 12.0, "regions": "WBX_REGIONS"},
+}
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--forecast", required=True, help="forecast Zarr, WB2 by-init layout (time=init, [number], prediction_timedelta, [level], lat, lon)"
@@ -61,11 +68,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="model name (default: the forecast store's name)")
     p.add_argument("--regions", type=_list, help="comma-separated regions (default: all 13 WB2 regions + the 3 land regions)")
     p.add_argument(
+        "--per-init-regions",
+        type=_list,
+        help="comma-separated regions with per-initialisation records in per_init.csv, or 'none' (default: every scored region, as WB2)",
+    )
+    p.add_argument(
         "--variables", type=_list, help="comma-separated WB2 variable names (default: all of the forecast, plus derived wind speeds)"
     )
     p.add_argument("--levels", type=_floats, help="comma-separated pressure levels (default: all of the forecast)")
     p.add_argument("--lead-times", type=_floats, dest="lead_hours", help="comma-separated lead times in hours (default: all)")
     p.add_argument("--max-lead", type=float, dest="max_lead_hours", help="score lead times up to this many hours")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="official settings: wbx = WeatherBench-X's (levels 500,700,850, inits every 12 h, its 17 regions); explicit options win",
+    )
+    p.add_argument("--init-every-hours", type=float, help="score only the inits at multiples of this many hours after 00 UTC")
     p.add_argument("--start", help="first initialisation time to score (inclusive, e.g. 2020-01-01)")
     p.add_argument("--end", help="last initialisation time to score (inclusive)")
     p.add_argument("--skipna", action="store_true", help="leave NaN points out of the spatial means instead of failing")
@@ -96,7 +114,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=("float32", "float64"),
         default="float32",
-        help="dtype of the pointwise work and spatial means (default float32, as WB2; sums over inits are float64)",
+        help="dtype of the pointwise work (default float32, as WB2; its spatial means and the sums over inits are float64)",
     )
     p.add_argument("--device", default="cpu", help="torch device for the metrics (cpu, cuda)")
     p.add_argument(
@@ -116,16 +134,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> Any:
     from fcn3_lightning.eval.harness import Options
 
+    from fcn3_lightning.metrics.regions import WBX_REGIONS
+
     spectra = None if args.spectra is None else ([] if args.spectra == ["none"] else args.spectra)
+    preset = PRESETS.get(getattr(args, "preset", None) or "", {})
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, list(WBX_REGIONS) if value == "WBX_REGIONS" else value)
     return Options(
         name=args.name,
         regions=args.regions,
+        per_init_regions=None if args.per_init_regions is None else ([] if args.per_init_regions == ["none"] else args.per_init_regions),
         variables=args.variables,
         levels=args.levels,
         lead_hours=args.lead_hours,
         max_lead_hours=args.max_lead_hours,
         start=args.start,
         end=args.end,
+        init_every_hours=args.init_every_hours,
         skipna=args.skipna,
         baselines=[] if args.no_baselines else args.baselines,
         prob_clim_years=args.prob_clim_years,

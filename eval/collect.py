@@ -55,8 +55,8 @@ def collect(
             spectra.append(cats.spectrum(plan.name, ms["spec"]))
     for spec in obs_spectra.values():
         spectra.append(cats.spectrum("obs", spec, lead=np.nan))
-    for ev, key, labs, leads, inits, a in records:
-        per_init.append(cats.per_init(ev, key, a, np.asarray(leads, dtype=np.float64), labs, inits))
+    for ev, key, labs, leads, inits, regions, a in records:
+        per_init.append(cats.per_init(ev, key, a, np.asarray(leads, dtype=np.float64), labs, inits, regions))
     frames = {
         "scores": cats.frame(scores, ["eval", "variable", "metric", "region", "level", "lead_time_hours"]),
         "per_init": cats.frame(per_init, ["eval", "variable", "metric", "region", "level", "lead_time_hours", "init_time"]),
@@ -197,14 +197,22 @@ class _Categories:
         }
 
     def per_init(
-        self, eval_name: str, metric: str, a: np.ndarray, leads: np.ndarray, labs: Sequence[str], inits: Sequence[str]
+        self,
+        eval_name: str,
+        metric: str,
+        a: np.ndarray,
+        leads: np.ndarray,
+        labs: Sequence[str],
+        inits: Sequence[str],
+        regions: Sequence[int],
     ) -> dict[str, Any]:
-        b, lead, c = (x.ravel() for x in np.meshgrid(np.arange(a.shape[0]), np.arange(a.shape[1]), np.arange(a.shape[2]), indexing="ij"))
+        """Rows of ``a`` ``(init, region, lead, channel)``; ``regions``: indices into the run's regions."""
+        b, r, lead, c = (x.ravel() for x in np.meshgrid(*(np.arange(n) for n in a.shape), indexing="ij"))
         init_codes = np.array([self._code("init_time", t) for t in inits], dtype=np.int64)
         return {
             "eval": self._code("eval", eval_name),
             "metric": self._code("metric", metric),
-            "region": np.zeros(b.size, dtype=np.int64) + self.regions.index("global"),
+            "region": np.asarray(regions, dtype=np.int64)[r],
             "lead_time_hours": leads[lead],
             "label": self._labels(labs)[c],
             "init_time": init_codes[b],

@@ -176,10 +176,11 @@ class SourcePlan:
 
     def read(self, isel: dict[str, Index], dims: Sequence[str], pool: Executor | None = None) -> np.ndarray:
         sizes = [index_size(isel[d], self.ds.sizes[d]) if d in isel else self.ds.sizes[d] for d in dims]
-        if len(self.reads) == 1 and not self.derived:  # one variable: the array as read is the block, no copy
+        if len(self.reads) == 1 and not self.derived:  # one variable: the array as read is the block, no copy...
             var, levels, _, n = self.reads[0]
             arr = self._read_one(var, levels, isel, dims)
-            return arr.reshape(*sizes, *self.shape)
+            # ...unless it is a view with a negative stride (a flipped latitude axis of an in-memory dataset), which torch refuses
+            return np.ascontiguousarray(arr.reshape(*sizes, *self.shape))
         out = np.empty((*sizes, *self.shape), dtype=self.dtype)
 
         def one(read: tuple[str, np.ndarray | slice | None, int, int]) -> None:

@@ -13,7 +13,7 @@ e_m = X_m - o held as M separate fields:
 * RankHistogram: #{e_m < 0} and #{e_m = 0} (x < o exactly when fl(x - o) < 0), ties broken uniformly at random
   as the class does (drawing only where there are ties: the same distribution, not the same draws), and the
   one-hot spatial means as weighted bin counts;
-* DeterministicScores and ACC: e^2, e, |e|, f'o', f'^2, o'^2 stacked into one spatial-mean product.
+* DeterministicScores, ACC and PredictionActivity: e^2, e, |e|, f'o', f'^2, o'^2 stacked into one spatial-mean product.
 
 The spatial means, the states, ``_accumulate`` and ``compute`` are the classes' own (called on the metric
 objects), so states stay additive and DDP/sharding-safe; only the pointwise work is fused. In float64 the results
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fcn3_lightning.metrics import ACC, CRPS, DeterministicScores, EnergyScore, RankHistogram, SpreadSkill
+from fcn3_lightning.metrics import ACC, CRPS, DeterministicScores, EnergyScore, PredictionActivity, RankHistogram, SpreadSkill
 
 #: Inductor first dry-compiles a test program with torch's headers for every SIMD instruction set the CPU lists
 #: (17 of the ~20 s of the first compilation on a 2-core machine, before any kernel is built). The CPU's own flags
@@ -142,9 +142,9 @@ class FusedUpdates:
         compile: ``"on"`` compile (errors raise), ``"off"`` run eagerly, ``"auto"`` compile when a C++ compiler
             (CPU) or CUDA is there, falling back to eager with a warning if compilation fails.
         warn: called with a message when falling back.
-        work_dtype: dtype of the pointwise work and of the spatial-mean products (default: the metrics' compute
-            dtype); the per-forecast spatial means are then added to the metrics' states in their own dtype, so
-            float32 work with float64 metrics halves the memory traffic and keeps the sums over forecasts exact.
+        work_dtype: dtype of the pointwise work (default: the metrics' compute dtype); the spatial means of its
+            results are summed in the metrics' own dtype (:meth:`_smean`), so float32 work with float64 metrics halves
+            the memory traffic of the kernels while the spatial means do not depend on how the data are blocked.
     """
 
     def __init__(self, compile: str = "auto", warn: Callable[[str], None] | None = None, work_dtype: torch.dtype | None = None) -> None:
@@ -152,7 +152,6 @@ class FusedUpdates:
             raise ValueError(f"compile must be auto, on or off, got {compile!r}")
         self.mode = compile
         self.work_dtype = work_dtype
-        self._weights: dict[tuple[int, tuple[int, ...], torch.dtype], Tensor] = {}
         self.warn = warn or (lambda msg: print(f"WARNING: {msg}", file=sys.stderr))
         self._compiled: dict[str, Any] = {}
         self._failed = False
@@ -221,14 +220,22 @@ class FusedUpdates:
         self.warn(f"torch.compile of the metric kernels failed ({type(err).__name__}: {first}); running them eagerly")
 
     def _smean(self, metric: Any, x: Tensor, weights: str = "weights") -> Tensor:
-        """``metric._spatial_mean`` in the dtype of ``x`` (float32 work), returned in the metric's dtype."""
+        """``metric._spatial_mean`` of ``x`` (float32 work), summed in the metric's dtype.
+
+        The pointwise values are the work dtype's; their spatial means are summed in the metric's float64: a float32
+        GEMM's rounding depends on the block's shape (BLAS blocking), so ``evaluate`` (all lead times in a block) and
+        ``predict --score-against`` (one lead time) would differ by ~1e-6; in float64 they agree to ~1e-15. Converted in
+        chunks, the float64 copy stays small (measured ~3x the float32 product's time on 2 cores: the conversion).
+        """
         w = getattr(metric, weights)
         if x.dtype == w.dtype or metric.sharded:
             return metric._spatial_mean(x.to(w.dtype), None if weights == "weights" else w)
-        key = (w.data_ptr(), tuple(w.shape), x.dtype)  # metric objects share their weights' memory (adapters.shared_region_weights)
-        if key not in self._weights:
-            self._weights[key] = w.to(x.dtype)
-        return torch.einsum("...hw,rhw->...r", x, self._weights[key]).to(w.dtype)
+        # the same product as _spatial_mean's einsum, as (fields, points) @ (points, regions) in chunks of ~64 MB of float64
+        *lead, h, wd = x.shape
+        flat, wt = x.reshape(-1, h * wd), w.reshape(w.shape[0], h * wd).T
+        step = max(1, (1 << 23) // (h * wd))
+        out = torch.cat([flat[i : i + step].to(w.dtype) @ wt for i in range(0, flat.shape[0], step)])
+        return out.reshape(*lead, w.shape[0])
 
     @staticmethod
     def _validate(metrics: list[Any], pred: Tensor, target: Tensor, ensemble: bool) -> None:
@@ -317,13 +324,12 @@ class FusedUpdates:
             for name, weights in (("latweighted", rank.weights), ("unweighted", rank.uniform_weights)):
                 sums[name] = torch.einsum("nhk,rh->nrk", counts, weights[..., 0]).reshape(*lead, -1, k)  # (B, L, C, R, K)
         else:
-            # one-hot (n, k, points) x weights (points, 2R): one GEMM instead of a weighted bincount per region
+            # one-hot (n, k, points) x weights (points, 2R) -> (n, k, 2R): one GEMM instead of a weighted bincount per region
             bins = torch.arange(k, device=device, dtype=r.dtype).view(1, k, 1)
-            dtype = self.work_dtype or rank.compute_dtype
+            dtype = rank.compute_dtype  # summed in the metric's dtype, as _smean: the same whatever the block's shape
             both = torch.cat([rank.weights, rank.uniform_weights]).reshape(-1, h * w).T.to(dtype)  # (points, 2R)
             flat, step = r.reshape(n, 1, h * w), max(1, (1 << 22) // (k * h * w))  # one-hot chunks of <= 4 M entries
             per = torch.cat([torch.matmul((flat[i : i + step] == bins).to(dtype), both) for i in range(0, n, step)])
-            per = per.to(rank.compute_dtype)  # (n, k, 2R)
             nreg = rank.weights.shape[0]
             for i, name in enumerate(("latweighted", "unweighted")):
                 sums[name] = per[..., i * nreg : (i + 1) * nreg].transpose(1, 2).reshape(*lead, nreg, k)
@@ -333,30 +339,40 @@ class FusedUpdates:
         rank._accumulate(b, **sums)
 
     def deterministic(
-        self, pred: Tensor, target: Tensor, scores: DeterministicScores, acc: ACC | None = None, climatology: Tensor | None = None
+        self,
+        pred: Tensor,
+        target: Tensor,
+        scores: DeterministicScores,
+        acc: ACC | None = None,
+        climatology: Tensor | None = None,
+        activity: PredictionActivity | None = None,
     ) -> bool:
-        """``scores.update(pred, target)`` and ``acc.update(pred, target, climatology)`` in one pass.
+        """``scores.update(pred, target)``, ``acc.update(pred, target, climatology)`` and ``activity.update(pred,
+        climatology)`` in one pass.
 
         Returns whether the inputs were all finite (from the spatial means of e^2 [and f'^2, o'^2]).
         """
-        metrics = [scores] + ([acc] if acc is not None else [])
-        self._validate(metrics, pred, target, ensemble=False)
-        if acc is not None:
+        anomalies = [m for m in (acc, activity) if m is not None]
+        self._validate([scores, *anomalies], pred, target, ensemble=False)
+        for m in anomalies:
             if climatology is None or climatology.shape != target.shape:
                 raise ValueError(
-                    f"ACC: climatology {None if climatology is None else tuple(climatology.shape)} and target {tuple(target.shape)} differ"
+                    f"{type(m).__name__}: climatology {None if climatology is None else tuple(climatology.shape)} "
+                    f"and target {tuple(target.shape)} differ"
                 )
-            if acc.compute_dtype != scores.compute_dtype or not torch.equal(acc.weights, scores.weights):
-                raise ValueError("fused deterministic update: ACC and the scores differ in dtype or regions")
-        clim = climatology.reshape(-1) if acc is not None and climatology is not None else None
+            if m.compute_dtype != scores.compute_dtype or not torch.equal(m.weights, scores.weights):
+                raise ValueError(f"fused deterministic update: {type(m).__name__} and the scores differ in dtype or regions")
+        clim = climatology.reshape(-1) if anomalies and climatology is not None else None
         dtype = self.work_dtype or scores.compute_dtype
         flat = self._run("deterministic", deterministic_kernel, pred.device, pred.reshape(-1), target.reshape(-1), clim, dtype)
         sm = self._smean(scores, flat.reshape(flat.shape[0], *target.shape))  # (K, B, L, C, R)
         se = sm[0]
-        finite = bool(torch.isfinite(sm[[0, 4, 5]] if acc is not None else sm[0]).all())
+        finite = bool(torch.isfinite(sm[[0, 4, 5]] if anomalies else sm[0]).all())
         scores._accumulate(pred.shape[0], se=se, err=sm[1], ae=sm[2], sqrt_se=se.sqrt())
         if acc is not None:
             acc._accumulate(pred.shape[0], acc=sm[3] / (sm[4] * sm[5]).sqrt())
+        if activity is not None:
+            activity._accumulate(pred.shape[0], fa2=sm[4])
         return finite
 
     def wind_vector(self, metric: Any, fu: Tensor, fv: Tensor, ou: Tensor, ov: Tensor) -> None:

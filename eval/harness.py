@@ -40,12 +40,14 @@ class Options:
 
     name: str | None = None
     regions: Sequence[str] | None = None  # None: all of REGIONS (land regions only with a land-sea mask)
+    per_init_regions: Sequence[str] | None = None  # regions with per-init (_temporal) records; None: every scored one, [] none
     variables: Sequence[str] | None = None
     levels: Sequence[float] | None = None
     lead_hours: Sequence[float] | None = None
     max_lead_hours: float | None = None
     start: str | None = None  # first initialisation time scored (inclusive)
     end: str | None = None  # last initialisation time scored (inclusive)
+    init_every_hours: float | None = None  # score only the inits at multiples of this many hours after 00 UTC (12: 00 and 12 UTC)
     skipna: bool = False
     baselines: Sequence[str] | None = None  # None: all three, each skipped (loudly) when its data are missing
     prob_clim_years: tuple[int, int] | None = None

@@ -67,8 +67,9 @@ class BlockLoader:
                 self._obs_cache.put(i, arr[k])
         return np.stack([self._obs_cache.get(int(i)) for i in flat]).reshape(*np.shape(idx), *self._obs_plan.shape)
 
-    def load(self, b: Block) -> Loaded:
-        """Read block ``b`` (blocks come group by group: a new group resets the caches)."""
+    def load(self, b: Block, fc: np.ndarray | None = None) -> Loaded:
+        """Read block ``b`` (blocks come group by group: a new group resets the caches); ``fc``: the forecast block
+        when it is in memory already (scoring while forecasting), else it is read from the plan's forecast."""
         t0 = time.perf_counter()
         p = self.plan
         g = p.groups[b.group]
@@ -77,7 +78,8 @@ class BlockLoader:
         dims = (p.init_dim, *((p.member_dim,) if p.ensemble else ()), LEAD_DIM)
         isel = {p.init_dim: p.init_index[b.inits], LEAD_DIM: p.lead_index[b.leads]}
         # no NaN scan here: a non-finite input makes a score non-finite, and only then are the inputs searched
-        fc = self._fc_plan.read(isel, dims, self._pool)
+        if fc is None:
+            fc = self._fc_plan.read(isel, dims, self._pool)
         vidx = p.valid_index[np.ix_(b.inits, b.leads)]
         obs = self._obs_fields(vidx)
         out = Loaded(b, fc, obs)

@@ -38,6 +38,7 @@ from fcn3_lightning.eval.derived import WINDS, wind_of
 from fcn3_lightning.eval.leaderboard import year_span
 
 from fcn3_lightning.metrics import REGIONS
+from fcn3_lightning.metrics.regions import ALL_REGIONS
 
 if TYPE_CHECKING:  # harness imports this module: Options only as a type here
     from fcn3_lightning.eval.harness import Options
@@ -111,7 +112,7 @@ class Plan:
     valid_index: np.ndarray  # (init, lead) indices into the truth's times
     regions: list[str]
     lsm: np.ndarray | None  # land-sea mask (for the land regions)
-    record_region: int | None  # index of "global": its per-init values are recorded
+    record_regions: list[int]  # indices into regions of those whose per-init values are recorded (Options.per_init_regions)
     baselines: list[str]
     skipped: dict[str, str]  # baseline -> why it was skipped
     pers_index: np.ndarray | None  # persistence: the truth's time index of each init
@@ -293,8 +294,15 @@ class _Planner:
             keep &= inits >= np.datetime64(self.opt.start, "ns")
         if self.opt.end:
             keep &= inits <= np.datetime64(self.opt.end, "ns")
+        if self.opt.init_every_hours is not None:  # e.g. 12: the inits at 00 and 12 UTC
+            every = float(self.opt.init_every_hours)
+            if not every > 0 or 24 % every:
+                raise ValueError(f"--init-every-hours must divide 24 (e.g. 6, 12, 24), got {self.opt.init_every_hours:g}")
+            hours = (inits - inits.astype("datetime64[D]")) / np.timedelta64(1, "h")
+            keep &= np.isclose(np.mod(hours, every), 0.0)
         if not keep.any():
-            raise ValueError(f"no initialisation time of {self.fc_where} in {self.opt.start} ... {self.opt.end}")
+            every = f" every {self.opt.init_every_hours:g} h" if self.opt.init_every_hours is not None else ""
+            raise ValueError(f"no initialisation time of {self.fc_where} in {self.opt.start} ... {self.opt.end}{every}")
         self.init_index = np.flatnonzero(keep)
         self.inits = inits[keep]
         leads = self.fc[LEAD_DIM].values.astype("timedelta64[ns]")
@@ -325,9 +333,9 @@ class _Planner:
 
     def _plan_regions(self) -> None:
         explicit = self.opt.regions is not None
-        names = _choose(self.opt.regions, REGIONS, "regions", "known:")
+        names = list(REGIONS) if self.opt.regions is None else _choose(self.opt.regions, ALL_REGIONS, "regions", "known:")
         self.lsm = None
-        land = [r for r in names if REGIONS[r].land]
+        land = [r for r in names if ALL_REGIONS[r].land]
         if land:
             if "land_sea_mask" in self.obs.data_vars and set(self.obs["land_sea_mask"].dims) == {"latitude", "longitude"}:
                 self.lsm = self.obs["land_sea_mask"].transpose("latitude", "longitude").values.astype(np.float64)
@@ -337,9 +345,13 @@ class _Planner:
                 warn(f"{self.obs_where} has no static land_sea_mask: the land regions {land} are skipped", self.notes)
                 names = [r for r in names if r not in land]
         self.regions = names
-        self.record_region = names.index("global") if "global" in names else None
-        if self.record_region is None:
-            warn("region 'global' is not scored: per_init.csv (global values per initialisation) stays empty", self.notes)
+        if self.opt.per_init_regions is None:  # WB2 writes the per-init scores of every region it evaluates
+            self.record_regions = list(range(len(names)))
+        else:
+            unscored = [r for r in self.opt.per_init_regions if r not in names]
+            if unscored:
+                raise ValueError(f"--per-init-regions {unscored} are not among the scored regions {names} (see --regions)")
+            self.record_regions = [names.index(r) for r in dict.fromkeys(self.opt.per_init_regions)]
 
     def _plan_baselines(self) -> None:
         explicit = self.opt.baselines is not None

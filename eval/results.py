@@ -4,7 +4,7 @@ Every file is written to a temporary name in the output folder and renamed over 
 all of them were written (``meta.json`` last), so a failure leaves the folder as it was.
 
 * ``scores.csv``: eval, variable, metric, region, level, lead_time_hours, value;
-* ``per_init.csv``: the same plus init_time (``{eval}_temporal`` evals, region global);
+* ``per_init.csv``: the same plus init_time (``{eval}_temporal`` evals, every scored region unless ``--per-init-regions``);
 * ``rank_histogram.csv``: eval, variable, metric, level, lead_time_hours, bin, value;
 * ``spectra.csv``: eval, dataset, variable, level, lead_time_hours, latitude, zonal_wavenumber, value;
 * ``{eval}.nc``: data variables = variables, dims (metric, region, lead_time [timedelta64], [level]).

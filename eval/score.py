@@ -6,8 +6,9 @@ inits). Evals (names as WB2's results): a deterministic forecast gets ``determin
 ``ensemble_mean_deterministic`` (the member mean, taken in the data's dtype as WB2 does), ``probabilistic``,
 ``ensemble_experimental`` and the rank histogram; both get the baselines (:mod:`.baselines`) and zonal energy
 spectra of the forecast and of the truth (each distinct valid time once). Deterministic scores: mse, rmse,
-rmse_sqrt_before_time_avg, bias, mae, acc (climatology at the valid time), seeps_24hr (total_precipitation_24hr,
-:mod:`.seeps`), and mse/rmse/rmse_sqrt_before_time_avg of the wind vectors (:mod:`.derived`).
+rmse_sqrt_before_time_avg, bias, mae, acc and WeatherBench-X's prediction_activity (climatology at the valid time),
+seeps_24hr (total_precipitation_24hr, :mod:`.seeps`), and mse/rmse/rmse_sqrt_before_time_avg of the wind vectors
+(:mod:`.derived`).
 
 Speed: the pointwise work of the metric classes' updates is fused into one kernel per block (:mod:`.fast`,
 compiled with ``torch.compile`` for large data), in float32 by default (WB2 computes in the data's float32; the
@@ -47,7 +48,16 @@ from fcn3_lightning.eval.plan import Plan, iso
 from fcn3_lightning.eval.seeps import SEEPS
 from torch import Tensor
 
-from fcn3_lightning.metrics import ACC, CRPS, DeterministicScores, EnergyScore, RankHistogram, SpreadSkill, ZonalEnergySpectrum
+from fcn3_lightning.metrics import (
+    ACC,
+    CRPS,
+    DeterministicScores,
+    EnergyScore,
+    PredictionActivity,
+    RankHistogram,
+    SpreadSkill,
+    ZonalEnergySpectrum,
+)
 from fcn3_lightning.metrics.base import GriddedMetric
 from fcn3_lightning.metrics.suite import CRPS_SCORES, ENERGY_SCORES, SPREAD_SKILL_SCORES
 
@@ -134,7 +144,7 @@ class Scorer:
         self.plan = plan
         self.opt = plan.opt
         self.fused = fused
-        self.per_init: list[tuple] = []  # (eval, metric, labels, leads, inits, (B, L, C) values)
+        self.per_init: list[tuple] = []  # (eval, metric, labels, leads, inits, regions, (B, R, L, C) values)
         self._weights_memo: dict[tuple, np.ndarray] = {}  # region weights shared by all metric objects
         with shared_region_weights(self._weights_memo):
             # the truth's spectra: over the distinct valid times, whatever their lead
@@ -160,7 +170,8 @@ class Scorer:
         dtype: torch.dtype | None = None,
         **kw: Any,
     ) -> GriddedMetric:
-        klass = variant(cls, self.opt.skipna, record and self.plan.record_region is not None)
+        record = record and bool(self.plan.record_regions)
+        klass = variant(cls, self.opt.skipna, record)
         regions = list(regions) if regions is not None else self.plan.regions
         m = klass(
             self.plan.lat,
@@ -172,8 +183,8 @@ class Scorer:
             dtype=dtype or self.plan.compute_dtype,
             **kw,
         )
-        if record and self.plan.record_region is not None:
-            m.record_region = self.plan.record_region  # type: ignore[attr-defined]
+        if record:
+            m.record_regions = self.plan.record_regions  # type: ignore[attr-defined]
         return m.to(self.plan.device)
 
     def _metric_set(self, b: Block) -> dict[str, Any]:
@@ -190,6 +201,11 @@ class Scorer:
                 "scores": Part(name, self._make(DeterministicScores, labels, leads, record=temporal), DET_KEYS, labels, temporal)
             }
             d["acc"] = Part(name, self._make(ACC, labels, leads, record=temporal), ("acc",), labels, temporal) if acc else None
+            d["activity"] = (
+                Part(name, self._make(PredictionActivity, labels, leads, record=temporal), ("prediction_activity",), labels, temporal)
+                if acc
+                else None
+            )
             d["seeps"] = (
                 Part(
                     name, self._make(SEEPS, seeps_labels, leads, record=temporal, p1=self.plan.p1), ("seeps_24hr",), seeps_labels, temporal
@@ -255,14 +271,17 @@ class Scorer:
         d = ms["det"][name]
         g: Group = ms["group"]
         acc = d["acc"].metric if d["acc"] is not None else None
+        activity = d["activity"].metric if d["activity"] is not None else None
         if self.opt.skipna:
             f, o = self._mask(pred, obs)
             d["scores"].metric.update(f, o)
             if acc is not None:
                 acc.update(f, o, clim)
+            if activity is not None:
+                activity.update(f, clim)
         else:
             f, o = pred, obs
-            if not self.fused.deterministic(pred, obs, d["scores"].metric, acc, clim):
+            if not self.fused.deterministic(pred, obs, d["scores"].metric, acc, clim, activity):
                 raise_nonfinite(self.plan, blk)
         if d["seeps"] is not None:
             # categories in the data's dtype, as WB2 compares them; SEEPS skips NaN points itself
@@ -314,7 +333,7 @@ class Scorer:
         self._record(ms, blk.block)
 
     def _record(self, ms: dict[str, Any], b: Block) -> None:
-        if self.plan.record_region is None:
+        if not self.plan.record_regions:
             return
         inits = [iso(self.plan.inits[i]) for i in b.inits]
         for p in ms["parts"]:
@@ -322,5 +341,5 @@ class Scorer:
                 continue
             values = per_forecast(p.metric)
             for key in p.keys:
-                a = values[key].detach().cpu().double().numpy()  # (B, L, C)
-                self.per_init.append((f"{p.eval}_temporal", key, p.labels, ms["leads"], inits, a))
+                a = values[key].detach().cpu().double().numpy()  # (B, R, L, C)
+                self.per_init.append((f"{p.eval}_temporal", key, p.labels, ms["leads"], inits, self.plan.record_regions, a))

@@ -162,6 +162,18 @@ class Predictor:
             for s, y in enumerate(self.forecaster.rollout(x0, init_time, members, steps, member_slice=slice(m0, m1))):
                 yield m0, s, y[0].float().cpu().numpy()
 
+    def forecast_steps(self, init_time: np.datetime64, members: int, steps: int, batch_members: int | None = None) -> Iterator[np.ndarray]:
+        """Yield every step's ``(members, C, H, W)`` (as :meth:`forecast`), all members of a step together: the member
+        batches advance in lockstep (each keeps its own noise stream, so the values are :meth:`forecast`'s)."""
+        batch_members = batch_members or members
+        x0 = self.initial_state(init_time)
+        batches = [
+            self.forecaster.rollout(x0, init_time, members, steps, member_slice=slice(m0, min(members, m0 + batch_members)))
+            for m0 in range(0, members, batch_members)
+        ]
+        for ys in zip(*batches, strict=True):
+            yield np.concatenate([y[0].float().cpu().numpy() for y in ys])
+
 
 def load_predictor(
     checkpoint: str | Path,
@@ -304,14 +316,10 @@ def _attrs(source: Any, name: str, default: dict[str, Any]) -> dict[str, Any]:
     return {**default, **keep}
 
 
-def _create_store(path: Path, predictor: Predictor, times: np.ndarray, members: int, steps: int, arguments: dict[str, Any]) -> None:
-    """An empty forecast store (coordinates, attributes, NaN-filled arrays chunked by (init, member, step))."""
-    import xarray as xr
-    import zarr
-
-    store, src = predictor.store, predictor.store.dataset
-    variables, levels = _output_variables(predictor.channels)
-    lead = (np.arange(1, steps + 1) * np.timedelta64(predictor.step_hours, "h")).astype("timedelta64[ns]")
+def _coords(predictor: Predictor, times: np.ndarray, members: int, lead: np.ndarray) -> dict[str, Any]:
+    """The output's coordinates (store order of latitude) for ``times`` x ``members`` x ``lead``."""
+    src = predictor.store.dataset
+    _, levels = _output_variables(predictor.channels)
     coords: dict[str, Any] = {
         "time": ("time", times.astype("datetime64[ns]"), {"long_name": "initial time"}),
         "number": ("number", np.arange(members, dtype=np.int64), {"long_name": "ensemble member"}),
@@ -322,6 +330,73 @@ def _create_store(path: Path, predictor: Predictor, times: np.ndarray, members: 
     }
     if levels:
         coords["level"] = ("level", np.array(levels, dtype=np.int64), _attrs(src, "level", {"units": "hPa", "long_name": "pressure level"}))
+    return coords
+
+
+def _variable_attrs(predictor: Predictor, v: _Variable) -> dict[str, Any]:
+    default = {"units": WB2_UNITS[v.name]} if v.name in WB2_UNITS else {}
+    default["long_name"] = v.name.replace("_", " ")
+    return _attrs(predictor.store.dataset, v.name, default)
+
+
+def _dims(v: _Variable) -> list[str]:
+    return ["time", "number", "prediction_timedelta", *(["level"] if v.has_level else []), "latitude", "longitude"]
+
+
+def _leads(predictor: Predictor, steps: int) -> np.ndarray:
+    return (np.arange(1, steps + 1) * np.timedelta64(predictor.step_hours, "h")).astype("timedelta64[ns]")
+
+
+def _template(predictor: Predictor, times: np.ndarray, members: int, steps: int) -> Any:
+    """The output's layout as an in-memory dataset whose arrays hold no memory (a broadcast NaN): what a scorer plans from."""
+    import xarray as xr
+
+    coords = _coords(predictor, times, members, _leads(predictor, steps))
+    variables, levels = _output_variables(predictor.channels)
+    h, w = predictor.store.shape
+    data = {}
+    for v in variables:
+        shape = (times.size, members, steps, *((len(levels),) if v.has_level else ()), h, w)
+        data[v.name] = (_dims(v), np.broadcast_to(np.float32(np.nan), shape), _variable_attrs(predictor, v))
+    return xr.Dataset(data, coords=coords)
+
+
+def _step_dataset(predictor: Predictor, time: np.datetime64, step: int, values: np.ndarray) -> Any:
+    """One step of all members, ``values`` (M, C, H, W) 90N first, as the output store would hold it (one init, one lead)."""
+    import xarray as xr
+
+    lead = _leads(predictor, step + 1)[-1:]
+    coords = _coords(predictor, np.array([time], dtype="datetime64[ns]"), values.shape[0], lead)
+    data = {
+        v.name: (_dims(v), block[None, :, None], {}) for v, block in _variable_blocks(predictor.channels, values, predictor.store.flip_lat)
+    }
+    return xr.Dataset(data, coords=coords)
+
+
+def _variable_blocks(channels: Sequence[str], values: np.ndarray, flip_lat: bool) -> Iterator[tuple[_Variable, np.ndarray]]:
+    """Each output variable's part of ``values`` (m, C, H, W) 90N first: (m, [level], H, W) in the store's latitude order,
+    NaN at levels the channel list lacks."""
+    if flip_lat:
+        values = values[..., ::-1, :]
+    variables, _ = _output_variables(channels)
+    for v in variables:
+        if v.has_level:
+            idx = np.asarray(v.channel_index)
+            block = values[:, np.maximum(idx, 0)]  # a copy: fancy indexing
+            block[:, idx < 0] = np.nan
+        else:
+            block = np.ascontiguousarray(values[:, v.channel_index[0]])
+        yield v, block
+
+
+def _create_store(path: Path, predictor: Predictor, times: np.ndarray, members: int, steps: int, arguments: dict[str, Any]) -> None:
+    """An empty forecast store (coordinates, attributes, NaN-filled arrays chunked by (init, member, step))."""
+    import xarray as xr
+    import zarr
+
+    store = predictor.store
+    variables, levels = _output_variables(predictor.channels)
+    coords = _coords(predictor, times, members, _leads(predictor, steps))
     attrs = {
         "title": "FCN3 ensemble forecast",
         "source": "fcn3_lightning.inference (python -m fcn3_lightning predict)",
@@ -331,17 +406,14 @@ def _create_store(path: Path, predictor: Predictor, times: np.ndarray, members: 
     group = zarr.open_group(str(path), mode="r+")
     h, w = store.shape
     for v in variables:
-        dims = ["time", "number", "prediction_timedelta", *(["level"] if v.has_level else []), "latitude", "longitude"]
         shape = (times.size, members, steps, *((len(levels),) if v.has_level else ()), h, w)
-        default = {"units": WB2_UNITS[v.name]} if v.name in WB2_UNITS else {}
-        default["long_name"] = v.name.replace("_", " ")
         group.create_array(
             v.name,
             shape=shape,
             chunks=(1, 1, 1, *shape[3:]),
             dtype="float32",
             fill_value=np.nan,
-            attributes={**_attrs(src, v.name, default), "_ARRAY_DIMENSIONS": dims},
+            attributes={**_variable_attrs(predictor, v), "_ARRAY_DIMENSIONS": _dims(v)},
         )
     zarr.consolidate_metadata(str(path))
 
@@ -353,23 +425,14 @@ class _Writer:
         import zarr
 
         group = zarr.open_group(str(path), mode="r+")
-        variables, _ = _output_variables(channels)
-        self.arrays = [(v, group[v.name]) for v in variables]
+        self.arrays = {v.name: group[v.name] for v in _output_variables(channels)[0]}
+        self.channels = list(channels)
         self.flip_lat = flip_lat
 
     def write(self, i: int, m0: int, s: int, values: np.ndarray) -> None:
         """``values`` (m, C, H, W), latitude 90N first."""
-        if self.flip_lat:
-            values = values[..., ::-1, :]
-        m1 = m0 + values.shape[0]
-        for v, arr in self.arrays:
-            if v.has_level:
-                idx = np.asarray(v.channel_index)
-                block = values[:, np.maximum(idx, 0)]  # a copy: fancy indexing
-                block[:, idx < 0] = np.nan
-            else:
-                block = np.ascontiguousarray(values[:, v.channel_index[0]])
-            arr[i, m0:m1, s] = block
+        for v, block in _variable_blocks(self.channels, values, self.flip_lat):
+            self.arrays[v.name][i, m0 : m0 + values.shape[0], s] = block
 
 
 def _read_progress(path: Path) -> dict[str, Any] | None:
@@ -421,8 +484,14 @@ def predict(
     overwrite: bool = False,
     progress: bool = True,
     callback: Callable[[np.datetime64, int, int], None] | None = None,
+    score_against: str | Path | Any | None = None,
+    score_out: str | Path | None = None,
+    climatology: str | Path | Any | None = None,
+    score_options: Any = None,
+    keep_forecast: bool = True,
 ) -> Path:
-    """Forecast every initial time and write the WB2 forecast store ``output``; returns its path.
+    """Forecast every initial time and write the WB2 forecast store ``output``; returns its path (``score_out`` when
+    the forecast is not kept).
 
     Args:
         predictor: from :func:`load_predictor`.
@@ -435,6 +504,13 @@ def predict(
             store of another run.
         progress: show a progress bar.
         callback: called after every write with (initial time, first member, step index).
+        score_against: the truth (a WB2 Zarr, as ``evaluate --obs``): score the forecast while it is made
+            (:mod:`fcn3_lightning.eval.stream`) and write ``evaluate``'s results to ``score_out``; all members of a step
+            are made together (member batches in lockstep), so memory does not grow with the lead times.
+        score_out: the results folder (required with ``score_against``).
+        climatology: as ``evaluate --climatology`` (default: computed from ``score_against``).
+        score_options: :class:`fcn3_lightning.eval.harness.Options` of the scoring.
+        keep_forecast: write the forecast store too (default); False: only the scores (requires ``score_against``).
     """
     import torch
     from tqdm.auto import tqdm
@@ -446,6 +522,10 @@ def predict(
     batch_members = default_member_batch(members) if batch_members is None else batch_members
     batch_members = _check_count("batch_members", batch_members, 1, members)
     times = _check_init_times(predictor.store, init_times)
+    if not keep_forecast and score_against is None:
+        raise ValueError("--no-keep-forecast needs --score-against: without scores and without the forecast nothing would be kept")
+    if score_against is not None and score_out is None:
+        raise ValueError("--score-against needs --score-out, the folder for the results")
     output = Path(output)
     partial = output.with_name(output.name + PARTIAL_SUFFIX)
     arguments = {
@@ -461,6 +541,25 @@ def predict(
         "noise_key": NOISE_KEY,
     }
     run = {**predictor.source, "device": str(predictor.device), "batch_members": batch_members, "torch": torch.__version__}
+
+    scoring = None
+    if score_against is not None:
+        from fcn3_lightning.eval.stream import StreamingEvaluation
+
+        if keep_forecast and output.exists() and not overwrite and _read_progress(output) is not None:
+            if not _differences(_read_progress(output)["arguments"], arguments):  # complete already: score the store itself
+                from fcn3_lightning.eval.harness import evaluate
+
+                print(f"{output} is complete already: scoring it", file=sys.stderr)
+                evaluate(output, score_against, score_out, climatology, score_options)
+                return output
+        # planned now: a truth that lacks a variable or a valid time fails before any forecast is made
+        desc = str(output) if keep_forecast else f"not kept (predict --no-keep-forecast, model {arguments['model_sha256'][:12]})"
+        scoring = StreamingEvaluation(
+            _template(predictor, times, members, steps), score_against, score_out, climatology, score_options, desc
+        )
+        if not keep_forecast:
+            return _forecast_and_score(predictor, times, members, steps, batch_members, scoring, progress, callback, Path(score_out))
 
     if output.exists() and not overwrite:
         done = _read_progress(output)
@@ -488,6 +587,11 @@ def predict(
             )
         if prev is None or diff:  # killed while being created, or replaced on request: nothing to keep
             shutil.rmtree(partial)
+        elif scoring is not None and prev["complete"]:
+            raise ValueError(
+                f"{partial} holds {len(prev['complete'])} finished initial times, whose scores were not kept: finish it without "
+                "--score-against and run evaluate on it, or pass --overwrite to start over and score while forecasting"
+            )
         else:
             complete = set(prev["complete"]) & set(arguments["init_times"])
             out_of_bounds = Report.from_dict(prev.get("out_of_bounds"))
@@ -511,10 +615,16 @@ def predict(
             t = times[i]
             bar.set_postfix_str(_iso(t))
             watch.begin(_iso(t))
-            for m0, s, values in predictor.forecast(t, members, steps, batch_members):
+            if scoring is None:
+                stream: Iterator[tuple[int, int, np.ndarray]] = predictor.forecast(t, members, steps, batch_members)
+            else:  # all members of a step together, scored at once
+                stream = ((0, k, v) for k, v in enumerate(predictor.forecast_steps(t, members, steps, batch_members)))
+            for m0, s, values in stream:
                 writer.write(i, m0, s, values)  # at once: memory does not grow with the steps
                 watch.check(m0, s, values)
-                bar.update(1)
+                if scoring is not None:
+                    scoring.add(_step_dataset(predictor, t, s, values))
+                bar.update(1 if scoring is None else n_batches)
                 if callback is not None:
                     callback(t, m0, s)
             complete.add(_iso(t))
@@ -528,8 +638,40 @@ def predict(
         raise
     bar.close()
     watch.finish(partial)
+    if scoring is not None:
+        scoring.finish()  # before the swap: a failure here leaves the forecast in .partial, resumable
     _swap_in(partial, output)
     return output
+
+
+def _forecast_and_score(
+    predictor: Predictor,
+    times: np.ndarray,
+    members: int,
+    steps: int,
+    batch_members: int,
+    scoring: Any,
+    progress: bool,
+    callback: Callable[[np.datetime64, int, int], None] | None,
+    score_out: Path,
+) -> Path:
+    """``predict --score-against --no-keep-forecast``: every step is scored and dropped; only the results are written."""
+    from tqdm.auto import tqdm
+
+    watch = _BoundsWatch(predictor, steps, Report(), lambda msg: tqdm.write(msg, file=sys.stderr))
+    with tqdm(total=times.size * steps, desc="predict+score", unit="step", disable=not progress) as bar:
+        for t in times:
+            bar.set_postfix_str(_iso(t))
+            watch.begin(_iso(t))
+            for s, values in enumerate(predictor.forecast_steps(t, members, steps, batch_members)):
+                watch.check(0, s, values)
+                scoring.add(_step_dataset(predictor, t, s, values))
+                bar.update(1)
+                if callback is not None:
+                    callback(t, 0, s)
+    watch.finish(None)
+    scoring.finish()
+    return score_out
 
 
 def _units(channels: Sequence[str]) -> dict[str, str]:
@@ -576,8 +718,8 @@ class _BoundsWatch:
                 line = found.channels[name].describe(self.units[name])
                 self.say(f"predict: WARNING: the forecast leaves its physical bounds: {line}")
 
-    def finish(self, path: Path) -> None:
-        """The summary on stderr; the bounds and what left them in the store's attributes."""
+    def finish(self, path: Path | None) -> None:
+        """The summary on stderr; the bounds and what left them in the store's attributes (``path``: None, no store)."""
         import zarr
 
         if self.bounds is None:
@@ -592,6 +734,8 @@ class _BoundsWatch:
             )
         else:
             print(f"predict: every channel stayed within its physical bounds ({self.bounds.definition()})", file=sys.stderr)
+        if path is None:
+            return
         group = zarr.open_group(str(path), mode="r+")
         group.attrs[self.ATTRIBUTE] = json.dumps({**self.bounds.as_dict(), "out_of_bounds": self.report.as_dict()}, sort_keys=True)
         with warnings.catch_warnings():  # the progress record in the store is not a Zarr array: zarr says so, harmlessly
@@ -663,6 +807,20 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output, or a .partial store of another run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    score = p.add_argument_group("scoring while forecasting (the results of a later `evaluate`, memory flat in the lead times)")
+    score.add_argument("--score-against", metavar="OBS", help="the truth (WB2 Zarr, as evaluate --obs): score every step as it is made")
+    score.add_argument("--score-out", metavar="DIR", help="folder for the results (default: <output>_scores)")
+    score.add_argument("--climatology", help="WB2 climatology Zarr, as evaluate --climatology (default: computed from the truth)")
+    score.add_argument("--score-name", help="model name in the results (default: the output's name)")
+    score.add_argument(
+        "--score-dtype",
+        choices=("float32", "float64"),
+        default="float32",
+        help="as evaluate --dtype (the same dtype reproduces a later evaluate to ~1e-14)",
+    )
+    score.add_argument(
+        "--no-keep-forecast", action="store_true", help="do not write the forecast Zarr, only the scores (needs --score-against)"
+    )
     p.set_defaults(func=run_cli)
     return p
 
@@ -679,6 +837,15 @@ def run_cli(args: argparse.Namespace) -> None:
         _check_count("--steps", args.steps, 1)
     if args.batch_members is not None:
         _check_count("--member-batch", args.batch_members, 1, args.members)
+    if args.no_keep_forecast and not args.score_against:
+        raise ValueError("--no-keep-forecast needs --score-against: without scores and without the forecast nothing would be kept")
+    for option in ("score_out", "climatology", "score_name"):
+        if getattr(args, option) is not None and not args.score_against:
+            raise ValueError(f"--{option.replace('_', '-')} is an option of --score-against, which is not given")
+    score_out = args.score_out or str(Path(args.output).with_name(Path(args.output).name.removesuffix(".zarr") + "_scores"))
+    if args.score_against:
+        store_location(args.score_against, "--score-against", args.storage_options)
+        local_path(score_out, "--score-out")
     predictor = load_predictor(
         args.checkpoint,
         data_path=args.data_path,
@@ -694,7 +861,19 @@ def run_cli(args: argparse.Namespace) -> None:
         times = init_times_in_range(predictor.store, args.init_range[0], args.init_range[1], args.init_every_hours)
     steps = lead_days_to_steps(args.lead_days, predictor.step_hours) if args.lead_days is not None else (args.steps or 40)
     members = args.members or predictor.default_members
-    out = predict(
+    score_kw: dict[str, Any] = {}
+    if args.score_against:
+        from fcn3_lightning.eval.harness import Options
+
+        name = args.score_name or Path(args.output).name.removesuffix(".zarr")
+        score_kw = {
+            "score_against": store_location(args.score_against, "--score-against", args.storage_options),
+            "score_out": score_out,
+            "climatology": args.climatology,
+            "score_options": Options(name=name, progress=False, dtype=args.score_dtype),
+            "keep_forecast": not args.no_keep_forecast,
+        }
+    predict(
         predictor,
         times,
         args.output,
@@ -703,5 +882,13 @@ def run_cli(args: argparse.Namespace) -> None:
         batch_members=args.batch_members,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        **score_kw,
     )
-    print(f"wrote {out}: {len(times)} initial times x {members} members x {steps} steps of {predictor.step_hours} h")
+    kept = "" if args.no_keep_forecast else f"wrote {args.output}: "
+    print(f"{kept}{len(times)} initial times x {members} members x {steps} steps of {predictor.step_hours} h")
+    if args.score_against:
+        from fcn3_lightning.eval.leaderboard import write_reports
+
+        print(f"scores (as evaluate writes them) -> {score_out}")
+        for path in write_reports(score_out):  # leaderboard.md/.html and the scorecard, as evaluate's
+            print(f"wrote {path}")

@@ -300,3 +300,148 @@ def test_an_exported_package_forecasts_exactly_as_its_checkpoint(world, tmp_path
     ref = _fields(world.out)
     for k, v in _fields(out).items():
         np.testing.assert_array_equal(v, ref[k], err_msg=k)
+
+
+# --- scoring while forecasting (predict --score-against) -------------------------------------------------------------
+
+SCORE_FILES = ("scores.csv", "per_init.csv", "spectra.csv")
+
+
+def _score_options(dtype: str = "float64", block_mb: float = 128.0):
+    from fcn3_lightning.eval.harness import Options
+
+    # the store holds one year: its climatology is computed from that year (with evaluate's warning)
+    return Options(name="m", clim_years=(2000, 2000), progress=False, dtype=dtype, block_mb=block_mb)
+
+
+#: max relative difference from predict + evaluate (acceptance 4), by the dtype of the pointwise work: the spatial means
+#: are summed in float64 either way, so the block layout (one lead time per block while forecasting, all lead times in
+#: evaluate) does not change them (with float32 spatial means it did: 1.4e-6 on this world's near-zero variances)
+TOLERANCE = {"float64": 1e-6, "float32": 1e-6}
+
+
+def _max_relative_difference(a_dir: Path, b_dir: Path) -> float:
+    """Over every record of the score files, which must hold the same records; NaN only where both are NaN."""
+    import pandas as pd
+
+    worst = 0.0
+    for name in SCORE_FILES:
+        a, b = pd.read_csv(a_dir / name), pd.read_csv(b_dir / name)
+        keys = [c for c in a.columns if c != "value"]
+        assert len(a) == len(b) > 0, f"{name}: {len(a)} vs {len(b)} records"
+        m = a.fillna({"level": -1}).merge(b.fillna({"level": -1}), on=keys, how="outer", indicator=True, validate="one_to_one")
+        assert (m["_merge"] == "both").all(), f"{name}: records in only one of the two:\n{m[m['_merge'] != 'both'].head()}"
+        x, y = m["value_x"].to_numpy(), m["value_y"].to_numpy()
+        assert (np.isnan(x) == np.isnan(y)).all(), name
+        ok = ~np.isnan(x)
+        rel = np.abs(x[ok] - y[ok]) / np.maximum(np.abs(y[ok]), 1e-30)
+        worst = max(worst, float(rel.max()))
+    return worst
+
+
+@pytest.fixture(scope="module")
+def evaluated(world, tmp_path_factory):
+    """``predict`` then ``evaluate`` (per dtype of the work): the reference for scoring while forecasting."""
+    from fcn3_lightning.eval.harness import evaluate
+
+    out = {}
+    for dtype in TOLERANCE:
+        out[dtype] = tmp_path_factory.mktemp("evaluated") / dtype
+        evaluate(world.out, world.store, out[dtype], None, _score_options(dtype))
+    return out
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+def test_score_against_equals_predict_then_evaluate(world, evaluated, tmp_path, dtype):
+    """Acceptance 4: the same scores (max relative difference <= 1e-6), and no forecast store when it is not kept. The
+    members run in batches of 2 of 3, in lockstep: the values are those of the reference forecast."""
+    out = predict(
+        world.predictor,
+        INITS,
+        tmp_path / "not_kept.zarr",
+        steps=STEPS,
+        batch_members=2,
+        progress=False,
+        score_against=world.store,
+        score_out=tmp_path / "scores",
+        score_options=_score_options(dtype),
+        keep_forecast=False,
+    )
+    assert out == tmp_path / "scores"
+    assert not (tmp_path / "not_kept.zarr").exists() and not (tmp_path / "not_kept.zarr.partial").exists()
+    worst = _max_relative_difference(tmp_path / "scores", evaluated[dtype])
+    print(f"predict --score-against vs predict + evaluate ({dtype} work): max relative difference {worst:.2e}", file=sys.__stdout__)
+    assert worst <= TOLERANCE[dtype]
+    meta = json.loads((tmp_path / "scores" / "meta.json").read_text())
+    assert meta["scored_while_forecasting"] and meta["forecast"].startswith("not kept")
+    assert set(pd_read(tmp_path / "scores" / "per_init.csv")["init_time"]) == set(INITS)
+
+
+def pd_read(path: Path):
+    import pandas as pd
+
+    return pd.read_csv(path)
+
+
+def test_score_against_keeping_the_forecast(world, evaluated, tmp_path):
+    """With the forecast kept: the store equals the reference forecast bit for bit, and the scores those of evaluate."""
+    out = predict(
+        world.predictor,
+        INITS,
+        tmp_path / "kept.zarr",
+        steps=STEPS,
+        progress=False,
+        score_against=world.store,
+        score_out=tmp_path / "scores",
+        score_options=_score_options(),
+    )
+    assert out == tmp_path / "kept.zarr"
+    ref, got = _fields(world.out), _fields(out)
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k])
+    assert _max_relative_difference(tmp_path / "scores", evaluated["float64"]) <= 1e-6
+
+
+def test_score_against_a_descending_latitude_store(world, tmp_path):
+    """A store with latitude north to south (WB2's own ERA5 layout): the step is flipped to ascending latitude, a
+    negative-stride view that torch cannot take (this crashed when a channel group held one variable, read without a copy:
+    a tiny block budget makes every variable its own group); the scores equal predict + evaluate of the same store."""
+    from fcn3_lightning.eval.harness import evaluate
+
+    store, _ = make_store(tmp_path / "era_desc.zarr", CHANNELS, n_times=40, nlat=SHAPE[0], nlon=SHAPE[1], ascending_lat=False)
+    compute_stats(WB2Store(store, CHANNELS), *TRAIN, progress=False).save(f"{store}.stats.json")
+    with xr.open_zarr(store) as ds:
+        assert ds.latitude.values[0] > ds.latitude.values[-1]
+    p = load_predictor(world.ckpt, data_path=store, device="cpu")
+    out = predict(
+        p,
+        INITS,
+        tmp_path / "desc.zarr",
+        members=MEMBERS,
+        steps=STEPS,
+        progress=False,
+        score_against=store,
+        score_out=tmp_path / "scores",
+        score_options=_score_options("float32", block_mb=0.001),
+    )
+    evaluate(out, store, tmp_path / "evaluated", None, _score_options("float32", block_mb=0.001))
+    worst = _max_relative_difference(tmp_path / "scores", tmp_path / "evaluated")
+    print(f"descending latitude: predict --score-against vs predict + evaluate: max relative difference {worst:.2e}", file=sys.__stdout__)
+    assert worst <= TOLERANCE["float32"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--no-keep-forecast"], "--no-keep-forecast needs --score-against"),
+        (["--score-out", "x"], "--score-out is an option of --score-against"),
+        (["--score-against", "/nonexistent/obs.zarr", "--no-keep-forecast"], "obs.zarr"),
+    ],
+)
+def test_score_against_errors(world, tmp_path, extra, match):
+    """Bad scoring options: exit 2, a message naming the option or the store at fault."""
+    cmd = [sys.executable, "-m", "fcn3_lightning", "predict", "--checkpoint", str(world.ckpt), "--init-times", INITS[0]]
+    cmd += ["--steps", "1", "--output", str(tmp_path / "f.zarr"), "--no-progress", *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert match in r.stderr

@@ -26,7 +26,8 @@ def main() -> None:
     if DST.exists():
         shutil.rmtree(DST)
     DST.mkdir(parents=True)
-    copied = ["README.md", "fixture_info.json"] + [f"{n}.csv.gz" for n in ("det", "ens", "per_init_sample", "rank_histogram", "spectra")]
+    refs = ("det", "ens", "per_init_sample", "per_init_all_regions", "rank_histogram", "spectra")
+    copied = ["README.md", "fixture_info.json"] + [f"{n}.csv.gz" for n in refs]
     for name in copied:
         shutil.copy2(SRC / name, DST / name)
     for name in ("forecast_det.zarr", "forecast_ens.zarr"):

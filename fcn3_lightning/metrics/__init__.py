@@ -1,6 +1,7 @@
 """TorchMetrics implementations of WeatherBench2's scores, correct under data parallelism and spatial sharding.
 
-* :mod:`.deterministic`: :class:`DeterministicScores` (MSE, RMSE, bias, MAE), :class:`ACC`;
+* :mod:`.deterministic`: :class:`DeterministicScores` (MSE, RMSE, bias, MAE), :class:`ACC`,
+  :class:`PredictionActivity` (WeatherBench-X's);
 * :mod:`.ensemble`: :class:`CRPS` (fair, with skill and spread), :class:`SpreadSkill`, :class:`EnergyScore`,
   :class:`RankHistogram`;
 * :mod:`.spectra`: :class:`ZonalEnergySpectrum` (WB2's), :class:`AngularPowerSpectrum` (per degree l);
@@ -10,7 +11,7 @@
 
 from fcn3_lightning.metrics.base import GriddedMetric
 from fcn3_lightning.metrics.climatology import Climatology
-from fcn3_lightning.metrics.deterministic import ACC, DeterministicScores
+from fcn3_lightning.metrics.deterministic import ACC, DeterministicScores, PredictionActivity
 from fcn3_lightning.metrics.ensemble import CRPS, EnergyScore, RankHistogram, SpreadSkill, fair_crps_parts
 from fcn3_lightning.metrics.regions import REGIONS, Region, region_weights
 from fcn3_lightning.metrics.spectra import AngularPowerSpectrum, ZonalEnergySpectrum, sphere_quadrature
@@ -24,6 +25,7 @@ __all__ = [
     "DeterministicScores",
     "EnergyScore",
     "GriddedMetric",
+    "PredictionActivity",
     "RankHistogram",
     "Region",
     "SpreadSkill",

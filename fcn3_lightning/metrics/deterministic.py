@@ -1,4 +1,5 @@
-"""Deterministic scores with WeatherBench2's definitions: MSE, RMSE, bias, MAE and ACC.
+"""Deterministic scores with WeatherBench2's definitions: MSE, RMSE, bias, MAE and ACC; and WeatherBench-X's
+prediction activity.
 
 For an ensemble, score the member mean (``pred.mean(1)``), as WB2's ``ensemble_mean_deterministic``.
 """
@@ -73,3 +74,29 @@ class ACC(GriddedMetric):
 
     def compute(self) -> dict[str, Tensor]:
         return {"acc": self._mean("acc")}
+
+
+class PredictionActivity(GriddedMetric):
+    """WeatherBench-X's ``PredictionActivity``: the root of the time-mean spatial mean of the squared forecast anomaly,
+    ``prediction_activity`` = sqrt(mean_t <(f - c)^2>), c the climatology at the valid time (the square root after
+    the time mean, as WBX takes it of its aggregated ``SquaredPredictionAnomaly``). A forecast that smooths towards the
+    climatology loses activity.
+
+    ``update(pred, climatology)``, both ``(batch, lead, channel, lat, lon)``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._add_states("fa2")
+
+    def update(self, pred: Tensor, climatology: Tensor) -> None:
+        self._check("pred", pred, ensemble=False)
+        self._check("climatology", climatology, ensemble=False)
+        if climatology.shape != pred.shape:
+            raise ValueError(f"PredictionActivity: climatology {tuple(climatology.shape)} and pred {tuple(pred.shape)} differ")
+        f, c = pred.to(self.compute_dtype), climatology.to(self.compute_dtype)
+        fa = f - c
+        self._accumulate(f.shape[0], fa2=self._spatial_mean(fa * fa))
+
+    def compute(self) -> dict[str, Tensor]:
+        return {"prediction_activity": self._mean("fa2").sqrt()}

@@ -72,18 +72,36 @@ REGIONS: dict[str, Region] = {
 }
 
 
+#: the regions WeatherBench-X's public benchmark adds (``public_benchmark/run_benchmark_evaluation.py``); not scored by
+#: default, named by ``evaluate --preset wbx`` or ``--regions``
+WBX_EXTRA_REGIONS: dict[str, Region] = {
+    r.name: r
+    for r in (
+        Region("northern-africa", lat=((5.0, 32.5),), lon=((347.5, 360.0), (0.0, 37.5))),
+        Region("southern-africa", lat=((-30.0, 5.0),), lon=((12.5, 37.5),)),
+        Region("south-america", lat=((-40.0, 5.0),), lon=((285.0, 315.0),)),
+        Region("west-asia", lat=((15.0, 60.0),), lon=((42.5, 102.5),)),
+        Region("south-east-asia", lat=((-12.5, 25.0),), lon=((95.0, 125.0),)),
+    )
+}
+#: every region known by name
+ALL_REGIONS: dict[str, Region] = {**REGIONS, **WBX_EXTRA_REGIONS}
+#: WeatherBench-X's public benchmark regions: WB2's slice regions without extra-tropics, plus its own five
+WBX_REGIONS: tuple[str, ...] = tuple(n for n in REGIONS if n != "extra-tropics" and not REGIONS[n].land) + tuple(WBX_EXTRA_REGIONS)
+
+
 def resolve_regions(regions: Sequence[str | Region]) -> list[Region]:
-    """Look up region names in :data:`REGIONS`; :class:`Region` objects pass through."""
+    """Look up region names in :data:`ALL_REGIONS`; :class:`Region` objects pass through."""
     if isinstance(regions, str | Region):
         regions = [regions]
     out = []
     for r in regions:
         if isinstance(r, Region):
             out.append(r)
-        elif r in REGIONS:
-            out.append(REGIONS[r])
+        elif r in ALL_REGIONS:
+            out.append(ALL_REGIONS[r])
         else:
-            raise ValueError(f"unknown region {r!r}; known regions: {', '.join(REGIONS)} (or pass a Region)")
+            raise ValueError(f"unknown region {r!r}; known regions: {', '.join(ALL_REGIONS)} (or pass a Region)")
     if not out:
         raise ValueError("no regions given; use e.g. regions=['global']")
     names = [r.name for r in out]

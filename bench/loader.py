@@ -2,16 +2,20 @@
 
     python bench/loader.py                      # writes the store once (24 times, about 7 GB), then measures
     python bench/loader.py --workers 0 1 2      # loader settings to compare
-    python bench/loader.py --url --nlat 361 --nlon 720 --times 12 --workers 2 4
+    python bench/loader.py --url --nlat 181 --nlon 360 --times 10 --workers 0 2 4
                                                 # the same store served over HTTP on 127.0.0.1 with 20 ms per request
 
-Prints samples/s of the raw Zarr read of exactly the chunks a sample needs (input + one target,
-every variable, in one process) next to the data module's loader (read into the flipped, channel-
-ordered output + cos zenith + worker transfer; normalisation runs on the device), per worker setting.
+The store is chunked as WeatherBench2's and ARCO's ERA5 are: one chunk per variable and time (all levels, the whole
+globe), so a sample (input + one target) is 2 x 12 chunk requests. Prints samples/s of the raw Zarr read of exactly the
+chunks a sample needs (input + one target, every variable, in one process) next to the data module's loader (read into
+the flipped, channel-ordered output + cos zenith + worker transfer; normalisation runs on the device), per worker setting.
 
-``--url``: the loader reading the store over HTTP (a server in another process on 127.0.0.1 that sleeps ``--delay-ms``
-before every answer, as a bucket's latency) next to the loader reading the local copy, per worker setting; the target is
->= 80% of the local rate. ``--url URL`` measures that remote store instead (no local comparison).
+``--url``: the loader reading the store over HTTP (:class:`fcn3_lightning.store_server.StoreServer`, another process on
+127.0.0.1 that waits ``--delay-ms`` before every answer, as a bucket's latency) next to the loader reading the local copy,
+per worker setting, in ``--rounds`` alternating rounds (medians: a shared machine's load drifts); the target is >= 80% of
+the local rate. Also printed: CPU ms per sample of the loader (main process and workers) and of the server, which hardly
+depend on the machine's load; the server's share is work a real bucket does elsewhere. ``--url URL`` measures that
+remote store instead (no local comparison).
 """
 
 from __future__ import annotations
@@ -125,6 +129,7 @@ def main() -> None:
     p.add_argument("--nlon", type=int, default=NLON)
     p.add_argument("--url", nargs="?", const="", help="read over HTTP: no value serves the local store on 127.0.0.1; or a store URL")
     p.add_argument("--samples", type=int, default=64, help="samples read per loader setting (the store's samples repeated)")
+    p.add_argument("--rounds", type=int, default=3, help="with --url: rounds of local then HTTP per setting (medians)")
     p.add_argument("--delay-ms", type=float, default=20.0, help="with --url: the server's delay before every answer (default 20)")
     args = p.parse_args()
 
@@ -176,19 +181,28 @@ def url_bench(args: argparse.Namespace, root: Path, path: Path) -> None:
         for store in stores.values():  # warm: the page cache for both, the HTTP connections
             ForecastDataset(store, normalizer, str(store.times[0]), str(store.times[-1]), n_targets=1, on_device=True)[0]
         for w in args.workers:
-            rates, cpu = {}, {}
-            for name, store in stores.items():
-                dataset = ForecastDataset(store, normalizer, str(store.times[0]), str(store.times[-1]), n_targets=1, on_device=True)
-                server_cpu0 = _cpu_s(server.process.pid) if server is not None and name == "url" else 0.0
-                rates[name], cpu[name] = loader_rate(dataset, w, args.samples)
-                if server is not None and name == "url":
-                    cpu["server"] = (_cpu_s(server.process.pid) - server_cpu0) / (args.samples + 1)
-            line = f"num_workers={w}: " + ", ".join(f"{k} {v:6.2f} samples/s ({v * sample_mb:.0f} MB/s)" for k, v in rates.items())
+            # rounds alternate local and HTTP, so that a machine whose load drifts slows both alike; medians over rounds
+            rates: dict[str, list[float]] = {name: [] for name in stores}
+            cpu: dict[str, list[float]] = {name: [] for name in (*stores, *(("server",) if server else ()))}
+            for _ in range(args.rounds):
+                for name, store in stores.items():
+                    dataset = ForecastDataset(store, normalizer, str(store.times[0]), str(store.times[-1]), n_targets=1, on_device=True)
+                    server_cpu0 = _cpu_s(server.process.pid) if server is not None else 0.0
+                    rate, cpu_s = loader_rate(dataset, w, args.samples)
+                    rates[name].append(rate)
+                    cpu[name].append(cpu_s)
+                    if server is not None and name == "url":
+                        cpu["server"].append((_cpu_s(server.process.pid) - server_cpu0) / (args.samples + 1))
+            med = {k: float(np.median(v)) for k, v in rates.items()}
+            line = f"num_workers={w}: " + ", ".join(f"{k} {v:6.2f} samples/s ({v * sample_mb:.0f} MB/s)" for k, v in med.items())
             if "local" in rates:
-                ratio = rates["url"] / rates["local"]
+                ratios = [u / loc for u, loc in zip(rates["url"], rates["local"], strict=True)]
+                ratio = float(np.median(ratios))
                 line += f"; HTTP/local = {100 * ratio:5.1f}% ({'meets' if ratio >= 0.8 else 'MISSES'} the 80% target)"
-            # CPU per sample does not depend on what else runs on the machine: the figure to compare on a shared one
-            line += "; CPU ms/sample: " + ", ".join(f"{k} {1000 * v:.0f}" for k, v in cpu.items())
+                if args.rounds > 1:
+                    line += f" [rounds: {' '.join(f'{100 * r:.0f}%' for r in ratios)}]"
+            # CPU per sample hardly depends on what else runs on the machine: the figure to compare on a shared one
+            line += "; CPU ms/sample: " + ", ".join(f"{k} {1000 * float(np.median(v)):.0f}" for k, v in cpu.items())
             print(line, flush=True)
     finally:
         if server is not None:

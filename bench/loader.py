@@ -2,23 +2,27 @@
 
     python bench/loader.py                      # writes the store once (24 times, about 7 GB), then measures
     python bench/loader.py --workers 0 1 2      # loader settings to compare
-    python bench/loader.py --url --nlat 361 --nlon 720 --times 12 --workers 2 4
+    python bench/loader.py --url --nlat 181 --nlon 360 --times 10 --workers 0 2 4
                                                 # the same store served over HTTP on 127.0.0.1 with 20 ms per request
 
-Prints samples/s of the raw Zarr read of exactly the chunks a sample needs (input + one target,
-every variable, in one process) next to the data module's loader (read into the flipped, channel-
-ordered output + cos zenith + worker transfer; normalisation runs on the device), per worker setting.
+The store is chunked as WeatherBench2's and ARCO's ERA5 are: one chunk per variable and time (all levels, the whole
+globe), so a sample (input + one target) is 2 x 12 chunk requests. Prints samples/s of the raw Zarr read of exactly the
+chunks a sample needs (input + one target, every variable, in one process) next to the data module's loader (read into
+the flipped, channel-ordered output + cos zenith + worker transfer; normalisation runs on the device), per worker setting.
 
-``--url``: the loader reading the store over HTTP (a server in another process on 127.0.0.1 that sleeps ``--delay-ms``
-before every answer, as a bucket's latency) next to the loader reading the local copy, per worker setting; the target is
->= 80% of the local rate. ``--url URL`` measures that remote store instead (no local comparison).
+``--url``: the loader reading the store over HTTP (:class:`fcn3_lightning.store_server.StoreServer`, another process on
+127.0.0.1 that waits ``--delay-ms`` before every answer, as a bucket's latency) next to the loader reading the local copy,
+per worker setting, in ``--rounds`` alternating rounds (medians: a shared machine's load drifts); the target is >= 80% of
+the local rate. Also printed: CPU ms per sample of the loader (main process and workers) and of the server, which hardly
+depend on the machine's load; the server's share is work a real bucket does elsewhere. ``--url URL`` measures that
+remote store instead (no local comparison).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import multiprocessing
+import os
+import resource
 import shutil
 import tempfile
 import time
@@ -27,17 +31,19 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 import zarr
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from fcn3_lightning.channels import FCN3_CHANNELS, FCN3_LEVELS, parse_channel
 from fcn3_lightning.data import ForecastDataset, WB2Store, compute_stats
-from fcn3_lightning.data.datamodule import collate_batch
+from fcn3_lightning.data.datamodule import collate_batch, loader_worker_init
+from fcn3_lightning.store_server import StoreServer
 
 NLAT, NLON = 721, 1440
 
 
 def write_store(path: Path, n_times: int, nlat: int = NLAT, nlon: int = NLON) -> None:
-    """A WB2-layout store, ascending latitude like WB2's ERA5, smooth fields (so they compress like real ones)."""
+    """A WB2-layout store, chunked like WB2's ERA5 (one chunk per variable and time), ascending latitude like it, smooth fields
+    (so they compress like real ones)."""
     lat = np.linspace(-90, 90, nlat)
     lon = np.arange(nlon) * 360.0 / nlon
     rng = np.random.default_rng(0)
@@ -64,7 +70,10 @@ def write_store(path: Path, n_times: int, nlat: int = NLAT, nlon: int = NLON) ->
                 },
             )
             # hourly time units: appending with xarray's default (units of the first write) would truncate the 6 h steps
-            kw = {"append_dim": "time"} if t else {"mode": "w", "encoding": {"time": {"units": "hours since 2000-01-01", "dtype": "int64"}}}
+            # one chunk per variable and time, all levels, the whole globe: how WeatherBench2's and ARCO's ERA5 are chunked
+            encoding = {v: {"chunks": ds[v].shape} for v in variables}
+            encoding["time"] = {"units": "hours since 2000-01-01", "dtype": "int64"}
+            kw = {"append_dim": "time"} if t else {"mode": "w", "encoding": encoding}
             ds.to_zarr(tmp, zarr_format=2, consolidated=True, **kw)
             print(f"\rwriting {path}: {t + 1}/{n_times} times", end="", flush=True)
         print()
@@ -85,44 +94,30 @@ def raw_rate(path: Path, samples: list[int]) -> float:
     return len(samples) / (time.perf_counter() - t0)
 
 
-def loader_rate(dataset: ForecastDataset, workers: int) -> float:
-    """Samples/s of the data loader in steady state (worker start-up excluded)."""
-    loader = DataLoader(dataset, batch_size=1, num_workers=workers, prefetch_factor=2 if workers else None, collate_fn=collate_batch)
+def loader_rate(dataset: ForecastDataset, workers: int, samples: int) -> tuple[float, float]:
+    """(samples/s, CPU seconds per sample) of the data loader in steady state: ``samples`` reads (the dataset's samples over
+    and over, so that a small store still fills every worker's prefetch queue many times), the first batch (worker start-up)
+    excluded from the time. The CPU is this process's and its workers' (reaped when the loader ends), all samples."""
+    order = Subset(dataset, [i % len(dataset) for i in range(samples + 1)])
+    kw = {"prefetch_factor": 2, "worker_init_fn": loader_worker_init} if workers else {}  # as the data module's loaders
+    loader = DataLoader(order, batch_size=1, num_workers=workers, collate_fn=collate_batch, **kw)
+    cpu0 = _cpu_s()
     it = iter(loader)
     next(it)
     t0 = time.perf_counter()
     n = sum(1 for _ in it)
-    return n / (time.perf_counter() - t0)
+    rate = n / (time.perf_counter() - t0)
+    del it  # the workers exit and are reaped: their CPU time joins RUSAGE_CHILDREN
+    return rate, (_cpu_s() - cpu0) / (samples + 1)
 
 
-def _serve(root: str, delay_s: float, port: multiprocessing.Queue) -> None:
-    """An HTTP server for ``root`` that sleeps ``delay_s`` before every answer (threaded: requests wait side by side)."""
-    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-    class Handler(SimpleHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            time.sleep(delay_s)
-            super().do_GET()
-
-        def log_message(self, *args) -> None:
-            pass
-
-    class Server(ThreadingHTTPServer):
-        request_queue_size = 256  # the default 5 drops concurrent connections (the client then waits seconds to retry)
-
-    httpd = Server(("127.0.0.1", 0), functools.partial(Handler, directory=root))
-    httpd.daemon_threads = True
-    port.put(httpd.server_address[1])
-    httpd.serve_forever()
-
-
-def http_server(root: Path, delay_ms: float) -> tuple[multiprocessing.Process, int]:
-    """A delaying HTTP server in its own process (its work does not take the loader's GIL); returns (process, port)."""
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_serve, args=(str(root), delay_ms / 1000, queue), daemon=True)
-    proc.start()
-    return proc, queue.get(timeout=60)
+def _cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) of this process and its reaped children, or of process ``pid`` (Linux /proc)."""
+    if pid is not None:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main() -> None:
@@ -133,12 +128,14 @@ def main() -> None:
     p.add_argument("--nlat", type=int, default=NLAT, help="grid of the written store (default 721x1440)")
     p.add_argument("--nlon", type=int, default=NLON)
     p.add_argument("--url", nargs="?", const="", help="read over HTTP: no value serves the local store on 127.0.0.1; or a store URL")
+    p.add_argument("--samples", type=int, default=64, help="samples read per loader setting (the store's samples repeated)")
+    p.add_argument("--rounds", type=int, default=3, help="with --url: rounds of local then HTTP per setting (medians)")
     p.add_argument("--delay-ms", type=float, default=20.0, help="with --url: the server's delay before every answer (default 20)")
     args = p.parse_args()
 
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
-    path = root / f"era5_like_{args.nlat}x{args.nlon}_{args.times}.zarr"
+    path = root / f"wb2_chunks_{args.nlat}x{args.nlon}_{args.times}.zarr"
     if args.url is not None:
         return url_bench(args, root, path)
     if not path.exists():
@@ -159,7 +156,7 @@ def main() -> None:
     raw = raw_rate(path, list(range(len(dataset))))
     print(f"raw Zarr read of the same chunks (1 process): {raw:6.2f} samples/s  ({raw * sample_mb:.0f} MB/s)")
     for w in args.workers:
-        rate = loader_rate(dataset, w)
+        rate, _ = loader_rate(dataset, w, args.samples)
         print(f"data loader, num_workers={w}:               {rate:6.2f} samples/s  ({100 * rate / raw:5.1f}% of raw)")
 
 
@@ -171,8 +168,8 @@ def url_bench(args: argparse.Namespace, root: Path, path: Path) -> None:
     else:
         if not path.exists():
             write_store(path, args.times, args.nlat, args.nlon)
-        server, port = http_server(root, args.delay_ms)
-        stores = {"local": WB2Store(path, FCN3_CHANNELS), "url": WB2Store(f"http://127.0.0.1:{port}/{path.name}", FCN3_CHANNELS)}
+        server = StoreServer(root, delay_s=args.delay_ms / 1000)
+        stores = {"local": WB2Store(path, FCN3_CHANNELS), "url": WB2Store(server.url(path.name), FCN3_CHANNELS)}
     try:
         first = next(iter(stores.values()))
         stats = compute_stats(first, str(first.times[0]), str(first.times[1]), progress=False)
@@ -184,18 +181,32 @@ def url_bench(args: argparse.Namespace, root: Path, path: Path) -> None:
         for store in stores.values():  # warm: the page cache for both, the HTTP connections
             ForecastDataset(store, normalizer, str(store.times[0]), str(store.times[-1]), n_targets=1, on_device=True)[0]
         for w in args.workers:
-            rates = {}
-            for name, store in stores.items():
-                dataset = ForecastDataset(store, normalizer, str(store.times[0]), str(store.times[-1]), n_targets=1, on_device=True)
-                rates[name] = loader_rate(dataset, w)
-            line = f"num_workers={w}: " + ", ".join(f"{k} {v:6.2f} samples/s ({v * sample_mb:.0f} MB/s)" for k, v in rates.items())
+            # rounds alternate local and HTTP, so that a machine whose load drifts slows both alike; medians over rounds
+            rates: dict[str, list[float]] = {name: [] for name in stores}
+            cpu: dict[str, list[float]] = {name: [] for name in (*stores, *(("server",) if server else ()))}
+            for _ in range(args.rounds):
+                for name, store in stores.items():
+                    dataset = ForecastDataset(store, normalizer, str(store.times[0]), str(store.times[-1]), n_targets=1, on_device=True)
+                    server_cpu0 = _cpu_s(server.process.pid) if server is not None else 0.0
+                    rate, cpu_s = loader_rate(dataset, w, args.samples)
+                    rates[name].append(rate)
+                    cpu[name].append(cpu_s)
+                    if server is not None and name == "url":
+                        cpu["server"].append((_cpu_s(server.process.pid) - server_cpu0) / (args.samples + 1))
+            med = {k: float(np.median(v)) for k, v in rates.items()}
+            line = f"num_workers={w}: " + ", ".join(f"{k} {v:6.2f} samples/s ({v * sample_mb:.0f} MB/s)" for k, v in med.items())
             if "local" in rates:
-                ratio = rates["url"] / rates["local"]
+                ratios = [u / loc for u, loc in zip(rates["url"], rates["local"], strict=True)]
+                ratio = float(np.median(ratios))
                 line += f"; HTTP/local = {100 * ratio:5.1f}% ({'meets' if ratio >= 0.8 else 'MISSES'} the 80% target)"
+                if args.rounds > 1:
+                    line += f" [rounds: {' '.join(f'{100 * r:.0f}%' for r in ratios)}]"
+            # CPU per sample hardly depends on what else runs on the machine: the figure to compare on a shared one
+            line += "; CPU ms/sample: " + ", ".join(f"{k} {1000 * float(np.median(v)):.0f}" for k, v in cpu.items())
             print(line, flush=True)
     finally:
         if server is not None:
-            server.terminate()
+            server.close()
 
 
 if __name__ == "__main__":

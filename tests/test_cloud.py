@@ -11,10 +11,10 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader
 from wb2_synthetic import make_store
 
 from fcn3_lightning.data import ForecastDataset, WB2Store, compute_stats
-from fcn3_lightning.data.datamodule import collate_batch
+from fcn3_lightning.data.datamodule import WB2DataModule, collate_batch, loader_worker_init
 from fcn3_lightning.paths import StoreError
+from fcn3_lightning.store_server import StoreServer
 
 CHANNELS = ["tcwv", "u500", "v500", "z500"]
 TRAIN = ["2000-01-01", "2000-01-05T18"]
@@ -44,45 +45,6 @@ TINY = {
 ENV = {**os.environ, "COLUMNS": "200"}
 
 
-class _Handler(SimpleHTTPRequestHandler):
-    """Files of a folder; ``server.status`` answers every request with that error (a private bucket), ``server.delay`` sleeps
-    before every answer (latency)."""
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        if self.server.status:
-            self.send_error(self.server.status)
-            return
-        time.sleep(self.server.delay)
-        super().do_GET()
-
-    do_HEAD = do_GET
-
-    def log_message(self, *args) -> None:  # quiet
-        pass
-
-
-class _ThreadingServer(ThreadingHTTPServer):
-    request_queue_size = 256  # the default 5 drops concurrent connections (the client then retries seconds later)
-
-
-class Server:
-    """A threaded HTTP server on 127.0.0.1 serving ``root``."""
-
-    def __init__(self, root: Path, *, delay: float = 0.0, status: int | None = None):
-        self.httpd = _ThreadingServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(root)))
-        self.httpd.daemon_threads = True
-        self.httpd.delay, self.httpd.status = delay, status
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{name}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("cloud")
@@ -93,7 +55,7 @@ def world(tmp_path_factory) -> Iterator[dict]:
     compute_stats(WB2Store(store, CHANNELS), *TRAIN, progress=False).save(stats)
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
-    server = Server(root / "served")
+    server = StoreServer(root / "served")
     yield {"root": root, "store": store, "stats": stats, "config": config, "server": server, "url": server.url("era.zarr")}
     server.close()
 
@@ -215,7 +177,7 @@ def test_a_url_without_a_zarr_store_says_so(world, fits, tmp_path):
 
 @pytest.mark.parametrize("status", [401, 403])
 def test_a_private_bucket_says_access_denied(world, tmp_path, status: int):
-    server = Server(world["root"] / "served", status=status)
+    server = StoreServer(world["root"] / "served", status=status)
     try:
         url = server.url("era.zarr")
         argv = ["fit", "--config", str(world["config"]), "--data.data_path", url, "--data.stats_path", str(world["stats"])]
@@ -271,3 +233,54 @@ def test_stats_of_a_url_equal_those_of_the_local_copy(world, tmp_path):
     remote = ChannelStats.load(tmp_path / "s.json")
     for name in ("mean", "std"):
         np.testing.assert_array_equal(getattr(local, name), getattr(remote, name))
+
+
+def test_the_store_server_serves_files_byte_ranges_and_nothing_else(world):
+    """What the tests and ``bench/loader.py --url`` read through: whole files, byte ranges (206) as a bucket serves them,
+    a 404 for folders, missing files and paths outside its root; the delay holds every answer back."""
+    server, store = world["server"], world["store"]
+    body = (store / ".zmetadata").read_bytes()
+    assert urllib.request.urlopen(server.url("era.zarr/.zmetadata"), timeout=30).read() == body
+    ranged = urllib.request.Request(server.url("era.zarr/.zmetadata"), headers={"Range": "bytes=2-9"})
+    with urllib.request.urlopen(ranged, timeout=30) as r:
+        assert r.status == 206 and r.read() == body[2:10]
+    assert (world["root"] / "era.stats.json").is_file()  # one level above the served folder: never served
+    for name in ("era.zarr", "nothing.zarr/.zgroup", "../era.stats.json", "%2e%2e/era.stats.json"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(server.url(name), timeout=30)
+        assert e.value.code == 404, name
+    with StoreServer(world["root"] / "served", delay_s=0.5) as slow:
+        t0 = time.perf_counter()
+        assert urllib.request.urlopen(slow.url("era.zarr/.zmetadata"), timeout=30).read() == body
+        assert time.perf_counter() - t0 >= 0.5
+
+
+_FAULTS = """
+import resource, sys
+from fcn3_lightning.data.datamodule import loader_worker_init
+if sys.argv[1] == "worker":
+    loader_worker_init(0)
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+bytearray(64 << 20)
+f0 = faults()
+for _ in range(10):
+    bytearray(64 << 20)  # a chunk-sized buffer, zero-filled (every page touched), freed at once
+print(faults() - f0)
+"""
+
+
+def test_loader_workers_keep_freed_memory(world, tmp_path):
+    """A loader worker reuses the buffers it freed: ten 64 MB chunk-sized buffers fault in (almost) no fresh pages, where
+    glibc's defaults unmap each one on free and fault all 16384 pages of the next back in. The data module's workers
+    start with it (``worker_init_fn``)."""
+    if not Path("/proc/self/statm").exists() or sys.platform != "linux":
+        pytest.skip("glibc malloc tuning (Linux)")
+    run = functools.partial(subprocess.run, capture_output=True, text=True, check=True)
+    faults = {kind: int(run([sys.executable, "-c", _FAULTS, kind]).stdout) for kind in ("worker", "default")}
+    print(faults)
+    assert faults["default"] > 10 * 16384 // 2
+    assert faults["worker"] < 16384
+    dm = WB2DataModule(str(world["store"]), CHANNELS, stats_path=str(world["stats"]), train_range=TRAIN, valid_range=VALID, num_workers=1)
+    dm.setup("fit")
+    assert dm.train_dataloader().worker_init_fn is loader_worker_init and dm.val_dataloader().worker_init_fn is loader_worker_init

@@ -32,8 +32,17 @@ from fcn3_lightning.data.statics import LAND_SEA_MASK_VARIABLE, OROGRAPHY_VARIAB
 from fcn3_lightning.data.stats import ChannelStats, Normalizer, check_units, compute_stats, default_modes, merge_statistics
 from fcn3_lightning.data.store import WB2Store
 from fcn3_lightning.data.zenith import cos_zenith
+from fcn3_lightning.eval.memory import keep_freed_memory
 from fcn3_lightning.paths import StoreError, store_location
 from fcn3_lightning.training.sampler import EpochShuffleSampler
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """A loader worker only reads: glibc keeps the buffers it frees (Zarr chunks, HTTP bodies, decoded blocks) in the heap for
+    the next sample instead of unmapping them and zero-filling fresh pages on the next touch (:func:`keep_freed_memory`).
+    That page-fault churn cost about a third of a worker's CPU per sample (``bench/loader.py``), and over HTTP, where every
+    chunk also arrives in 256 KiB socket reads, more: the per-request client overhead was mostly page faults."""
+    keep_freed_memory()
 
 
 class ForecastDataset(Dataset):
@@ -316,6 +325,7 @@ class WB2DataModule(L.LightningDataModule):
             sampler=EpochShuffleSampler(len(dataset), self.hparams.seed) if shuffle else None,
             num_workers=workers,
             persistent_workers=workers > 0,
+            worker_init_fn=loader_worker_init if workers else None,
             pin_memory=torch.cuda.is_available(),
             drop_last=shuffle,
             collate_fn=collate_batch,

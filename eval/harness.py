@@ -25,13 +25,13 @@ import xarray as xr
 from fcn3_lightning.eval import collect
 from fcn3_lightning.eval.fast import FusedUpdates
 from fcn3_lightning.eval.load import BlockLoader
-from fcn3_lightning.eval.memory import keep_freed_memory, release_memory
 from fcn3_lightning.eval.plan import Plan, iso, make_plan, warn
 from fcn3_lightning.eval.results import commit
 from fcn3_lightning.eval.score import Scorer, compile_jobs, compile_mode
 from tqdm.auto import tqdm
 
 from fcn3_lightning.bounds import Extremes, Moments, Report
+from fcn3_lightning.memory import keep_freed_memory, release_memory
 
 
 @dataclass

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from types import TracebackType
 
-from fcn3_lightning.eval.memory import keep_freed_memory
+from fcn3_lightning.memory import keep_freed_memory
 
 
 def _serve(root: str, delay_s: float, status: int | None, ready: multiprocessing.Queue) -> None:

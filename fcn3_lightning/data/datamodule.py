@@ -32,7 +32,7 @@ from fcn3_lightning.data.statics import LAND_SEA_MASK_VARIABLE, OROGRAPHY_VARIAB
 from fcn3_lightning.data.stats import ChannelStats, Normalizer, check_units, compute_stats, default_modes, merge_statistics
 from fcn3_lightning.data.store import WB2Store
 from fcn3_lightning.data.zenith import cos_zenith
-from fcn3_lightning.eval.memory import keep_freed_memory
+from fcn3_lightning.memory import keep_freed_memory
 from fcn3_lightning.paths import StoreError, store_location
 from fcn3_lightning.training.sampler import EpochShuffleSampler
 

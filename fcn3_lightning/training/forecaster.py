@@ -164,8 +164,7 @@ class EnsembleForecaster(nn.Module):
             # batch size, and batching members is not faster there: one network call per member, so a member's
             # forecast does not depend on which members share its batch (predict --member-batch).
             parts = [
-                self._steps(x0, zenith, static, None if streams is None else streams.subset(m, m + 1), n_steps, 1)
-                for m in range(n_members)
+                self._steps(x0, zenith, static, None if streams is None else streams.subset(m, m + 1), n_steps, 1) for m in range(n_members)
             ]
             return (torch.cat(ys, dim=1) for ys in zip(*parts, strict=True))
         # checked here, not inside the generator: a bad call fails when it is made, not at the first step

@@ -1,0 +1,269 @@
+"""DISCO convolutions in Fourier space (plain torch): the processor blocks' filter and the decoders' resampling + filter.
+
+On a grid equally spaced in longitude, torch-harmonics' DISCO convolution (same longitudes in and out) is, for every
+output row ``t`` and basis function ``k``, a circular correlation along longitude:
+``y[k, t, p] = sum_{j, l} psi[k, t, j, l] x[j, (l + p) mod N]``. After an rfft along longitude it becomes, per zonal
+wavenumber ``m``, ``Y[k, t, m] = sum_j conj(H[k, t, j, m]) X[j, m]`` with ``H = rfft_l(psi)``: a matrix over the
+narrow band of input rows ``j`` that the filter reaches from ``t``. FCN3's harmonic ("morlet") basis functions are
+even or odd in the longitude offset, so ``H`` is purely real or purely imaginary per basis function; each becomes a
+real matrix acting on the real and imaginary parts (the odd ones with the two parts swapped). The tables are derived
+from torch-harmonics' own precomputed sparse tensor ``psi`` (the math is exactly theirs) in float64, band by band
+(tiles of output rows), so no dense table is ever built.
+
+The channel / basis contraction with the layer's weight is done first, in Fourier space, as one GEMM (it commutes
+with the per-wavenumber band matrices), so autograd keeps only the rfft of the input for backward; the band matrices
+are constants.
+
+The decoder variant (:class:`FourierResampleDisco`) folds torch-harmonics' bilinear resampling from the latent grid
+(pole expansion, latitude interpolation; the longitude interpolation is one real factor per wavenumber) into the
+tables: it reads the latent field and never forms the data-grid input of the convolution.
+
+Parameters and state-dict keys are those of the torch-harmonics layer it is built from (the same ``weight``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+#: relative size below which the even (or odd) part of a basis function's longitude profile counts as round-off
+PARITY_TOL = 1e-6
+
+
+def _psi_entries(conv: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(k, t, j, l, value) of torch-harmonics' sparse DISCO tensor, float64 values, sorted by output row t."""
+    nlon = conv.nlon_in
+    ker, row, col, vals = conv.psi_ker_idx, conv.psi_row_idx, conv.psi_col_idx, conv.psi_vals.to(torch.float64)
+    order = torch.argsort(row, stable=True)
+    ker, row, col, vals = ker[order], row[order], col[order], vals[order]
+    return ker, row, col // nlon, col % nlon, vals
+
+
+def basis_parity(conv: nn.Module) -> tuple[list[int], list[int]]:
+    """(even, odd): the basis functions whose psi has an even / odd part in the longitude offset (a general basis
+    function is in both lists). Measured on psi itself: ``||psi -/+ mirror(psi)|| / ||psi||``."""
+    k, t, j, lon, v = _psi_entries(conv)
+    n, nlat_in, nlat_out, nk = conv.nlon_in, conv.nlat_in, conv.nlat_out, conv.kernel_size
+    size = (nk * nlat_out * nlat_in * n,)
+    key = ((k * nlat_out + t) * nlat_in + j) * n
+    with torch.sparse.check_sparse_tensor_invariants(enable=False):
+        a = torch.sparse_coo_tensor((key + lon).unsqueeze(0), v, size)
+        b = torch.sparse_coo_tensor((key + (n - lon) % n).unsqueeze(0), v, size)
+        odd_part = (a - b).coalesce()  # 2 x the odd part
+        even_part = (a + b).coalesce()
+    even, odd = [], []
+    per_k = nlat_out * nlat_in * n
+    for part, out in ((even_part, even), (odd_part, odd)):
+        kk = part.indices()[0] // per_k
+        norm = torch.zeros(nk, dtype=torch.float64).index_add_(0, kk, part.values().square())
+        total = torch.zeros(nk, dtype=torch.float64).index_add_(0, k, 4 * v.square())
+        out.extend(i for i in range(nk) if norm[i] > PARITY_TOL**2 * total[i])
+    return even, odd
+
+
+def _tiles(t: torch.Tensor, j: torch.Tensor, nlat_out: int, tile_rows: int) -> list[tuple[int, int, int, int]]:
+    """Output-row tiles ``(t0, t1, j0, j1)``: rows [t0, t1) read input rows [j0, j1) (their band)."""
+    lo = torch.full((nlat_out,), 1 << 62, dtype=torch.int64).scatter_reduce(0, t, j, "amin")
+    hi = torch.full((nlat_out,), -1, dtype=torch.int64).scatter_reduce(0, t, j, "amax")
+    tiles = []
+    for t0 in range(0, nlat_out, tile_rows):
+        t1 = min(t0 + tile_rows, nlat_out)
+        a, b = int(lo[t0:t1].min()), int(hi[t0:t1].max())
+        if b < a:  # no input row within reach of these output rows
+            a, b = 0, 0
+        tiles.append((t0, t1, a, b + 1))
+    return tiles
+
+
+def _default_tile_rows(t: torch.Tensor, j: torch.Tensor, nlat_out: int) -> int:
+    """About the band width: the tile's GEMMs then do at most ~2x the banded work, in few Python-level steps."""
+    lo = torch.full((nlat_out,), 1 << 62, dtype=torch.int64).scatter_reduce(0, t, j, "amin")
+    hi = torch.full((nlat_out,), -1, dtype=torch.int64).scatter_reduce(0, t, j, "amax")
+    width = int((hi - lo + 1).clamp(min=1).median())
+    return max(4, width)
+
+
+class FourierDisco(nn.Module):
+    """torch-harmonics' ``DiscreteContinuousConvS2`` (same longitudes in and out, no bias) in Fourier space.
+
+    Built from the torch-harmonics layer ``conv``: shares its ``weight`` parameter (same state dict) and derives its
+    tables from ``conv``'s psi. ``resample`` (a torch-harmonics ``ResampleS2`` onto ``conv``'s input grid) makes it the
+    fused decoder: the input is then on the resampling's input grid.
+    """
+
+    def __init__(self, conv: nn.Module, resample: nn.Module | None = None, tile_rows: int | None = None):
+        super().__init__()
+        if conv.nlon_in != conv.nlon_out:
+            raise ValueError(f"the Fourier DISCO needs the same longitudes in and out, got {conv.nlon_in} and {conv.nlon_out}")
+        if getattr(conv, "bias", None) is not None:
+            raise ValueError("the Fourier DISCO is built for FCN3's DISCO layers, which have no bias")
+        self.weight = conv.weight
+        self.groups, self.groupsize, self.kernel_size = conv.groups, conv.groupsize, conv.kernel_size
+        self.out_channels = conv.weight.shape[0]
+        self.nlon = conv.nlon_out
+        self.nlat_out = conv.nlat_out
+        self.even, self.odd = basis_parity(conv)
+        kv = self.even + self.odd
+        self.register_buffer("basis_index", torch.tensor(kv, dtype=torch.long), persistent=False)
+        k, t, j, lon, v = _psi_entries(conv)
+        self.tile_rows = int(tile_rows) if tile_rows else _default_tile_rows(t, j, conv.nlat_out)
+        n, m_out = self.nlon, self.nlon // 2 + 1
+        if resample is None:
+            self.nlat_in, self.nlon_in = conv.nlat_in, conv.nlon_in
+            lat_maps = None
+            lon_factor = torch.ones(m_out, dtype=torch.float64)
+            self.register_buffer("lon_source", torch.arange(m_out), persistent=False)
+            conj = torch.zeros(m_out, dtype=torch.bool)
+        else:
+            if (resample.nlat_out, resample.nlon_out) != (conv.nlat_in, conv.nlon_in):
+                raise ValueError("the resampling's output grid must be the convolution's input grid")
+            self.nlat_in, self.nlon_in = resample.nlat_in, resample.nlon_in
+            src, conj, lon_factor = _longitude_upsampling(resample)
+            self.register_buffer("lon_source", src, persistent=False)
+            lat_maps = _latitude_maps(resample)
+        self.m_in = self.nlon_in // 2 + 1
+        # output imaginary-part sign: -1 where the wavenumber reads the conjugate of a latent coefficient
+        sign = torch.ones(m_out, 2)
+        sign[conj, 1] = -1.0
+        self.register_buffer("out_sign", sign, persistent=False)
+        self.conj = bool(conj.any())
+
+        self.tiles: list[tuple[int, int, int, int]] = []
+        bounds = torch.searchsorted(t, torch.arange(0, conv.nlat_out + self.tile_rows, self.tile_rows).clamp(max=conv.nlat_out))
+        for i, (t0, t1, a, b) in enumerate(_tiles(t, j, conv.nlat_out, self.tile_rows)):
+            s0, s1 = int(bounds[i]), int(bounds[i + 1])
+            dense = torch.zeros(self.kernel_size, t1 - t0, b - a, n, dtype=torch.float64)
+            dense.index_put_((k[s0:s1], t[s0:s1] - t0, j[s0:s1] - a, lon[s0:s1]), v[s0:s1], accumulate=True)
+            h = torch.fft.rfft(dense, dim=-1)  # (K, T, w, M)
+            even = h.real[self.even]
+            odd = h.imag[self.odd]  # conj(H) = Hr - i Hi: the odd part is -i Hi, the -i a swap applied to the output
+            band = (a, b)
+            if lat_maps is not None:
+                # fold resampling: rows [a, b) of the data grid from latent rows [c, d)
+                rows = lat_maps[:, a:b]  # (2, w, nlat_latent): [m with the pole terms, other m]
+                cols = rows.abs().sum(dim=(0, 1)).nonzero().flatten()
+                c, d = (int(cols.min()), int(cols.max()) + 1) if cols.numel() else (0, 1)
+                rows = rows[:, :, c:d]
+                pole = (src == 0).long()  # wavenumbers reading the latent m = 0 (the expanded pole rows count)
+                r_m = rows[1 - pole]  # (M, w, w_l)
+                scale = lon_factor.view(-1, 1, 1)
+                even = torch.einsum("ktwm,mwv->ktvm", even, r_m * scale)
+                odd_sign = torch.where(conj, -1.0, 1.0).to(torch.float64).view(-1, 1, 1)
+                odd = torch.einsum("ktwm,mwv->ktvm", odd, r_m * scale * odd_sign)
+                band = (c, d)
+            # (M, T, w * Kp): row t, columns (input row, basis function) as the input is laid out
+            self.register_buffer(f"even_{i}", even.permute(3, 1, 2, 0).reshape(m_out, t1 - t0, -1).float().contiguous(), persistent=False)
+            self.register_buffer(f"odd_{i}", odd.permute(3, 1, 2, 0).reshape(m_out, t1 - t0, -1).float().contiguous(), persistent=False)
+            self.tiles.append((t0, t1, *band))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_shape={(self.nlat_in, self.nlon_in)}, out_shape={(self.nlat_out, self.nlon)}, out_chans={self.out_channels}, "
+            f"groups={self.groups}, even={self.even}, odd={self.odd}, tiles={len(self.tiles)}"
+        )
+
+    def contract(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Channel / basis contraction in Fourier space: (even, odd) inputs of the band GEMMs, (M, H, Kp, B * O * 2)."""
+        bsz, _, h, w = x.shape
+        g, og = self.groups, self.out_channels // self.groups
+        xh = torch.view_as_real(torch.fft.rfft(x, dim=-1))  # (B, C, H, M, 2)
+        m_in = xh.shape[-2]
+        wv = self.weight.view(g, og, self.groupsize, self.kernel_size)[..., self.basis_index]  # (G, Og, Cg, Kv)
+        wv = wv.permute(0, 3, 1, 2).reshape(g, -1, self.groupsize)
+        u = torch.matmul(wv, xh.reshape(bsz, g, self.groupsize, h * m_in * 2))  # one GEMM per (batch, group)
+        u = u.view(bsz, g, len(self.basis_index), og, h, m_in, 2).permute(5, 4, 2, 0, 1, 3, 6)
+        ne = len(self.even)
+        parts = []
+        for part in (u[:, :, :ne], u[:, :, ne:]):
+            if self.lon_source.numel() != m_in or self.conj:
+                part = part.index_select(0, self.lon_source)  # the latent wavenumber each output wavenumber reads
+            parts.append(part.reshape(part.shape[0], h, part.shape[2], -1))
+        return parts[0], parts[1]
+
+    def bands(self, ue: torch.Tensor, uo: torch.Tensor) -> torch.Tensor:
+        """The per-wavenumber band GEMMs, tile by tile: (M, nlat_out, B * O, 2)."""
+        out = []
+        m = ue.shape[0]
+        for i, (t0, t1, a, b) in enumerate(self.tiles):
+            y = None
+            if self.even:
+                y = torch.bmm(getattr(self, f"even_{i}"), ue[:, a:b].reshape(m, -1, ue.shape[-1]))
+            if self.odd:
+                p = torch.bmm(getattr(self, f"odd_{i}"), uo[:, a:b].reshape(m, -1, uo.shape[-1])).view(m, t1 - t0, -1, 2)
+                p = torch.stack((p[..., 1], -p[..., 0]), dim=-1).view(m, t1 - t0, -1)  # times -i
+                y = p if y is None else y + p
+            out.append(y)
+        y = torch.cat(out, dim=1).view(m, self.nlat_out, -1, 2)
+        return y * self.out_sign.view(-1, 1, 1, 2) if self.conj else y
+
+    def synthesis(self, y: torch.Tensor, batch: int) -> torch.Tensor:
+        """(M, nlat_out, B * O, 2) -> (B, O, nlat_out, nlon)."""
+        y = y.view(y.shape[0], self.nlat_out, batch, self.out_channels, 2).permute(2, 3, 1, 0, 4).contiguous()
+        return torch.fft.irfft(torch.view_as_complex(y), n=self.nlon, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        with torch.autocast(x.device.type, enabled=False):  # FFTs and tables in float32, as torch-harmonics computes
+            x = x.float()
+            ue, uo = self.contract(x)
+            return self.synthesis(self.bands(ue, uo), x.shape[0]).to(dtype)
+
+
+def _latitude_maps(resample: nn.Module) -> torch.Tensor:
+    """torch-harmonics' latitude interpolation (pole expansion included) as matrices (2, nlat_out, nlat_in), float64:
+    [0] for the latent wavenumber 0 (the expanded pole rows are the mean of the first / last row), [1] for the others
+    (the mean along longitude has no other wavenumber)."""
+    nlat_in, nlat_out = resample.nlat_in, resample.nlat_out
+    idx = resample.lat_idx.cpu()
+    wgt = resample.lat_weights.cpu().flatten().to(torch.float64)  # the float32 weights torch-harmonics applies
+    ext = nlat_in + (2 if resample.expand_poles else 0)
+    lerp = torch.zeros(nlat_out, ext, dtype=torch.float64)
+    rows = torch.arange(nlat_out)
+    lerp.index_put_((rows, idx), 1.0 - wgt, accumulate=True)
+    lerp.index_put_((rows, idx + 1), wgt, accumulate=True)
+    maps = []
+    for pole_terms in (True, False):
+        if resample.expand_poles:
+            expand = torch.zeros(ext, nlat_in, dtype=torch.float64)
+            expand[1:-1] = torch.eye(nlat_in, dtype=torch.float64)
+            if pole_terms:
+                expand[0, 0] = 1.0
+                expand[-1, -1] = 1.0
+        else:
+            expand = torch.eye(nlat_in, dtype=torch.float64)
+        maps.append(lerp @ expand)
+    return torch.stack(maps)
+
+
+def _longitude_upsampling(resample: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch-harmonics' longitude interpolation in Fourier space: for each output wavenumber m, the latent rfft index it
+    reads, whether conjugated (a negative latent frequency), and a real factor. Raises where the interpolation is not
+    of that form (output longitudes not an integer multiple of the input's, or shifted grids)."""
+    n_in, n_out = resample.nlon_in, resample.nlon_out
+    if n_out % n_in != 0:
+        raise ValueError(f"the fused Fourier decoder needs nlon_out ({n_out}) to be a multiple of nlon_in ({n_in})")
+    left, right = resample.lon_idx_left.cpu(), resample.lon_idx_right.cpu()
+    w = resample.lon_weights.cpu().to(torch.float64)
+    interp = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    interp.index_put_((rows, left), 1.0 - w, accumulate=True)
+    interp.index_put_((rows, right), w, accumulate=True)
+    m_out = n_out // 2 + 1
+    # T[m, n]: output rfft coefficient m from the full latent DFT coefficient n
+    q = torch.arange(n_in, dtype=torch.float64)
+    basis = torch.exp(2j * math.pi * torch.outer(q, torch.arange(n_in, dtype=torch.float64)) / n_in) / n_in  # (q, n)
+    full = torch.fft.fft(interp.to(torch.complex128) @ basis, dim=0)[:m_out]  # (m, n)
+    m = torch.arange(m_out)
+    n = m % n_in
+    factor = full[m, n]
+    rest = full.clone()
+    rest[m, n] = 0
+    scale = full.abs().max()
+    # the imaginary part is the float32 rounding of torch-harmonics' weights (e.g. 1/3), ~1e-8: dropped
+    if rest.abs().max() > 1e-6 * scale or factor.imag.abs().max() > 1e-6 * scale:
+        raise ValueError("the resampling's longitude interpolation is not a real factor per wavenumber (shifted grids?)")
+    conj = n > n_in // 2
+    src = torch.where(conj, n_in - n, n)
+    return src, conj, factor.real

@@ -153,9 +153,9 @@ class FourierDisco(nn.Module):
                 odd_sign = torch.where(conj, -1.0, 1.0).to(torch.float64).view(-1, 1, 1)
                 odd = torch.einsum("ktwm,mwv->ktvm", odd, r_m * scale * odd_sign)
                 band = (c, d)
-            # (M, T, w * Kp): row t, columns (input row, basis function) as the input is laid out
-            self.register_buffer(f"even_{i}", even.permute(3, 1, 2, 0).reshape(m_out, t1 - t0, -1).float().contiguous(), persistent=False)
-            self.register_buffer(f"odd_{i}", odd.permute(3, 1, 2, 0).reshape(m_out, t1 - t0, -1).float().contiguous(), persistent=False)
+            # (M, T, w * Kv): row t, columns (input row, basis function: even ones, then odd ones) as the input is laid out
+            table = torch.cat([even, odd]).permute(3, 1, 2, 0).reshape(m_out, t1 - t0, -1)
+            self.register_buffer(f"table_{i}", table.float().contiguous(), persistent=False)
             self.tiles.append((t0, t1, *band))
 
     def extra_repr(self) -> str:
@@ -164,51 +164,67 @@ class FourierDisco(nn.Module):
             f"groups={self.groups}, even={self.even}, odd={self.odd}, tiles={len(self.tiles)}"
         )
 
-    def contract(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Channel / basis contraction in Fourier space: (even, odd) inputs of the band GEMMs, (M, H, Kp, B * O * 2)."""
+    def contract(self, x: torch.Tensor) -> torch.Tensor:
+        """Channel / basis contraction in Fourier space, the input of the band GEMMs: (M, H, Kv, B * O * 2).
+
+        The odd basis functions' -i (conj(H) = -i Im H for them) is applied here, to the input, so that every
+        basis function's table is one real matrix and each tile is one GEMM."""
         bsz, _, h, w = x.shape
         g, og = self.groups, self.out_channels // self.groups
         xh = torch.view_as_real(torch.fft.rfft(x, dim=-1))  # (B, C, H, M, 2)
         m_in = xh.shape[-2]
-        wv = self.weight.view(g, og, self.groupsize, self.kernel_size)[..., self.basis_index]  # (G, Og, Cg, Kv)
-        wv = wv.permute(0, 3, 1, 2).reshape(g, -1, self.groupsize)
-        u = torch.matmul(wv, xh.reshape(bsz, g, self.groupsize, h * m_in * 2))  # one GEMM per (batch, group)
-        u = u.view(bsz, g, len(self.basis_index), og, h, m_in, 2).permute(5, 4, 2, 0, 1, 3, 6)
-        ne = len(self.even)
+        weight = self.weight.view(g, og, self.groupsize, self.kernel_size)
         parts = []
-        for part in (u[:, :, :ne], u[:, :, ne:]):
-            if self.lon_source.numel() != m_in or self.conj:
-                part = part.index_select(0, self.lon_source)  # the latent wavenumber each output wavenumber reads
-            parts.append(part.reshape(part.shape[0], h, part.shape[2], -1))
-        return parts[0], parts[1]
-
-    def bands(self, ue: torch.Tensor, uo: torch.Tensor) -> torch.Tensor:
-        """The per-wavenumber band GEMMs, tile by tile: (M, nlat_out, B * O, 2)."""
-        out = []
-        m = ue.shape[0]
-        for i, (t0, t1, a, b) in enumerate(self.tiles):
-            y = None
-            if self.even:
-                y = torch.bmm(getattr(self, f"even_{i}"), ue[:, a:b].reshape(m, -1, ue.shape[-1]))
-            if self.odd:
-                p = torch.bmm(getattr(self, f"odd_{i}"), uo[:, a:b].reshape(m, -1, uo.shape[-1])).view(m, t1 - t0, -1, 2)
-                p = torch.stack((p[..., 1], -p[..., 0]), dim=-1).view(m, t1 - t0, -1)  # times -i
-                y = p if y is None else y + p
-            out.append(y)
-        y = torch.cat(out, dim=1).view(m, self.nlat_out, -1, 2)
-        return y * self.out_sign.view(-1, 1, 1, 2) if self.conj else y
-
-    def synthesis(self, y: torch.Tensor, batch: int) -> torch.Tensor:
-        """(M, nlat_out, B * O, 2) -> (B, O, nlat_out, nlon)."""
-        y = y.view(y.shape[0], self.nlat_out, batch, self.out_channels, 2).permute(2, 3, 1, 0, 4).contiguous()
-        return torch.fft.irfft(torch.view_as_complex(y), n=self.nlon, dim=-1)
+        for basis, xin in ((self.even, xh), (self.odd, torch.stack((xh[..., 1], -xh[..., 0]), dim=-1))):
+            if not basis:
+                continue
+            wv = weight[..., basis].permute(0, 3, 1, 2).reshape(g, -1, self.groupsize)  # (G, Kp * Og, Cg)
+            u = torch.matmul(wv, xin.reshape(bsz, g, self.groupsize, h * m_in * 2))  # one GEMM per (batch, group)
+            parts.append(u.view(bsz, g, len(basis), og, h, m_in, 2).permute(5, 4, 2, 0, 1, 3, 6))
+        u = torch.cat(parts, dim=2)  # (M, H, Kv, B, G, Og, 2), one copy
+        if self.lon_source.numel() != m_in or self.conj:
+            u = u.index_select(0, self.lon_source)  # the latent wavenumber each output wavenumber reads
+        return u.reshape(u.shape[0], h, u.shape[2], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         with torch.autocast(x.device.type, enabled=False):  # FFTs and tables in float32, as torch-harmonics computes
             x = x.float()
-            ue, uo = self.contract(x)
-            return self.synthesis(self.bands(ue, uo), x.shape[0]).to(dtype)
+            u = self.contract(x)
+            tables = [getattr(self, f"table_{i}") for i in range(len(self.tiles))]
+            y = _Bands.apply(u, tables, self.tiles, self.out_sign if self.conj else None, x.shape[0], self.out_channels)
+            return torch.fft.irfft(torch.view_as_complex(y), n=self.nlon, dim=-1).to(dtype)
+
+
+class _Bands(torch.autograd.Function):
+    """The band GEMMs of all tiles as one autograd node, writing the (B, O, nlat_out, M, 2) spectrum the irfft reads.
+
+    The tables are constants: backward is the transposed GEMMs, accumulated tile by tile into one input gradient
+    (autograd through per-tile slices would add a whole zero-filled gradient per tile)."""
+
+    @staticmethod
+    def forward(ctx, u, tables, tiles, sign, batch, channels):  # noqa: ANN001, ANN205 (autograd.Function signature)
+        m, n = u.shape[0], u.shape[-1]
+        y = u.new_empty(batch, channels, tiles[-1][1], m, 2)
+        for table, (t0, t1, a, b) in zip(tables, tiles, strict=True):
+            p = torch.bmm(table, u[:, a:b].reshape(m, -1, n))  # (M, T, B * O * 2)
+            y[:, :, t0:t1] = p.view(m, t1 - t0, batch, channels, 2).permute(2, 3, 1, 0, 4)
+        if sign is not None:
+            y = y * sign
+        ctx.tables, ctx.tiles, ctx.sign, ctx.u_shape = tables, tiles, sign, u.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        if ctx.sign is not None:
+            gy = gy * ctx.sign
+        m = gy.shape[3]
+        gu = gy.new_zeros(ctx.u_shape)
+        n = gu.shape[-1]
+        for table, (t0, t1, a, b) in zip(ctx.tables, ctx.tiles, strict=True):
+            g = gy[:, :, t0:t1].permute(3, 2, 0, 1, 4).reshape(m, t1 - t0, n)
+            gu[:, a:b] += torch.bmm(table.transpose(1, 2), g).view(m, b - a, -1, n)
+        return gu, None, None, None, None, None
 
 
 def _latitude_maps(resample: nn.Module) -> torch.Tensor:

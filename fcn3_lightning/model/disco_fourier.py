@@ -190,10 +190,115 @@ class FourierDisco(nn.Module):
         dtype = x.dtype
         with torch.autocast(x.device.type, enabled=False):  # FFTs and tables in float32, as torch-harmonics computes
             x = x.float()
+            if self.lon_source.numel() == self.nlon // 2 + 1 and not self.conj and x.shape[-1] == self.nlon:
+                return self._forward_same_grid(x).to(dtype)
             u = self.contract(x)
             tables = [getattr(self, f"table_{i}") for i in range(len(self.tiles))]
             y = _Bands.apply(u, tables, self.tiles, self.out_sign if self.conj else None, x.shape[0], self.out_channels)
             return torch.fft.irfft(torch.view_as_complex(y), n=self.nlon, dim=-1).to(dtype)
+
+    def _forward_same_grid(self, x: torch.Tensor) -> torch.Tensor:
+        """Same longitudes in and out: (real, imaginary) parts as GEMM rows, the contracted spectrum in the band GEMMs'
+        layout straight from the weight GEMM (no permuted copy of it), one autograd node with a hand-written backward."""
+        bsz, _, h, _ = x.shape
+        g, cg, og = self.groups, self.groupsize, self.out_channels // self.groups
+        xh = torch.view_as_real(torch.fft.rfft(x, dim=-1))  # (B, C, H, M, 2)
+        m = xh.shape[3]
+        xt = xh.view(bsz, g, cg, h, m, 2).permute(1, 0, 4, 5, 3, 2).contiguous()  # (G, B, M, 2, H, Cg)
+        y = _SameGridBands.apply(xt, self.weight, self)  # (G, B, M, 2, H_out, Og)
+        y = y.permute(1, 0, 5, 4, 2, 3).reshape(bsz, self.out_channels, self.nlat_out, m, 2).contiguous()
+        return torch.fft.irfft(torch.view_as_complex(y), n=self.nlon, dim=-1)
+
+
+class _SameGridBands(torch.autograd.Function):
+    """Weight GEMM(s) then band GEMMs, as one autograd node: ``xt`` (G, B, M, 2, H, Cg) -> (G, B, M, 2, H_out, Og).
+
+    The contracted spectrum ``u`` (G, B, M, 2, H, Kv, Og) is written by the weight GEMMs (even basis functions from
+    the input, odd ones from the input with its parts swapped, ``-i X``) into one buffer whose per-(m, part) matrices
+    ((input row, basis function) x Og) the band GEMMs read as strided views. Backward: the transposed band GEMMs
+    (tile by tile, written where a row is first reached and accumulated where tiles overlap: no zero-filled full
+    gradient), then the weight and input gradients as GEMMs. Only ``xt`` is saved (``u`` is recomputed from nothing:
+    backward never needs it)."""
+
+    @staticmethod
+    def forward(ctx, xt, weight, layer):  # noqa: ANN001, ANN205 (autograd.Function signature)
+        g, bsz, m, _, h, cg = xt.shape
+        og, kv = layer.out_channels // layer.groups, len(layer.even) + len(layer.odd)
+        ke = len(layer.even)
+        w = weight.detach().view(g, og, cg, layer.kernel_size)
+        rows = bsz * m * 2 * h
+        u = xt.new_empty(g, rows, kv * og)
+        xs = _swap_parts(xt) if layer.odd else None
+        for basis, src, c0 in ((layer.even, xt, 0), (layer.odd, xs, ke * og)):
+            if basis:
+                wk = w[..., basis].permute(0, 2, 3, 1).reshape(g, cg, len(basis) * og)
+                torch.matmul(src.view(g, rows, cg), wk, out=u[:, :, c0 : c0 + len(basis) * og])
+        u = u.view(g * bsz, m, 2, h * kv, og)
+        hout = layer.nlat_out
+        y = xt.new_empty(g * bsz, m, 2, hout, og)
+        for i, (t0, t1, a, b) in enumerate(layer.tiles):
+            table = getattr(layer, f"table_{i}")  # (M, T, w * Kv)
+            for n in range(g * bsz):
+                for r in range(2):
+                    if b > a:
+                        torch.bmm(table, u[n, :, r, a * kv : b * kv], out=y[n, :, r, t0:t1])
+                    else:
+                        y[n, :, r, t0:t1] = 0.0
+        ctx.save_for_backward(xt, weight)
+        ctx.layer = layer
+        return y.view(g, bsz, m, 2, hout, og)
+
+    @staticmethod
+    def backward(ctx, gy):  # noqa: ANN001, ANN205
+        xt, weight = ctx.saved_tensors
+        layer = ctx.layer
+        g, bsz, m, _, h, cg = xt.shape
+        og, kv, ke = layer.out_channels // layer.groups, len(layer.even) + len(layer.odd), len(layer.even)
+        gy = gy.contiguous().view(g * bsz, m, 2, layer.nlat_out, og)
+        gu = gy.new_empty(g * bsz, m, 2, h * kv, og)
+        for n in range(g * bsz):
+            for r in range(2):
+                done = 0  # rows [0, done) of gu written
+                for i, (t0, t1, a, b) in enumerate(layer.tiles):
+                    if b <= a:
+                        continue
+                    tt = getattr(layer, f"table_{i}").transpose(1, 2)  # (M, w * Kv, T)
+                    src = gy[n, :, r, t0:t1]
+                    if a > done:
+                        gu[n, :, r, done * kv : a * kv] = 0.0
+                    lo = max(a, done)
+                    if lo > a:  # rows already reached by an earlier tile: accumulate
+                        gu[n, :, r, a * kv : min(lo, b) * kv].baddbmm_(tt[:, : (min(lo, b) - a) * kv], src)
+                    if b > lo:
+                        torch.bmm(tt[:, (lo - a) * kv :], src, out=gu[n, :, r, lo * kv : b * kv])
+                    done = max(done, b)
+                if done < h:
+                    gu[n, :, r, done * kv :] = 0.0
+        rows = bsz * m * 2 * h
+        gu = gu.view(g, rows, kv * og)
+        w = weight.view(g, og, cg, layer.kernel_size)
+        gw = torch.zeros_like(w)
+        gx = None
+        for basis, c0, swapped in ((layer.even, 0, False), (layer.odd, ke * og, True)):
+            if not basis:
+                continue
+            gk = gu[:, :, c0 : c0 + len(basis) * og]
+            if ctx.needs_input_grad[1]:
+                src = _swap_parts(xt) if swapped else xt
+                gwk = torch.matmul(src.view(g, rows, cg).transpose(1, 2), gk)  # (G, Cg, Kb * Og)
+                gw[..., basis] = gwk.view(g, cg, len(basis), og).permute(0, 3, 1, 2)
+            if ctx.needs_input_grad[0]:
+                wk = w[..., basis].permute(0, 2, 3, 1).reshape(g, cg, len(basis) * og)
+                gxk = torch.matmul(gk, wk.transpose(1, 2)).view(xt.shape)
+                if swapped:  # adjoint of (re, im) -> (im, -re)
+                    gxk = torch.stack((-gxk[:, :, :, 1], gxk[:, :, :, 0]), dim=3)
+                gx = gxk if gx is None else gx + gxk
+        return gx, gw.view_as(weight) if ctx.needs_input_grad[1] else None, None
+
+
+def _swap_parts(xt: torch.Tensor) -> torch.Tensor:
+    """-i X on (..., 2, H, C) parts: (re, im) -> (im, -re)."""
+    return torch.stack((xt[:, :, :, 1], -xt[:, :, :, 0]), dim=3)
 
 
 class _Bands(torch.autograd.Function):

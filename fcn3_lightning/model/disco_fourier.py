@@ -201,7 +201,7 @@ class FourierDisco(nn.Module):
         """Same longitudes in and out: (real, imaginary) parts as GEMM rows, the contracted spectrum in the band GEMMs'
         layout straight from the weight GEMM (no permuted copy of it), one autograd node with a hand-written backward."""
         bsz, _, h, _ = x.shape
-        g, cg, og = self.groups, self.groupsize, self.out_channels // self.groups
+        g, cg = self.groups, self.groupsize
         xh = torch.view_as_real(torch.fft.rfft(x, dim=-1))  # (B, C, H, M, 2)
         m = xh.shape[3]
         xt = xh.view(bsz, g, cg, h, m, 2).permute(1, 0, 4, 5, 3, 2).contiguous()  # (G, B, M, 2, H, Cg)
@@ -241,7 +241,7 @@ class _SameGridBands(torch.autograd.Function):
             for n in range(g * bsz):
                 for r in range(2):
                     if b > a:
-                        torch.bmm(table, u[n, :, r, a * kv : b * kv], out=y[n, :, r, t0:t1])
+                        y[n, :, r, t0:t1] = torch.bmm(table, u[n, :, r, a * kv : b * kv])
                     else:
                         y[n, :, r, t0:t1] = 0.0
         ctx.save_for_backward(xt, weight)
@@ -256,24 +256,10 @@ class _SameGridBands(torch.autograd.Function):
         og, kv, ke = layer.out_channels // layer.groups, len(layer.even) + len(layer.odd), len(layer.even)
         gy = gy.contiguous().view(g * bsz, m, 2, layer.nlat_out, og)
         gu = gy.new_empty(g * bsz, m, 2, h * kv, og)
+        tables = [getattr(layer, f"table_{i}") for i in range(len(layer.tiles))]
         for n in range(g * bsz):
             for r in range(2):
-                done = 0  # rows [0, done) of gu written
-                for i, (t0, t1, a, b) in enumerate(layer.tiles):
-                    if b <= a:
-                        continue
-                    tt = getattr(layer, f"table_{i}").transpose(1, 2)  # (M, w * Kv, T)
-                    src = gy[n, :, r, t0:t1]
-                    if a > done:
-                        gu[n, :, r, done * kv : a * kv] = 0.0
-                    lo = max(a, done)
-                    if lo > a:  # rows already reached by an earlier tile: accumulate
-                        gu[n, :, r, a * kv : min(lo, b) * kv].baddbmm_(tt[:, : (min(lo, b) - a) * kv], src)
-                    if b > lo:
-                        torch.bmm(tt[:, (lo - a) * kv :], src, out=gu[n, :, r, lo * kv : b * kv])
-                    done = max(done, b)
-                if done < h:
-                    gu[n, :, r, done * kv :] = 0.0
+                _transposed_bands(gu[n, :, r], gy[n, :, r], tables, layer.tiles, kv, h)
         rows = bsz * m * 2 * h
         gu = gu.view(g, rows, kv * og)
         w = weight.view(g, og, cg, layer.kernel_size)
@@ -304,32 +290,55 @@ def _swap_parts(xt: torch.Tensor) -> torch.Tensor:
 class _Bands(torch.autograd.Function):
     """The band GEMMs of all tiles as one autograd node, writing the (B, O, nlat_out, M, 2) spectrum the irfft reads.
 
-    The tables are constants: backward is the transposed GEMMs, accumulated tile by tile into one input gradient
-    (autograd through per-tile slices would add a whole zero-filled gradient per tile)."""
+    The tables are constants. Forward writes each tile's GEMM into one (M, nlat_out, B * O * 2) buffer, permuted once
+    at the end; backward permutes the gradient once and runs the transposed GEMMs, written where an input row is
+    first reached and accumulated where tiles overlap (no zero-filled gradient, no per-tile copies)."""
 
     @staticmethod
     def forward(ctx, u, tables, tiles, sign, batch, channels):  # noqa: ANN001, ANN205 (autograd.Function signature)
-        m, n = u.shape[0], u.shape[-1]
-        y = u.new_empty(batch, channels, tiles[-1][1], m, 2)
+        m, h, kv, n = u.shape
+        hout = tiles[-1][1]
+        u = u.view(m, h * kv, n)
+        yt = u.new_empty(m, hout, n)
         for table, (t0, t1, a, b) in zip(tables, tiles, strict=True):
-            p = torch.bmm(table, u[:, a:b].reshape(m, -1, n))  # (M, T, B * O * 2)
-            y[:, :, t0:t1] = p.view(m, t1 - t0, batch, channels, 2).permute(2, 3, 1, 0, 4)
-        if sign is not None:
-            y = y * sign
-        ctx.tables, ctx.tiles, ctx.sign, ctx.u_shape = tables, tiles, sign, u.shape
+            if b > a:
+                yt[:, t0:t1] = torch.bmm(table, u[:, a * kv : b * kv])
+            else:
+                yt[:, t0:t1] = 0.0
+        y = yt.view(m, hout, batch, channels, 2).permute(2, 3, 1, 0, 4)
+        y = y * sign if sign is not None else y.contiguous()
+        ctx.tables, ctx.tiles, ctx.sign, ctx.u_shape = tables, tiles, sign, (m, h, kv, n)
         return y
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
         if ctx.sign is not None:
             gy = gy * ctx.sign
-        m = gy.shape[3]
-        gu = gy.new_zeros(ctx.u_shape)
-        n = gu.shape[-1]
-        for table, (t0, t1, a, b) in zip(ctx.tables, ctx.tiles, strict=True):
-            g = gy[:, :, t0:t1].permute(3, 2, 0, 1, 4).reshape(m, t1 - t0, n)
-            gu[:, a:b] += torch.bmm(table.transpose(1, 2), g).view(m, b - a, -1, n)
-        return gu, None, None, None, None, None
+        m, h, kv, n = ctx.u_shape
+        gt = gy.permute(3, 2, 0, 1, 4).reshape(m, -1, n)  # (M, nlat_out, B * O * 2), one copy
+        gu = gt.new_empty(m, h * kv, n)
+        _transposed_bands(gu, gt, ctx.tables, ctx.tiles, kv, h)
+        return gu.view(ctx.u_shape), None, None, None, None, None
+
+
+def _transposed_bands(gu: torch.Tensor, gy: torch.Tensor, tables: list[torch.Tensor], tiles: list, kv: int, h: int) -> None:
+    """``gu`` (batch, h * kv, n) = sum over tiles of table^T @ ``gy`` rows of the tile, without zero-filling ``gu``: rows
+    first reached by a tile are written, rows an earlier tile reached accumulated, rows no tile reaches zeroed."""
+    done = 0  # rows [0, done) of gu written
+    for table, (t0, t1, a, b) in zip(tables, tiles, strict=True):
+        if b <= a:
+            continue
+        tt, src = table.transpose(1, 2), gy[:, t0:t1]  # (M, w * Kv, T), (M, T, n)
+        if a > done:
+            gu[:, done * kv : a * kv] = 0.0
+        lo = max(a, done)
+        if lo > a:  # already reached by an earlier tile: accumulate (bmm to a temporary: baddbmm_ on a strided view loops)
+            gu[:, a * kv : lo * kv] += torch.bmm(tt[:, : (lo - a) * kv], src)
+        if b > lo:
+            gu[:, lo * kv : b * kv] = torch.bmm(tt[:, (lo - a) * kv :], src)
+        done = max(done, b)
+    if done < h:
+        gu[:, done * kv :] = 0.0
 
 
 def _latitude_maps(resample: nn.Module) -> torch.Tensor:

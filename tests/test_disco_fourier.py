@@ -142,3 +142,12 @@ def test_network_with_fourier_layers_equals_torch_harmonics_kernels() -> None:
 def test_unknown_disco_impl_is_refused() -> None:
     with pytest.raises(ValueError, match="disco_impl"):
         SphericalLayers("sparse")
+
+
+def test_block_disco_in_wavenumber_chunks_equals_torch_harmonics(monkeypatch) -> None:
+    """The same-grid layer processes wavenumbers in chunks (disco_fourier.CHUNK_BYTES): chunks of one wavenumber, with
+    groups and a batch, give torch-harmonics' result."""
+    from fcn3_lightning.model import disco_fourier
+
+    monkeypatch.setattr(disco_fourier, "CHUNK_BYTES", 1)
+    test_block_disco_equals_torch_harmonics((31, 60), "equiangular", (6, 4), 2, (3, 3))

@@ -158,6 +158,10 @@ class FourierDisco(nn.Module):
             self.register_buffer(f"table_{i}", table.float().contiguous(), persistent=False)
             self.tiles.append((t0, t1, *band))
 
+    def parity_lists(self) -> list[list[int]]:
+        """The basis functions of each parity present: [even] and / or [odd] (the tables' column order)."""
+        return [idx for idx in (self.even, self.odd) if idx]
+
     def extra_repr(self) -> str:
         return (
             f"in_shape={(self.nlat_in, self.nlon_in)}, out_shape={(self.nlat_out, self.nlon)}, out_chans={self.out_channels}, "
@@ -210,81 +214,107 @@ class FourierDisco(nn.Module):
         return torch.fft.irfft(torch.view_as_complex(y), n=self.nlon, dim=-1)
 
 
+#: bytes of the contracted spectrum held at once by the same-grid layer (wavenumbers are processed in chunks of about
+#: this size: it stays in cache between the weight GEMM and the band GEMMs, and is never allocated whole)
+CHUNK_BYTES = 4 << 20
+
+
 class _SameGridBands(torch.autograd.Function):
     """Weight GEMM(s) then band GEMMs, as one autograd node: ``xt`` (G, B, M, 2, H, Cg) -> (G, B, M, 2, H_out, Og).
 
-    The contracted spectrum ``u`` (G, B, M, 2, H, Kv, Og) is written by the weight GEMMs (even basis functions from
-    the input, odd ones from the input with its parts swapped, ``-i X``) into one buffer whose per-(m, part) matrices
-    ((input row, basis function) x Og) the band GEMMs read as strided views. Backward: the transposed band GEMMs
-    (tile by tile, written where a row is first reached and accumulated where tiles overlap: no zero-filled full
-    gradient), then the weight and input gradients as GEMMs. Only ``xt`` is saved (``u`` is recomputed from nothing:
-    backward never needs it)."""
+    Per chunk of wavenumbers, the contracted spectrum ``u`` (m, 2, H, Kv, Og) is written by the weight GEMMs (even
+    basis functions from the input, odd ones from the input with its parts swapped, ``-i X``) into one buffer whose
+    per-(m, part) matrices ((input row, basis function) x Og) the band GEMMs read as strided views. Backward, per
+    chunk: the transposed band GEMMs (written where a row is first reached, accumulated where tiles overlap: no
+    zero-filled gradient), then the weight and input gradients as GEMMs. Only ``xt`` is saved."""
 
     @staticmethod
     def forward(ctx, xt, weight, layer):  # noqa: ANN001, ANN205 (autograd.Function signature)
         g, bsz, m, _, h, cg = xt.shape
         og, kv = layer.out_channels // layer.groups, len(layer.even) + len(layer.odd)
-        ke = len(layer.even)
-        w = weight.detach().view(g, og, cg, layer.kernel_size)
-        rows = bsz * m * 2 * h
-        u = xt.new_empty(g, rows, kv * og)
-        xs = _swap_parts(xt) if layer.odd else None
-        for basis, src, c0 in ((layer.even, xt, 0), (layer.odd, xs, ke * og)):
-            if basis:
-                wk = w[..., basis].permute(0, 2, 3, 1).reshape(g, cg, len(basis) * og)
-                torch.matmul(src.view(g, rows, cg), wk, out=u[:, :, c0 : c0 + len(basis) * og])
-        u = u.view(g * bsz, m, 2, h * kv, og)
-        hout = layer.nlat_out
-        y = xt.new_empty(g * bsz, m, 2, hout, og)
-        for i, (t0, t1, a, b) in enumerate(layer.tiles):
-            table = getattr(layer, f"table_{i}")  # (M, T, w * Kv)
-            for n in range(g * bsz):
+        wks = _basis_weights(weight.detach(), layer)
+        tables = [getattr(layer, f"table_{i}") for i in range(len(layer.tiles))]
+        y = xt.new_empty(g, bsz, m, 2, layer.nlat_out, og)
+        for gi, bi, m0, m1 in _chunks(xt.shape, kv * og):
+            u = xt.new_empty((m1 - m0) * 2 * h, kv * og)
+            for (basis, c0), src in zip(wks, _sources(xt[gi, bi, m0:m1], layer), strict=True):
+                torch.mm(src.reshape(-1, cg), basis[gi], out=u[:, c0 : c0 + basis.shape[-1]])
+            u = u.view(m1 - m0, 2, h * kv, og)
+            for table, (t0, t1, a, b) in zip(tables, layer.tiles, strict=True):
                 for r in range(2):
                     if b > a:
-                        y[n, :, r, t0:t1] = torch.bmm(table, u[n, :, r, a * kv : b * kv])
+                        y[gi, bi, m0:m1, r, t0:t1] = torch.bmm(table[m0:m1], u[:, r, a * kv : b * kv])
                     else:
-                        y[n, :, r, t0:t1] = 0.0
+                        y[gi, bi, m0:m1, r, t0:t1] = 0.0
         ctx.save_for_backward(xt, weight)
         ctx.layer = layer
-        return y.view(g, bsz, m, 2, hout, og)
+        return y
 
     @staticmethod
     def backward(ctx, gy):  # noqa: ANN001, ANN205
         xt, weight = ctx.saved_tensors
         layer = ctx.layer
         g, bsz, m, _, h, cg = xt.shape
-        og, kv, ke = layer.out_channels // layer.groups, len(layer.even) + len(layer.odd), len(layer.even)
-        gy = gy.contiguous().view(g * bsz, m, 2, layer.nlat_out, og)
-        gu = gy.new_empty(g * bsz, m, 2, h * kv, og)
+        og, kv = layer.out_channels // layer.groups, len(layer.even) + len(layer.odd)
+        wks = _basis_weights(weight, layer)
         tables = [getattr(layer, f"table_{i}") for i in range(len(layer.tiles))]
-        for n in range(g * bsz):
+        gy = gy.contiguous()
+        gws = [torch.zeros_like(basis) for basis, _ in wks]  # (G, Cg, Kb * Og)
+        gx = torch.empty_like(xt) if ctx.needs_input_grad[0] else None
+        for gi, bi, m0, m1 in _chunks(xt.shape, kv * og):
+            gu = gy.new_empty(m1 - m0, 2, h * kv, og)
+            sliced = [t[m0:m1] for t in tables]
             for r in range(2):
-                _transposed_bands(gu[n, :, r], gy[n, :, r], tables, layer.tiles, kv, h)
-        rows = bsz * m * 2 * h
-        gu = gu.view(g, rows, kv * og)
-        w = weight.view(g, og, cg, layer.kernel_size)
-        gw = torch.zeros_like(w)
-        gx = None
-        for basis, c0, swapped in ((layer.even, 0, False), (layer.odd, ke * og, True)):
-            if not basis:
-                continue
-            gk = gu[:, :, c0 : c0 + len(basis) * og]
-            if ctx.needs_input_grad[1]:
-                src = _swap_parts(xt) if swapped else xt
-                gwk = torch.matmul(src.view(g, rows, cg).transpose(1, 2), gk)  # (G, Cg, Kb * Og)
-                gw[..., basis] = gwk.view(g, cg, len(basis), og).permute(0, 3, 1, 2)
-            if ctx.needs_input_grad[0]:
-                wk = w[..., basis].permute(0, 2, 3, 1).reshape(g, cg, len(basis) * og)
-                gxk = torch.matmul(gk, wk.transpose(1, 2)).view(xt.shape)
-                if swapped:  # adjoint of (re, im) -> (im, -re)
-                    gxk = torch.stack((-gxk[:, :, :, 1], gxk[:, :, :, 0]), dim=3)
-                gx = gxk if gx is None else gx + gxk
-        return gx, gw.view_as(weight) if ctx.needs_input_grad[1] else None, None
+                _transposed_bands(gu[:, r], gy[gi, bi, m0:m1, r], sliced, layer.tiles, kv, h)
+            gu = gu.view(-1, kv * og)
+            gxc = None
+            swaps = [False] * bool(layer.even) + [True] * bool(layer.odd)  # the odd basis functions read -i X
+            for (basis, c0), gw, src, swapped in zip(wks, gws, _sources(xt[gi, bi, m0:m1], layer), swaps, strict=True):
+                gk = gu[:, c0 : c0 + basis.shape[-1]]
+                if ctx.needs_input_grad[1]:
+                    gw[gi].addmm_(src.reshape(-1, cg).t(), gk)
+                if gx is not None:
+                    gs = torch.mm(gk, basis[gi].t()).view(m1 - m0, 2, h, cg)
+                    if swapped:  # adjoint of (re, im) -> (im, -re)
+                        gs = torch.stack((-gs[:, 1], gs[:, 0]), dim=1)
+                    gxc = gs if gxc is None else gxc.add_(gs)
+            if gx is not None:
+                gx[gi, bi, m0:m1] = gxc
+        gweight = None
+        if ctx.needs_input_grad[1]:
+            gweight = torch.zeros(g, og, cg, layer.kernel_size, dtype=weight.dtype, device=weight.device)
+            for gw, idx in zip(gws, layer.parity_lists(), strict=True):
+                gweight[..., idx] = gw.view(g, cg, len(idx), og).permute(0, 3, 1, 2)
+            gweight = gweight.view_as(weight)
+        return gx, gweight, None
 
 
-def _swap_parts(xt: torch.Tensor) -> torch.Tensor:
-    """-i X on (..., 2, H, C) parts: (re, im) -> (im, -re)."""
-    return torch.stack((xt[:, :, :, 1], -xt[:, :, :, 0]), dim=3)
+def _basis_weights(weight: torch.Tensor, layer: FourierDisco) -> list[tuple[torch.Tensor, int]]:
+    """(weights (G, Cg, Kb * Og), first column in u) of the even, then the odd basis functions present."""
+    g, og, cg = layer.groups, layer.out_channels // layer.groups, layer.groupsize
+    w = weight.view(g, og, cg, layer.kernel_size)
+    out, c0 = [], 0
+    for idx in layer.parity_lists():
+        out.append((w[..., idx].permute(0, 2, 3, 1).reshape(g, cg, len(idx) * og), c0))
+        c0 += len(idx) * og
+    return out
+
+
+def _sources(xc: torch.Tensor, layer: FourierDisco) -> list[torch.Tensor]:
+    """The input parts each parity reads: (m, 2, H, Cg) as is for the even basis functions, -i times it for the odd."""
+    return [x for x, idx in ((xc, layer.even), (_swap_parts(xc) if layer.odd else None, layer.odd)) if idx]
+
+
+def _chunks(shape: torch.Size, per_point: int) -> list[tuple[int, int, int, int]]:
+    """(group, batch, m0, m1): wavenumber chunks whose contracted spectrum is about CHUNK_BYTES."""
+    g, bsz, m, _, h, _ = shape
+    step = max(1, CHUNK_BYTES // (4 * 2 * h * per_point))
+    return [(gi, bi, m0, min(m0 + step, m)) for gi in range(g) for bi in range(bsz) for m0 in range(0, m, step)]
+
+
+def _swap_parts(xc: torch.Tensor) -> torch.Tensor:
+    """-i X on (m, 2, H, C) parts: (re, im) -> (im, -re)."""
+    return torch.stack((xc[:, 1], -xc[:, 0]), dim=1)
 
 
 class _Bands(torch.autograd.Function):

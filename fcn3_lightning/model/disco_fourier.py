@@ -13,6 +13,10 @@ from torch-harmonics' own precomputed sparse tensor ``psi`` (the math is exactly
 The channel / basis contraction with the layer's weight is done first, in Fourier space, as one GEMM (it commutes
 with the per-wavenumber band matrices), so autograd keeps only the rfft of the input for backward; the band matrices
 are constants.
+Where every output wavenumber reads the same input wavenumber (the processor blocks) the layer runs
+:class:`_SameGridBands`: (real, imaginary) parts as GEMM rows, wavenumbers in cache-sized chunks, a hand-written
+backward; the decoders keep the (M, rows, Kv, B * O * 2) layout of :meth:`FourierDisco.contract` (also the
+distributed twin's).
 
 The decoder variant (:class:`FourierResampleDisco`) folds torch-harmonics' bilinear resampling from the latent grid
 (pole expansion, latitude interpolation; the longitude interpolation is one real factor per wavenumber) into the
@@ -194,7 +198,7 @@ class FourierDisco(nn.Module):
         dtype = x.dtype
         with torch.autocast(x.device.type, enabled=False):  # FFTs and tables in float32, as torch-harmonics computes
             x = x.float()
-            if self.lon_source.numel() == self.nlon // 2 + 1 and not self.conj and x.shape[-1] == self.nlon:
+            if self.lon_source.numel() == self.nlon // 2 + 1 and not self.conj and x.shape[-1] == self.nlon:  # same wavenumbers
                 return self._forward_same_grid(x).to(dtype)
             u = self.contract(x)
             tables = [getattr(self, f"table_{i}") for i in range(len(self.tiles))]

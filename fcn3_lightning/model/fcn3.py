@@ -48,7 +48,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Bilinear resampling latent -> data grid (poles expanded), then a grouped DISCO convolution."""
+    """Bilinear resampling latent -> data grid (poles expanded), then a grouped DISCO convolution (the factory may fuse
+    the two into ``conv``, ``resample`` then being an identity: :meth:`SphericalLayers.resampled_disco`)."""
 
     def __init__(self, resample: nn.Module, conv: nn.Module):
         super().__init__()
@@ -227,14 +228,13 @@ class FCN3(nn.Module):
         def decoder(name: str, n_in: int, n_out: int) -> Decoder | None:
             if n_in == 0:
                 return None
-            resample = layers.resample(latent, data, grid_in=sht_grid_type, grid_out=model_grid_type)
-            conv = layers.disco(
+            resample, conv = layers.resampled_disco(
                 n_in,
                 n_out,
-                data,
+                latent,
                 data,
                 groups=_groups(groups, name, n_in, n_out),
-                grid_in=model_grid_type,
+                grid_in=sht_grid_type,
                 grid_out=model_grid_type,
                 theta_cutoff=enc_cutoff,
                 **disco,

@@ -4,6 +4,11 @@ Every spherical layer of the network (DISCO convolutions, spectral convolutions,
 resampling) is built through a :class:`SphericalLayers` factory. The serial factory returns the
 plain torch-harmonics modules; the spatial-parallel strategy substitutes a factory that returns
 their ``torch_harmonics.distributed`` twins, without the network code changing.
+
+``disco_impl`` picks the kernels of the DISCO convolutions on one grid (the processor blocks) and of the decoders
+(resampling + DISCO): ``"fourier"`` (default) computes them in Fourier space
+(:mod:`fcn3_lightning.model.disco_fourier`, tables derived from torch-harmonics' own psi, same weights);
+``"torch-harmonics"`` uses torch-harmonics' kernels throughout. The encoders always use torch-harmonics' kernels.
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ import torch_harmonics as th
 from torch import nn
 
 from fcn3_lightning.kernels import disco_optimized_kernel
+from fcn3_lightning.model.disco_fourier import FourierDisco
 
 #: Grid names torch-harmonics understands; "equiangular" includes both poles.
 GRIDS_WITH_POLES = ("equiangular", "equiangular-trapezoidal", "lobatto")
 GRIDS = (*GRIDS_WITH_POLES, "legendre-gauss")
+#: kernels of the blocks' and decoders' DISCO convolutions (see the module docstring)
+DISCO_IMPLS = ("fourier", "torch-harmonics")
 
 
 def fcn3_theta_cutoff(nlat: int, kernel_shape: Sequence[int], factor: float = 1.0) -> float:
@@ -52,6 +60,11 @@ class SphericalLayers:
     #: Whether layers built by this factory see a tile of the grid rather than the whole grid.
     distributed: bool = False
 
+    def __init__(self, disco_impl: str = "fourier"):
+        if disco_impl not in DISCO_IMPLS:
+            raise ValueError(f"disco_impl={disco_impl!r} is not supported; choose one of {list(DISCO_IMPLS)}")
+        self.disco_impl = disco_impl
+
     def local_shape(self, shape: Sequence[int]) -> tuple[int, int]:
         """The part of a (nlat, nlon) grid this process holds: all of it (the distributed factory: its tile)."""
         return (int(shape[0]), int(shape[1]))
@@ -75,25 +88,74 @@ class SphericalLayers:
         grid_out: str,
         theta_cutoff: float,
     ) -> nn.Module:
+        """A DISCO convolution; on one grid (the processor blocks) in Fourier space unless ``disco_impl`` says otherwise
+        (between grids, the encoders, always torch-harmonics' kernels: the Fourier form is slower there)."""
+        fourier = self.disco_impl == "fourier" and tuple(in_shape) == tuple(out_shape) and grid_in == grid_out
+        conv = self._th_disco(
+            in_channels,
+            out_channels,
+            in_shape,
+            out_shape,
+            kernel_shape=kernel_shape,
+            basis_type=basis_type,
+            basis_norm_mode=basis_norm_mode,
+            groups=groups,
+            grid_in=grid_in,
+            grid_out=grid_out,
+            theta_cutoff=theta_cutoff,
+            optimized_kernel=not fourier and disco_optimized_kernel(),  # the compiled kernels, unless the slow path is allowed
+        )
+        return FourierDisco(conv) if fourier else conv
+
+    @staticmethod
+    def _th_disco(in_channels: int, out_channels: int, in_shape: Sequence[int], out_shape: Sequence[int], **kwargs: object) -> nn.Module:
         with warnings.catch_warnings():
             # torch-harmonics 0.9 deprecates the name "morlet" (an alias of the unnormalised
             # harmonic basis FCN3 was trained with); we keep the reference's name on purpose.
             warnings.filterwarnings("ignore", message=".*'morlet'.*", category=DeprecationWarning)
             return th.DiscreteContinuousConvS2(
-                in_channels,
-                out_channels,
-                in_shape=tuple(in_shape),
-                out_shape=tuple(out_shape),
-                kernel_shape=tuple(kernel_shape),
-                basis_type=basis_type,
-                basis_norm_mode=basis_norm_mode,
-                groups=groups,
-                grid_in=grid_in,
-                grid_out=grid_out,
-                bias=False,
-                theta_cutoff=theta_cutoff,
-                optimized_kernel=disco_optimized_kernel(),  # the compiled kernels, unless the slow path is allowed
+                in_channels, out_channels, in_shape=tuple(in_shape), out_shape=tuple(out_shape), bias=False, **kwargs
             )
+
+    def resampled_disco(
+        self,
+        in_channels: int,
+        out_channels: int,
+        in_shape: Sequence[int],
+        out_shape: Sequence[int],
+        *,
+        kernel_shape: Sequence[int],
+        basis_type: str,
+        basis_norm_mode: str,
+        groups: int,
+        grid_in: str,
+        grid_out: str,
+        theta_cutoff: float,
+    ) -> tuple[nn.Module, nn.Module]:
+        """(resampling, DISCO convolution) of a decoder: bilinear resampling from ``in_shape`` (``grid_in``) to
+        ``out_shape`` (``grid_out``), then a DISCO convolution on ``out_shape``. With ``disco_impl="fourier"`` the two
+        are fused in Fourier space: the resampling is then an identity and the convolution reads the ``in_shape``
+        field (the convolution's state dict is the same either way)."""
+        disco = dict(kernel_shape=kernel_shape, basis_type=basis_type, basis_norm_mode=basis_norm_mode, groups=groups)
+        if self.disco_impl != "fourier":
+            resample = self.resample(in_shape, out_shape, grid_in=grid_in, grid_out=grid_out)
+            conv = self.disco(
+                in_channels, out_channels, out_shape, out_shape, grid_in=grid_out, grid_out=grid_out, theta_cutoff=theta_cutoff, **disco
+            )
+            return resample, conv
+        resample = th.ResampleS2(*in_shape, *out_shape, grid_in=grid_in, grid_out=grid_out, mode="bilinear")
+        conv = self._th_disco(
+            in_channels,
+            out_channels,
+            out_shape,
+            out_shape,
+            grid_in=grid_out,
+            grid_out=grid_out,
+            theta_cutoff=theta_cutoff,
+            optimized_kernel=False,
+            **disco,
+        )
+        return nn.Identity(), FourierDisco(conv, resample)
 
     def spectral_conv(self, shape: Sequence[int], channels: int, *, grid: str) -> nn.Module:
         """Driscoll-Healy convolution: one complex channel-mixing matrix per degree l."""

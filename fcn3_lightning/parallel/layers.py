@@ -58,7 +58,8 @@ class DistributedSphericalLayers(SphericalLayers):
 
     distributed = True
 
-    def __init__(self, polar_mode: str = "auto"):
+    def __init__(self, polar_mode: str = "auto", disco_impl: str = "torch-harmonics"):
+        super().__init__(disco_impl)
         if polar_mode not in POLAR_MODES:
             raise ValueError(f"polar_mode={polar_mode!r} is not supported; choose one of {list(POLAR_MODES)}")
         self.polar_mode = polar_mode

@@ -60,7 +60,11 @@ class DistributedSphericalLayers(SphericalLayers):
             neighbouring h ranks (point-to-point, the output rows stay local); ``"reduce-scatter"`` computes partial
             sums of every output row and reduce-scatters them (any filter reach, more memory); ``"auto"`` uses the halo
             exchange where the filter reach fits inside one neighbour's rows, else reduce-scatter (small grids / many h
-            ranks).
+            ranks). Applies to the torch-harmonics DISCO layers (with ``disco_impl="fourier"``: the encoders only).
+        disco_impl: as :class:`~fcn3_lightning.model.layers.SphericalLayers`; ``"fourier"`` builds the processor blocks'
+            and decoders' DISCO as :class:`~fcn3_lightning.parallel.disco_fourier.DistributedFourierDisco` (needs at
+            least ``w_parallel_size`` latitude rows per h rank on the latent and data grids). Default
+            ``"torch-harmonics"``.
     """
 
     distributed = True

@@ -4,7 +4,9 @@ The layout test checks :func:`rank_layout` / :func:`group_ranks` against the ref
 (``shared/docs/fcn3-reference.md`` section 5.1) without ``torch.distributed``.
 
 The multi-process test starts 4 workers once (forkserver, like tests/test_metrics_distributed.py; rendezvous on a
-free TCP port; the whole run is time-limited) and runs every (h, w, DISCO polar mode) layout in turn: each builds a ProcessMesh
+free TCP port; the whole run is time-limited) and runs every (h, w, DISCO polar mode) layout in turn, with each DISCO
+kernel choice (``disco_impl``: torch-harmonics' kernels, and the Fourier-space layers with their distributed twins, the
+serial reference built with the same choice): each builds a ProcessMesh
 (batch = 4 / (h * w)), FCN3 with DistributedSphericalLayers, loads its shard of the serial state_dict, runs the
 forward pass on its tile of its batch rank's samples, and all-gathers the tiles. The test process compares the
 gathered outputs of every rank with the serial network's output, and checks that gathering the sharded
@@ -13,6 +15,8 @@ state_dict reproduces the serial one exactly.
 
 from __future__ import annotations
 
+import itertools
+import re
 import traceback
 from pathlib import Path
 
@@ -22,6 +26,7 @@ import torch.distributed as dist
 from gloo_workers import init_gloo, run_workers
 
 from fcn3_lightning.model import FCN3
+from fcn3_lightning.model.layers import DISCO_IMPLS, SphericalLayers
 from fcn3_lightning.parallel import (
     DistributedSphericalLayers,
     ProcessMesh,
@@ -118,9 +123,9 @@ def test_mesh_sizes_errors_name_the_option() -> None:
 # --- distributed network == serial network ----------------------------------------------------------------
 
 
-def _serial() -> tuple[FCN3, dict[str, torch.Tensor], torch.Tensor]:
+def _serial(disco_impl: str) -> tuple[FCN3, dict[str, torch.Tensor], torch.Tensor]:
     torch.manual_seed(0)
-    net = FCN3(**CONFIG).eval()
+    net = FCN3(**CONFIG, layers=SphericalLayers(disco_impl)).eval()
     x = torch.randn(N_SAMPLES, net.n_in_channels, *CONFIG["inp_shape"])
     return net, net.state_dict(), x
 
@@ -131,11 +136,12 @@ def _worker(rank: int, port: int, workdir: str) -> None:
     try:
         init_gloo(rank, port, WORLD)
         blob = torch.load(workdir / "serial.pt")
-        serial_sd, x = blob["state_dict"], blob["input"]
+        x = blob["input"]
         results = {}
-        for h, w, polar_mode in LAYOUTS:
+        for (h, w, polar_mode), disco_impl in itertools.product(LAYOUTS, DISCO_IMPLS):
+            serial_sd = blob["state_dict"][disco_impl]
             mesh = ProcessMesh(h_parallel_size=h, w_parallel_size=w)
-            layers = DistributedSphericalLayers(polar_mode=polar_mode)
+            layers = DistributedSphericalLayers(polar_mode=polar_mode, disco_impl=disco_impl)
             torch.manual_seed(1000 + rank)  # on purpose a different init per rank: the loaded shard must win
             net = FCN3(**CONFIG, layers=layers).eval()
             net.load_state_dict(shard_state_dict(serial_sd, net))
@@ -147,12 +153,13 @@ def _worker(rank: int, port: int, workdir: str) -> None:
             lat, lon = mesh.tile(CONFIG["inp_shape"])
             with torch.no_grad():
                 out = net(x[b, :, lat, lon])
-            results[(h, w, polar_mode)] = {
+            results[(h, w, polar_mode, disco_impl)] = {
                 "samples": (b.start, b.stop),  # plain ints: torch.load(weights_only=True) rejects slices
                 "output": mesh.gather_tiles(out, CONFIG["inp_shape"]),
                 "roundtrip_equal": roundtrip_equal,
                 "local_shapes": local_shapes,
                 "polar_modes": [m.polar_mode for m in net.modules() if hasattr(m, "polar_mode")],
+                "disco_types": sorted({type(m).__name__ for m in net.modules() if re.search("Disco|DiscreteContinuous", type(m).__name__)}),
             }
             dist.barrier()
             mesh.destroy()
@@ -165,51 +172,61 @@ def _worker(rank: int, port: int, workdir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def serial():
-    return _serial()
+def serials() -> dict[str, tuple[FCN3, dict[str, torch.Tensor], torch.Tensor]]:
+    return {impl: _serial(impl) for impl in DISCO_IMPLS}
 
 
 @pytest.fixture(scope="module")
-def distributed(tmp_path_factory, serial) -> list[dict]:
-    _, state_dict, x = serial
+def distributed(tmp_path_factory, serials) -> list[dict]:
+    x = serials[DISCO_IMPLS[0]][2]
+    assert all(torch.equal(s[2], x) for s in serials.values())
     workdir = tmp_path_factory.mktemp("parallel")
-    torch.save({"state_dict": state_dict, "input": x}, workdir / "serial.pt")
+    torch.save({"state_dict": {impl: s[1] for impl, s in serials.items()}, "input": x}, workdir / "serial.pt")
     elapsed = run_workers(_worker, workdir, WORLD, TIME_LIMIT_S, PRELOAD)
-    print(f"\n[world={WORLD}] spawn + {len(LAYOUTS)} layouts: {elapsed:.1f} s")
+    print(f"\n[world={WORLD}] spawn + {len(LAYOUTS)} layouts x {len(DISCO_IMPLS)} DISCO kernels: {elapsed:.1f} s")
     return [torch.load(workdir / f"rank{r}.pt") for r in range(WORLD)]
 
 
+@pytest.mark.parametrize("disco_impl", DISCO_IMPLS)
 @pytest.mark.parametrize("h,w,polar_mode", LAYOUTS)
-def test_distributed_forward_equals_serial(h: int, w: int, polar_mode: str, serial, distributed) -> None:
-    net, _, x = serial
+def test_distributed_forward_equals_serial(h: int, w: int, polar_mode: str, disco_impl: str, serials, distributed) -> None:
+    net, _, x = serials[disco_impl]
     with torch.no_grad():
         want = net(x)
     scale = float(want.abs().max())
     worst = 0.0
     for rank, per_rank in enumerate(distributed):
-        r = per_rank[(h, w, polar_mode)]
+        r = per_rank[(h, w, polar_mode, disco_impl)]
         got = r["output"]
         ref = want[slice(*r["samples"])]
         assert got.shape == ref.shape, f"rank {rank}: gathered output {tuple(got.shape)} != serial {tuple(ref.shape)}"
         diff = float((got - ref).abs().max())
         worst = max(worst, diff)
-        assert diff <= REL_TOL * scale, f"(h, w) = ({h}, {w}), {polar_mode}, rank {rank}: max |diff| {diff:.3g} > {REL_TOL} x {scale:.3g}"
-    modes = distributed[0][(h, w, polar_mode)]["polar_modes"]
+        assert diff <= REL_TOL * scale, (
+            f"(h, w) = ({h}, {w}), {polar_mode}, {disco_impl}, rank {rank}: max |diff| {diff:.3g} > {REL_TOL} x {scale:.3g}"
+        )
+    r0 = distributed[0][(h, w, polar_mode, disco_impl)]
+    fourier_twin = "DistributedFourierDisco" in r0["disco_types"]
+    assert fourier_twin == (disco_impl == "fourier"), f"{disco_impl}: DISCO layers {r0['disco_types']}"
+    assert "FourierDisco" not in r0["disco_types"], "a serial Fourier layer ran on a tile"
     print(
-        f"[(h, w) = ({h}, {w}), polar_mode={polar_mode}] max |diff| = {worst:.3e} (max |serial| = {scale:.3g}, "
-        f"relative {worst / scale:.3e}); DISCO modes (3 encoders, block, 2 decoders) {modes}"
+        f"[(h, w) = ({h}, {w}), polar_mode={polar_mode}, disco_impl={disco_impl}] max |diff| = {worst:.3e} (max |serial| = "
+        f"{scale:.3g}, relative {worst / scale:.3e}); DISCO layers {r0['disco_types']}, polar modes {r0['polar_modes']}"
     )
 
 
+@pytest.mark.parametrize("disco_impl", DISCO_IMPLS)
 @pytest.mark.parametrize("h,w,polar_mode", LAYOUTS)
-def test_state_dict_shard_gather_round_trip(h: int, w: int, polar_mode: str, serial, distributed) -> None:
-    _, state_dict, _ = serial
+def test_state_dict_shard_gather_round_trip(h: int, w: int, polar_mode: str, disco_impl: str, serials, distributed) -> None:
+    _, state_dict, _ = serials[disco_impl]
     spectral = [k for k in state_dict if k.startswith("blocks.") and k.endswith("filter.weight") and state_dict[k].is_complex()]
     assert spectral, "the test network has no spectral block"
-    if (h, polar_mode) == (4, "auto"):
-        assert "reduce-scatter" in distributed[0][(h, w, polar_mode)]["polar_modes"], "the h = 4 layout should exercise the fallback"
+    if (h, polar_mode, disco_impl) == (4, "auto", "torch-harmonics"):
+        # (with the Fourier layers the processor block is the twin, which has no polar mode)
+        modes = distributed[0][(h, w, polar_mode, disco_impl)]["polar_modes"]
+        assert "reduce-scatter" in modes, "the h = 4 layout should exercise the fallback"
     for rank, per_rank in enumerate(distributed):
-        r = per_rank[(h, w, polar_mode)]
+        r = per_rank[(h, w, polar_mode, disco_impl)]
         assert r["roundtrip_equal"], f"(h, w) = ({h}, {w}), {polar_mode}, rank {rank}: gathered state_dict differs from the serial one"
         # exactly the spectral weights are sharded, along l over h, in compute_split_shapes chunks
         assert sorted(r["local_shapes"]) == sorted(spectral)

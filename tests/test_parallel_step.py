@@ -11,11 +11,14 @@ turn: each rank loads its shard of the serial weights, takes its batch shard, it
 inputs and the target, and runs the same 3 steps with :class:`DistributedEnsembleCRPSLoss`,
 :func:`reduce_gradients` and :func:`clip_grad_norm_`. The test process compares the loss (averaged over batch
 ranks), every parameter's gradient after the first step (gathered to the serial layout), the clipped norms and the
-weights after 3 steps with the serial run.
+weights after 3 steps with the serial run. Every layout runs with each DISCO kernel choice (``disco_impl``:
+torch-harmonics' kernels, and the Fourier-space layers with their distributed twins), the serial reference built with
+the same choice.
 """
 
 from __future__ import annotations
 
+import itertools
 import traceback
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from gloo_workers import init_gloo, run_workers
 
 from fcn3_lightning.losses import EnsembleCRPSLoss
 from fcn3_lightning.model import FCN3
+from fcn3_lightning.model.layers import DISCO_IMPLS, SphericalLayers
 from fcn3_lightning.parallel import (
     DistributedEnsembleCRPSLoss,
     DistributedSphericalLayers,
@@ -127,8 +131,8 @@ def _train(net: torch.nn.Module, loss_fn, x: torch.Tensor, target: torch.Tensor,
     return out
 
 
-def _serial(blob: dict) -> dict:
-    net = FCN3(**CONFIG)
+def _serial(blob: dict, disco_impl: str) -> dict:
+    net = FCN3(**CONFIG, layers=SphericalLayers(disco_impl))
     net.load_state_dict(blob["state_dict"])
     loss_fn = EnsembleCRPSLoss(CONFIG["inp_shape"], blob["channel_weights"], **LOSS_KW)
     release_loss_fn = EnsembleCRPSLoss(CONFIG["inp_shape"], blob["channel_weights"], **RELEASE_KW)
@@ -159,12 +163,13 @@ def _worker(rank: int, port: int, workdir: str) -> None:
     try:
         init_gloo(rank, port, WORLD)
         blob = torch.load(workdir / "inputs.pt")
-        max_norm = float(torch.load(workdir / "max_norm.pt"))
+        max_norms = torch.load(workdir / "max_norm.pt")
         results = {}
-        for h, w, ens, batch in LAYOUTS:
+        for (h, w, ens, batch), disco_impl in itertools.product(LAYOUTS, DISCO_IMPLS):
+            max_norm = float(max_norms[disco_impl])
             mesh = ProcessMesh(h_parallel_size=h, w_parallel_size=w, ensemble_parallel_size=ens, batch_parallel_size=batch)
             torch.manual_seed(1000 + rank)  # a different init per rank: the loaded shard must win
-            net = FCN3(**CONFIG, layers=DistributedSphericalLayers())
+            net = FCN3(**CONFIG, layers=DistributedSphericalLayers(disco_impl=disco_impl))
             net.load_state_dict(shard_state_dict(blob["state_dict"], net))
             loss_fn = DistributedEnsembleCRPSLoss(mesh, CONFIG["inp_shape"], blob["channel_weights"], **LOSS_KW)
             release_loss_fn = DistributedEnsembleCRPSLoss(mesh, CONFIG["inp_shape"], blob["channel_weights"], **RELEASE_KW)
@@ -181,13 +186,13 @@ def _worker(rank: int, port: int, workdir: str) -> None:
                 x,
                 target,
                 lambda net=net, mesh=mesh, tags=tags: reduce_gradients(net, mesh, tags),
-                lambda net=net, mesh=mesh, tags=tags: clip_grad_norm_(net, mesh, max_norm, tags=tags),
+                lambda net=net, mesh=mesh, tags=tags, max_norm=max_norm: clip_grad_norm_(net, mesh, max_norm, tags=tags),
                 release_loss_fn,
             )
             # the loss is a mean over this rank's samples: the serial batch mean is the mean over batch ranks
             loss = all_reduce_(out["loss"].clone(), mesh.group("batch")) / batch
             release_loss = all_reduce_(out["release_loss"].clone(), mesh.group("batch")) / batch
-            results[(h, w, ens, batch)] = {
+            results[(h, w, ens, batch, disco_impl)] = {
                 "loss": loss,
                 "release_loss": release_loss,
                 "local_loss": out["loss"],
@@ -214,17 +219,17 @@ def blob() -> dict:
 
 
 @pytest.fixture(scope="module")
-def serial(blob) -> dict:
-    return _serial(blob)
+def serials(blob) -> dict[str, dict]:
+    return {impl: _serial(blob, impl) for impl in DISCO_IMPLS}
 
 
 @pytest.fixture(scope="module")
-def distributed(tmp_path_factory, blob, serial) -> list[dict]:
+def distributed(tmp_path_factory, blob, serials) -> list[dict]:
     workdir = tmp_path_factory.mktemp("parallel_step")
     torch.save(blob, workdir / "inputs.pt")
-    torch.save(torch.tensor(serial["max_norm"]), workdir / "max_norm.pt")
+    torch.save({impl: torch.tensor(s["max_norm"]) for impl, s in serials.items()}, workdir / "max_norm.pt")
     elapsed = run_workers(_worker, workdir, WORLD, TIME_LIMIT_S, PRELOAD)
-    print(f"\n[world={WORLD}] spawn + {len(LAYOUTS)} layouts x {N_STEPS} steps: {elapsed:.1f} s")
+    print(f"\n[world={WORLD}] spawn + {len(LAYOUTS)} layouts x {len(DISCO_IMPLS)} DISCO kernels x {N_STEPS} steps: {elapsed:.1f} s")
     return [torch.load(workdir / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -233,8 +238,10 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
+@pytest.mark.parametrize("disco_impl", DISCO_IMPLS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_loss_equals_serial(layout, serial, distributed) -> None:
+def test_loss_equals_serial(layout, disco_impl, serials, distributed) -> None:
+    serial, layout = serials[disco_impl], (*layout, disco_impl)
     want, want_release = float(serial["loss"]), float(serial["release_loss"])
     worst = worst_release = 0.0
     for rank, per_rank in enumerate(distributed):
@@ -254,8 +261,10 @@ def test_loss_equals_serial(layout, serial, distributed) -> None:
     )
 
 
+@pytest.mark.parametrize("disco_impl", DISCO_IMPLS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gradients_equal_serial(layout, serial, distributed) -> None:
+def test_gradients_equal_serial(layout, disco_impl, serials, distributed) -> None:
+    serial, layout = serials[disco_impl], (*layout, disco_impl)
     want = serial["grads"]
     worst_ratio, worst_name = 0.0, ""
     for rank, per_rank in enumerate(distributed):
@@ -276,8 +285,10 @@ def test_gradients_equal_serial(layout, serial, distributed) -> None:
     print(f"[{layout}] grads: worst max|diff| / max|grad| = {worst_ratio:.3e} ({worst_name}); norms {norms[0]}")
 
 
+@pytest.mark.parametrize("disco_impl", DISCO_IMPLS)
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_weights_after_adam_steps_equal_serial(layout, serial, distributed) -> None:
+def test_weights_after_adam_steps_equal_serial(layout, disco_impl, serials, distributed) -> None:
+    serial, layout = serials[disco_impl], (*layout, disco_impl)
     want = serial["weights"]
     assert all(n > serial["max_norm"] for n in serial["norms"]), "clipping should act on every step"
     worst, worst_rel, worst_name = 0.0, 0.0, ""
@@ -293,7 +304,8 @@ def test_weights_after_adam_steps_equal_serial(layout, serial, distributed) -> N
 
 
 def test_gradient_tags(distributed) -> None:
-    tags = distributed[0][(2, 2, 1, 1)]["tags"]
+    tags = distributed[0][(2, 2, 1, 1, "fourier")]["tags"]
+    assert tags == distributed[0][(2, 2, 1, 1, "torch-harmonics")]["tags"]
     sharded = {k for k, v in tags.items() if v}
     assert sharded == {k for k in tags if k.startswith("blocks.") and k.endswith("filter.weight")} - {"blocks.1.filter.weight"}
     assert all(tags[k] == ("h",) for k in sharded)  # spectral weights: l over h; summed over w

@@ -90,7 +90,7 @@ class SphericalLayers:
     ) -> nn.Module:
         """A DISCO convolution; on one grid (the processor blocks) in Fourier space unless ``disco_impl`` says otherwise
         (between grids, the encoders, always torch-harmonics' kernels: the Fourier form is slower there)."""
-        fourier = self.disco_impl == "fourier" and tuple(in_shape) == tuple(out_shape) and grid_in == grid_out
+        fourier = self.fourier_applies(in_shape, out_shape, grid_in=grid_in, grid_out=grid_out)
         conv = self._th_disco(
             in_channels,
             out_channels,
@@ -105,7 +105,16 @@ class SphericalLayers:
             theta_cutoff=theta_cutoff,
             optimized_kernel=not fourier and disco_optimized_kernel(),  # the compiled kernels, unless the slow path is allowed
         )
-        return FourierDisco(conv) if fourier else conv
+        return self.fourier_disco(conv) if fourier else conv
+
+    def fourier_applies(self, in_shape: Sequence[int], out_shape: Sequence[int], *, grid_in: str, grid_out: str) -> bool:
+        """Whether :meth:`disco` builds this convolution in Fourier space (``disco_impl="fourier"``, one grid)."""
+        return self.disco_impl == "fourier" and tuple(in_shape) == tuple(out_shape) and grid_in == grid_out
+
+    def fourier_disco(self, conv: nn.Module, resample: nn.Module | None = None) -> nn.Module:
+        """The Fourier-space layer of the torch-harmonics convolution ``conv`` on the whole grid (``resample``: the
+        decoders' fused resampling); the distributed factory returns its twin on the rank's tile."""
+        return FourierDisco(conv, resample)
 
     @staticmethod
     def _th_disco(in_channels: int, out_channels: int, in_shape: Sequence[int], out_shape: Sequence[int], **kwargs: object) -> nn.Module:
@@ -155,7 +164,7 @@ class SphericalLayers:
             optimized_kernel=False,
             **disco,
         )
-        return nn.Identity(), FourierDisco(conv, resample)
+        return nn.Identity(), self.fourier_disco(conv, resample)
 
     def spectral_conv(self, shape: Sequence[int], channels: int, *, grid: str) -> nn.Module:
         """Driscoll-Healy convolution: one complex channel-mixing matrix per degree l."""

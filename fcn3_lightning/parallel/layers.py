@@ -10,6 +10,7 @@ rank's tile of the grid (latitudes split over the h / polar group, longitudes ov
 serial layer        distributed layer                           parameters
 ==================  ==========================================  ==================================================
 DISCO convolution   ``DistributedDiscreteContinuousConvS2``     weight replicated (same shape as serial)
+Fourier DISCO       ``DistributedFourierDisco`` (ours)          weight replicated (same state dict as serial)
 spectral (DHConv)   ``DistributedSpectralConvS2`` (eager)       weight ``(g, cin, cout, l)``: l sharded over h
 bilinear resample   ``DistributedResampleS2``                   none
 SHT / inverse SHT   ``DistributedRealSHT`` / ``...InverseRealSHT``  none; spectra are (l over h, m over w) chunks
@@ -20,6 +21,11 @@ torch-harmonics 0.9.3's ``DistributedSpectralConvS2`` performs the same operatio
 on the local (l, m) chunk with the local l-rows of the weight; only its channel contraction is wrapped in
 ``torch.compile``, which we leave eager as the serial factory does (Inductor cannot generate complex kernels).
 Its weight gradient covers the local m only: the strategy must sum it over the w group (reference section 5.5).
+
+With ``disco_impl="fourier"`` the processor blocks' DISCO and the decoders' resampling + DISCO are the twins of the
+Fourier-space layers (:mod:`fcn3_lightning.parallel.disco_fourier`: longitude transpose, band GEMMs as partial sums,
+reduce-scatter over latitude); the encoders stay ``DistributedDiscreteContinuousConvS2`` (as the serial factory keeps
+torch-harmonics' kernels there). No serial Fourier layer is ever built on a tile: :meth:`fourier_disco` returns the twin.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from torch import nn
 
 from fcn3_lightning.kernels import disco_optimized_kernel
 from fcn3_lightning.model.layers import SphericalLayers
+from fcn3_lightning.parallel.disco_fourier import DistributedFourierDisco
 
 #: DISCO polar modes: torch-harmonics' two, plus "auto" = halo exchange where the filter reach fits one neighbour.
 POLAR_MODES = ("auto", "halo-exchange", "reduce-scatter")
@@ -53,7 +60,11 @@ class DistributedSphericalLayers(SphericalLayers):
             neighbouring h ranks (point-to-point, the output rows stay local); ``"reduce-scatter"`` computes partial
             sums of every output row and reduce-scatters them (any filter reach, more memory); ``"auto"`` uses the halo
             exchange where the filter reach fits inside one neighbour's rows, else reduce-scatter (small grids / many h
-            ranks).
+            ranks). Applies to the torch-harmonics DISCO layers (with ``disco_impl="fourier"``: the encoders only).
+        disco_impl: as :class:`~fcn3_lightning.model.layers.SphericalLayers`; ``"fourier"`` builds the processor blocks'
+            and decoders' DISCO as :class:`~fcn3_lightning.parallel.disco_fourier.DistributedFourierDisco` (needs at
+            least ``w_parallel_size`` latitude rows per h rank on the latent and data grids). Default
+            ``"torch-harmonics"``.
     """
 
     distributed = True
@@ -106,6 +117,22 @@ class DistributedSphericalLayers(SphericalLayers):
         theta_cutoff: float,
     ) -> nn.Module:
         self._check_initialized()
+        if self.fourier_applies(in_shape, out_shape, grid_in=grid_in, grid_out=grid_out):
+            # the serial factory builds torch-harmonics' layer on the whole grid (its psi) and hands it to
+            # fourier_disco, which here returns the twin
+            return super().disco(
+                in_channels,
+                out_channels,
+                in_shape,
+                out_shape,
+                kernel_shape=kernel_shape,
+                basis_type=basis_type,
+                basis_norm_mode=basis_norm_mode,
+                groups=groups,
+                grid_in=grid_in,
+                grid_out=grid_out,
+                theta_cutoff=theta_cutoff,
+            )
         w = thd.azimuth_group_size()
         if w > min(in_channels, out_channels):
             # torch-harmonics' all-to-all trades longitudes for channels: every longitude rank needs a channel
@@ -144,6 +171,11 @@ class DistributedSphericalLayers(SphericalLayers):
                 # the filter reaches past the neighbouring rank's rows: the halo exchange cannot serve it; this
                 # depends only on the sizes, so every h rank takes the same branch
                 return build("reduce-scatter")
+
+    def fourier_disco(self, conv: nn.Module, resample: nn.Module | None = None) -> nn.Module:
+        """The distributed twin of the Fourier-space layer of ``conv`` (whole grid): takes and returns the rank's tile."""
+        self._check_initialized()
+        return DistributedFourierDisco(conv, resample)
 
     def spectral_conv(self, shape: Sequence[int], channels: int, *, grid: str) -> nn.Module:
         """Driscoll-Healy convolution on the local (l, m) chunk; weight holds this h rank's l-rows."""

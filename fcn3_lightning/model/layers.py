@@ -30,6 +30,8 @@ GRIDS_WITH_POLES = ("equiangular", "equiangular-trapezoidal", "lobatto")
 GRIDS = (*GRIDS_WITH_POLES, "legendre-gauss")
 #: kernels of the blocks' and decoders' DISCO convolutions (see the module docstring)
 DISCO_IMPLS = ("fourier", "torch-harmonics")
+#: the default of every factory and of ``model.disco_impl``
+DEFAULT_DISCO_IMPL = "fourier"
 
 
 def fcn3_theta_cutoff(nlat: int, kernel_shape: Sequence[int], factor: float = 1.0) -> float:
@@ -60,7 +62,7 @@ class SphericalLayers:
     #: Whether layers built by this factory see a tile of the grid rather than the whole grid.
     distributed: bool = False
 
-    def __init__(self, disco_impl: str = "fourier"):
+    def __init__(self, disco_impl: str = DEFAULT_DISCO_IMPL):
         if disco_impl not in DISCO_IMPLS:
             raise ValueError(f"disco_impl={disco_impl!r} is not supported; choose one of {list(DISCO_IMPLS)}")
         self.disco_impl = disco_impl

@@ -38,7 +38,7 @@ import torch_harmonics.distributed as thd
 from torch import nn
 
 from fcn3_lightning.kernels import disco_optimized_kernel
-from fcn3_lightning.model.layers import SphericalLayers
+from fcn3_lightning.model.layers import DEFAULT_DISCO_IMPL, SphericalLayers
 from fcn3_lightning.parallel.disco_fourier import DistributedFourierDisco
 
 #: DISCO polar modes: torch-harmonics' two, plus "auto" = halo exchange where the filter reach fits one neighbour.
@@ -63,13 +63,13 @@ class DistributedSphericalLayers(SphericalLayers):
             ranks). Applies to the torch-harmonics DISCO layers (with ``disco_impl="fourier"``: the encoders only).
         disco_impl: as :class:`~fcn3_lightning.model.layers.SphericalLayers`; ``"fourier"`` builds the processor blocks'
             and decoders' DISCO as :class:`~fcn3_lightning.parallel.disco_fourier.DistributedFourierDisco` (needs at
-            least ``w_parallel_size`` latitude rows per h rank on the latent and data grids). Default
-            ``"torch-harmonics"``.
+            least ``w_parallel_size`` latitude rows per h rank on the latent and data grids). Default: the serial
+            factory's (:data:`~fcn3_lightning.model.layers.DEFAULT_DISCO_IMPL`).
     """
 
     distributed = True
 
-    def __init__(self, polar_mode: str = "auto", disco_impl: str = "torch-harmonics"):
+    def __init__(self, polar_mode: str = "auto", disco_impl: str = DEFAULT_DISCO_IMPL):
         super().__init__(disco_impl)
         if polar_mode not in POLAR_MODES:
             raise ValueError(f"polar_mode={polar_mode!r} is not supported; choose one of {list(POLAR_MODES)}")

@@ -45,6 +45,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.optim import Optimizer
 
+from fcn3_lightning.model.layers import DEFAULT_DISCO_IMPL
 from fcn3_lightning.parallel.grads import GradTag, clip_grad_norm_, gradient_tags, reduce_gradients
 from fcn3_lightning.parallel.layers import DistributedSphericalLayers
 from fcn3_lightning.parallel.mesh import MeshSizes, ProcessMesh, mesh_sizes, rank_layout
@@ -148,11 +149,12 @@ class SpatialParallelStrategy(DDPStrategy):
             return None
         return self.mesh.group("spatial")
 
-    def layers_factory(self) -> DistributedSphericalLayers | None:
-        """Spherical-layers factory for ``FCN3(layers=...)``: distributed under a spatial split, else None (serial)."""
+    def layers_factory(self, disco_impl: str = DEFAULT_DISCO_IMPL) -> DistributedSphericalLayers | None:
+        """Spherical-layers factory for ``FCN3(layers=...)``: distributed under a spatial split, else None (serial);
+        ``disco_impl``: the DISCO kernels (the module's ``model.disco_impl``)."""
         if self.mesh is None:
             raise RuntimeError("SpatialParallelStrategy.layers_factory is available once the process group exists (configure_model)")
-        return DistributedSphericalLayers(self.polar_mode) if self.mesh.sizes.model > 1 else None
+        return DistributedSphericalLayers(self.polar_mode, disco_impl) if self.mesh.sizes.model > 1 else None
 
     def _require_mesh(self) -> ProcessMesh:
         if self.mesh is None:

@@ -27,6 +27,7 @@ from fcn3_lightning.metrics.suite import DEFAULT_SCORES, PROVIDERS, ValidationSc
 from fcn3_lightning.model.build import model_kwargs
 from fcn3_lightning.model.channel_map import MappingReport
 from fcn3_lightning.model.fcn3 import CHECKPOINTING_LEVELS, FCN3
+from fcn3_lightning.model.layers import DEFAULT_DISCO_IMPL, DISCO_IMPLS, SphericalLayers
 from fcn3_lightning.model.noise import NoiseStreams, SphericalDiffusionNoise
 from fcn3_lightning.parallel import DistributedEnsembleCRPSLoss, ProcessMesh, all_reduce_, gather_members, split_slice
 from fcn3_lightning.precision import at_least_float32, float32_region
@@ -81,6 +82,9 @@ class FCN3Module(L.LightningModule):
             spread_skill_ratio, bias). Logged as ``val/{score}/{channel}/{lead}``.
         checkpointing: activation checkpointing of the training forward (``none``, ``blocks``, ``encoder+decoder``,
             ``blocks+encoder+decoder``; :meth:`fcn3_lightning.model.FCN3.set_checkpointing`): less memory, same gradients.
+        disco_impl: kernels of the processor blocks' and decoders' DISCO convolutions: ``fourier`` (Fourier space,
+            :mod:`fcn3_lightning.model.disco_fourier`) or ``torch-harmonics`` (its kernels); same weights and, to
+            float32 round-off, the same values (:mod:`fcn3_lightning.model.layers`).
     """
 
     #: builds its network through the strategy's layers factory (see SpatialParallelStrategy)
@@ -115,6 +119,7 @@ class FCN3Module(L.LightningModule):
         log_channels: list[str] | None = None,
         val_scores: list[str] | None = None,
         checkpointing: str = "none",
+        disco_impl: str = DEFAULT_DISCO_IMPL,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -141,6 +146,8 @@ class FCN3Module(L.LightningModule):
             raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
         if checkpointing not in CHECKPOINTING_LEVELS:
             raise ValueError(f"model.checkpointing must be one of {list(CHECKPOINTING_LEVELS)}, got {checkpointing!r}")
+        if disco_impl not in DISCO_IMPLS:
+            raise ValueError(f"model.disco_impl must be one of {list(DISCO_IMPLS)}, got {disco_impl!r}")
         self.forecaster: EnsembleForecaster | None = None
         self.ema: WeightAverage | None = None
         self.mapping: MappingReport | None = None
@@ -162,7 +169,7 @@ class FCN3Module(L.LightningModule):
         layers = None
         if mesh is not None and (mesh.sizes.model > 1 or mesh.sizes.ensemble > 1):
             self.mesh = mesh
-            layers = strategy.layers_factory()
+            layers = strategy.layers_factory(self.hparams.disco_impl)
             if mesh.sizes.model > 1:
                 dm.set_tile(*mesh.tile(dm.store.shape))  # every sample is read on this rank's tile only
         if self.hparams.init_from:
@@ -223,12 +230,12 @@ class FCN3Module(L.LightningModule):
                     f"antithetic noise pairs members 2k, 2k+1 on one rank: model.ensemble_size ({hp.ensemble_size}) / "
                     f"ensemble_parallel_size ({e}) must be even"
                 )
-        extra = {} if layers is None else {"layers": layers}
         if hp.init_from:
             # the source's weights fix the architecture; the checkpoint's hyper-parameters must describe what is built
             self.net_kwargs = initial_architecture(self.net_kwargs, hp.init_from, channels, aux_channels, shape)
             self.hparams["net"] = dict(self.net_kwargs)
-        net = FCN3(inp_shape=shape, channel_names=channels, aux_channel_names=aux_channels, **self.net_kwargs, **extra)
+        layers = layers if layers is not None else SphericalLayers(hp.disco_impl)
+        net = FCN3(inp_shape=shape, channel_names=channels, aux_channel_names=aux_channels, **self.net_kwargs, layers=layers)
         net.set_checkpointing(hp.checkpointing)
         noise = None
         if net.noise_channel_names:
@@ -238,7 +245,7 @@ class FCN3Module(L.LightningModule):
                 length_scales_km=hp.noise_length_scales_km,
                 sigma=hp.noise_sigma,
                 lambd=hp.noise_lambd,
-                **extra,
+                layers=layers,
             )
         self.forecaster = EnsembleForecaster(net, noise)
         if hp.init_from:

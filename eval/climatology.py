@@ -324,24 +324,39 @@ class ObsClimatology:
         cols, mat = window_plan(self.times, batch, self.years, self.window)
         assert self.read_obs is not None
         n_fields = int(np.prod(self._shape))
-        sums = np.zeros((len(batch), n_fields))
-        wsum = np.zeros((len(batch), n_fields))
+        # float64 accumulators; the weight sums stay one column (the same for every point) until a point is missing.
+        # Lean, as a batch holds every valid time of a forecast when it is scored while it is made.
+        sums: np.ndarray | None = None
+        wsum = np.zeros((len(batch), 1))
         dtype = np.dtype(np.float32)
         step = max(1, int(64 * 2**20 // max(1, 4 * n_fields)))  # ~64 MB of truth per read
         for s in range(0, len(cols), step):
             raw = self.read_obs(cols[s : s + step])
             dtype = raw.dtype
             x = raw.reshape(raw.shape[0], -1).astype(np.float64)
+            del raw
             ok = np.isfinite(x)
             m = mat[:, s : s + step]
             if ok.all():
-                sums += m @ x
+                part = m @ x
                 wsum += m.sum(1, keepdims=True)
             else:
-                sums += m @ np.where(ok, x, 0.0)
+                part = m @ np.where(ok, x, 0.0)
+                if wsum.shape[1] == 1:
+                    wsum = np.repeat(wsum, n_fields, axis=1)
                 wsum += m @ ok
+            del x, ok
+            if sums is None:
+                sums = part
+            else:
+                sums += part
+            del part
+        if sums is None:
+            sums = np.zeros((len(batch), n_fields))
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = (sums / wsum).astype(dtype)
+            sums /= wsum
+            mean = sums.astype(dtype)
+        del sums
         for t, row in zip(batch, mean, strict=True):
             self._cache.put(t, row.reshape(self._shape))
 

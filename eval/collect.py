@@ -220,40 +220,67 @@ class _Categories:
         }
 
     def frame(self, pieces: list[dict[str, Any]], order: list[str]) -> pd.DataFrame:
-        """Concatenate pieces; map labels to variable and level; sort by ``order``."""
-        cols: dict[str, list[np.ndarray]] = {}
-        for p in pieces:
-            n = p["value"].size
-            for k, v in p.items():
-                cols.setdefault(k, []).append(np.full(n, v) if np.ndim(v) == 0 else np.asarray(v))
-        data = {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
+        """Concatenate pieces (the list is emptied as it is read); map labels to variable and level; sort by ``order``.
+
+        Lean in memory (scoring while forecasting holds every lead time's results only here): each column is filled
+        in place (scalars broadcast, integer codes int32), the pieces are dropped once copied, and the rows are sorted
+        by one mixed-radix int64 key of the columns' ranks (the order ``np.lexsort`` of the columns gives, stable), not
+        by a full-size key array per column.
+        """
         if not pieces:
             return pd.DataFrame(columns=[*order, "value"])
+        n = sum(p["value"].size for p in pieces)
+        data: dict[str, np.ndarray] = {}
+        for k in pieces[0]:
+            dtype = np.result_type(*[np.asarray(p[k]).dtype for p in pieces])
+            col = np.empty(n, dtype=np.int32 if np.issubdtype(dtype, np.integer) else dtype)
+            pos = 0
+            for p in pieces:
+                m = p["value"].size
+                col[pos : pos + m] = p[k]
+                pos += m
+            data[k] = col
+        pieces.clear()
         var_names = sorted({lab.split("/")[0] for lab in self.labels})
-        var_of = np.array([var_names.index(lab.split("/")[0]) for lab in self.labels], dtype=np.int64)
+        var_of = np.array([var_names.index(lab.split("/")[0]) for lab in self.labels], dtype=np.int32)
         lev_of = np.array([float(lab.split("/")[1]) if "/" in lab else np.nan for lab in self.labels])
-        label = data.pop("label").astype(np.int64)
+        label = data.pop("label")
         out: dict[str, Any] = {}
-        keys: list[np.ndarray] = []
+        key = np.zeros(n, dtype=np.int64)
+        radix = 1
+        ranks: list[np.ndarray] = []  # kept only when the combined key would overflow
         for col in order:
             if col == "variable":
                 codes, cats = var_of[label], var_names
             elif col == "region":
-                codes, cats = data["region"].astype(np.int64), self.regions
+                codes, cats = data.pop("region"), self.regions
             elif col in self.pieces_meta:
-                codes, cats = data[col].astype(np.int64), self.pieces_meta[col]
+                codes, cats = data.pop(col), self.pieces_meta[col]
             elif col == "level":
                 codes, cats = lev_of[label], None
             else:
-                codes, cats = data[col], None
+                codes, cats = data.pop(col), None
             if cats is not None:
                 # sort by the names, not by first appearance
-                rank = np.argsort(np.argsort(np.asarray(cats, dtype=object)))
-                keys.append(rank[codes])
+                rank = np.argsort(np.argsort(np.asarray(cats, dtype=object)))[codes]
+                size = len(cats)
                 out[col] = pd.Categorical.from_codes(codes, categories=list(cats))
             else:
-                keys.append(np.nan_to_num(np.asarray(codes, dtype=np.float64), nan=-1.0))
+                _, rank = np.unique(np.nan_to_num(np.asarray(codes, dtype=np.float64), nan=-1.0), return_inverse=True)
+                size = int(rank.max()) + 1
                 out[col] = codes
-        out["value"] = data["value"]
-        idx = np.lexsort(keys[::-1])
-        return pd.DataFrame({k: (v.take(idx) if isinstance(v, pd.Categorical) else np.asarray(v)[idx]) for k, v in out.items()})
+            if ranks or radix * size >= 2**62:
+                ranks.append(rank)
+            else:
+                key *= size
+                key += rank
+                radix *= size
+            del rank
+        out["value"] = data.pop("value")
+        idx = np.lexsort([*ranks[::-1], key]) if ranks else np.argsort(key, kind="stable")
+        del key, ranks
+        cols = {}
+        for k in list(out):
+            v = out.pop(k)
+            cols[k] = v.take(idx) if isinstance(v, pd.Categorical) else np.asarray(v)[idx]
+        return pd.DataFrame(cols)

@@ -34,17 +34,26 @@ SPECTRA_COLUMNS = ["eval", "dataset", "variable", "level", "lead_time_hours", "l
 
 
 _NUMBER_AS_TEXT = ("level", "lead_time_hours", "bin", "zonal_wavenumber")
+#: rows converted to text at once by :func:`write_csv`
+CSV_ROWS = 1 << 16
 
 
-def _number_column(values: pd.Series) -> Any:
-    """Integral numbers as integers (500, not 500.0), missing as empty: a nullable pyarrow array."""
+def _number_column(values: pd.Series, integral: bool | None = None) -> Any:
+    """Integral numbers as integers (500, not 500.0), missing as empty: a nullable pyarrow array.
+
+    ``integral``: whether to write integers (default: whether every present value of ``values`` is whole).
+    """
     import pyarrow as pa
 
-    a = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    a = _numbers(values)
     missing = np.isnan(a)
-    if np.all(np.mod(a[~missing], 1.0) == 0):
+    if integral if integral is not None else np.all(np.mod(a[~missing], 1.0) == 0):
         return pa.array(np.where(missing, 0, a).astype(np.int64), mask=missing)
     return pa.array(a, mask=missing)
+
+
+def _numbers(values: pd.Series) -> np.ndarray:
+    return pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
 
 
 def write_csv(df: pd.DataFrame, columns: list[str], path: Path) -> None:
@@ -55,22 +64,30 @@ def write_csv(df: pd.DataFrame, columns: list[str], path: Path) -> None:
     except ImportError:  # pragma: no cover - pandas ships with pyarrow here; keep a (slower) path without it
         _write_csv_pandas(df, columns, path)
         return
-    arrays = []
-    for col in columns:
-        s = df[col] if col in df else pd.Series([np.nan] * len(df))
-        if col in _NUMBER_AS_TEXT:
-            arrays.append(_number_column(s))
-        elif col in ("value", "latitude"):
-            arrays.append(pa.array(s.to_numpy(dtype=np.float64)))
-        else:
-            arrays.append(
-                pa.array(s.astype(str).to_numpy(dtype=object) if not isinstance(s.dtype, pd.CategoricalDtype) else s).cast(pa.string())
-            )
-    table = pa.table(arrays, names=columns)
-    # our strings never hold a delimiter or quote: no quoting (header included), like the fixture's files
+    # in slices of rows: the text of a slice, not of the whole frame, is in memory at once (the frame may hold every
+    # lead time's spectra)
+    # integers or not: decided over the whole column, so that every slice writes a column alike
+    integral = {}
+    for col in _NUMBER_AS_TEXT:
+        if col in columns and col in df:
+            a = _numbers(df[col])
+            integral[col] = bool(np.all(np.mod(a[~np.isnan(a)], 1.0) == 0))
     with open(path, "wb") as f:
         f.write((",".join(columns) + "\n").encode())
-        pacsv.write_csv(table, f, pacsv.WriteOptions(quoting_style="none", include_header=False))
+        for start in range(0, len(df), CSV_ROWS):
+            part = df.iloc[start : start + CSV_ROWS]
+            arrays = []
+            for col in columns:
+                s = part[col] if col in part else pd.Series([np.nan] * len(part))
+                if col in _NUMBER_AS_TEXT:
+                    arrays.append(_number_column(s, integral.get(col)))
+                elif col in ("value", "latitude"):
+                    arrays.append(pa.array(s.to_numpy(dtype=np.float64)))
+                else:
+                    text = s if isinstance(s.dtype, pd.CategoricalDtype) else s.astype(str).to_numpy(dtype=object)
+                    arrays.append(pa.array(text).cast(pa.string()))
+            # our strings never hold a delimiter or quote: no quoting (header included), like the fixture's files
+            pacsv.write_csv(pa.table(arrays, names=columns), f, pacsv.WriteOptions(quoting_style="none", include_header=False))
 
 
 def _write_csv_pandas(df: pd.DataFrame, columns: list[str], path: Path) -> None:

@@ -763,3 +763,32 @@ def test_preset_wbx(tmp_path):
 def test_init_every_hours_must_divide_a_day(tmp_path, capsys):
     code, _ = _cli(tmp_path, *_small(), "--init-every-hours", "7")
     assert code == 2 and "--init-every-hours must divide 24" in capsys.readouterr().err
+
+
+def test_csv_written_in_slices_keeps_each_number_column_alike(tmp_path: Path) -> None:
+    """write_csv converts the frame in row slices (bounded memory); a column whose only non-whole number lies in a
+    later slice does not change how the other slices write it, and every row arrives in order."""
+    from fcn3_lightning.eval.results import CSV_ROWS, SPECTRA_COLUMNS, write_csv
+
+    n = CSV_ROWS + 10
+    lead = np.full(n, 6.0)
+    lead[-1] = 1.5  # the only non-whole lead, in the second slice
+    df = pd.DataFrame(
+        {
+            "eval": pd.Categorical(["zonal_energy_spectrum"] * n),
+            "dataset": pd.Categorical(["obs"] * n),
+            "variable": pd.Categorical(["geopotential"] * n),
+            "level": np.full(n, 500.0),
+            "lead_time_hours": lead,
+            "latitude": np.linspace(-90, 90, n),
+            "zonal_wavenumber": np.arange(n) % 91,
+            "value": np.arange(n) * 0.1,
+        }
+    )
+    write_csv(df, SPECTRA_COLUMNS, tmp_path / "s.csv")
+    lines = (tmp_path / "s.csv").read_text().splitlines()
+    assert len(lines) == n + 1
+    assert [line.split(",")[4] for line in (lines[1], lines[CSV_ROWS + 1], lines[-1])] == ["6", "6", "1.5"]
+    back = pd.read_csv(tmp_path / "s.csv")
+    np.testing.assert_array_equal(back["value"].to_numpy(), df["value"].to_numpy())
+    assert back["level"].tolist()[:2] == [500, 500] and lines[1].split(",")[3] == "500"

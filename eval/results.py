@@ -60,7 +60,7 @@ def write_csv(df: pd.DataFrame, columns: list[str], path: Path) -> None:
         s = df[col] if col in df else pd.Series([np.nan] * len(df))
         if col in _NUMBER_AS_TEXT:
             arrays.append(_number_column(s))
-        elif col in ("value", "latitude"):
+        elif col in ("value", "latitude") or pd.api.types.is_float_dtype(s.dtype):
             arrays.append(pa.array(s.to_numpy(dtype=np.float64)))
         else:
             arrays.append(

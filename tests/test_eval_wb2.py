@@ -825,3 +825,62 @@ def test_preset_wbx(tmp_path):
 def test_init_every_hours_must_divide_a_day(tmp_path, capsys):
     code, _ = _cli(tmp_path, *_small(), "--init-every-hours", "7")
     assert code == 2 and "--init-every-hours must divide 24" in capsys.readouterr().err
+
+
+def test_evaluate_intervals_equal_an_independent_bootstrap(runs):
+    """intervals.csv: the IID bootstrap of every score over the per-init records, as an independent numpy resampling
+    (statistics' documented draws: default_rng([seed, 0]).integers(0, n, (1000, n)), 2.5 / 97.5 % quantiles); the
+    netCDF's {variable}_lower / _upper are the CSV's stationary interval."""
+    out = runs["ens"]
+    iv = pd.read_csv(out / "intervals.csv")
+    pi = _read(out / "per_init.csv")
+    scores = _read(out / "scores.csv")
+    assert {"persistence_baseline", "probabilistic_climatology_baseline", "probabilistic", "ensemble_mean_deterministic"} <= set(iv["eval"])
+    assert not iv["metric"].str.contains("ratio").any()  # ratios get no interval
+    iv["level"] = iv["level"].fillna(-1).astype(int)
+    n = pi["init_time"].nunique()
+    idx = np.random.default_rng([0, 0]).integers(0, n, size=(1000, n))
+    checked = 0
+    for ev, metric, rms in [
+        ("ensemble_mean_deterministic", "rmse", True),
+        ("probabilistic", "crps", False),
+        ("persistence_baseline", "mae", False),
+        ("climatology_baseline_deterministic", "rmse", True),
+        ("probabilistic_climatology_baseline", "crps", False),
+    ]:
+        for region in ("global", "tropics"):
+            for (var, lev, lead), g in pi[(pi["eval"] == f"{ev}_temporal") & (pi["metric"] == metric) & (pi["region"] == region)].groupby(
+                ["variable", "level", "lead_time_hours"]
+            ):
+                v = g.sort_values("init_time")["value"].to_numpy()
+                boot = np.sqrt((v[idx] ** 2).mean(1)) if rms else v[idx].mean(1)
+                lo, hi = np.quantile(boot, [0.025, 0.975])
+                key = (iv["eval"] == ev) & (iv["metric"] == metric) & (iv["region"] == region) & (iv["variable"] == var)
+                key &= (iv["level"] == lev) & (iv["lead_time_hours"] == lead)
+                row = iv[key].iloc[0]
+                assert abs(row["lower_iid"] - lo) <= 1e-12 * abs(lo) and abs(row["upper_iid"] - hi) <= 1e-12 * abs(hi)
+                s = scores[
+                    (scores["eval"] == ev)
+                    & (scores["metric"] == metric)
+                    & (scores["region"] == region)
+                    & (scores["variable"] == var)
+                    & (scores["level"] == lev)
+                    & (scores["lead_time_hours"] == lead)
+                ]
+                np.testing.assert_allclose(row["value"], s["value"].item(), rtol=1e-6)  # the score the interval is about
+                assert row["n_inits"] == n and row["lower"] <= row["value"] <= row["upper"]
+                checked += 1
+    print(f"evaluate intervals checked against an independent bootstrap: {checked}")
+    assert checked >= 5 * 2 * 3
+    with xr.open_dataset(out / "probabilistic.nc", engine="h5netcdf") as ds:
+        row = iv[
+            (iv["eval"] == "probabilistic")
+            & (iv["metric"] == "crps")
+            & (iv["region"] == "global")
+            & (iv["variable"] == "geopotential")
+            & (iv["level"] == 500)
+            & (iv["lead_time_hours"] == 24)
+        ].iloc[0]
+        sel = dict(metric="crps", region="global", level=500, lead_time=np.timedelta64(24, "h"))
+        assert float(ds["geopotential_lower"].sel(sel)) == row["lower"] and float(ds["geopotential_upper"].sel(sel)) == row["upper"]
+        assert np.isnan(float(ds["geopotential_lower"].sel(sel | {"metric": "spread_skill_ratio"})))

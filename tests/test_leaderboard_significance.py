@@ -120,3 +120,34 @@ def test_one_init_warns_and_tests_nothing(tmp_path):
     assert "ref: 1 initialisation time(s): a bootstrap needs at least 2; no RMSE intervals" in res.stderr
     assert "new vs ref: 1 shared initialisation time(s) for RMSE: a paired test needs at least 2; no significance" in res.stderr
     assert len(pd.read_csv(tmp_path / "board" / "significance.csv")) == 0
+
+
+def test_baselines_of_evaluate_are_tested(tmp_path):
+    """``evaluate`` keeps the baselines' per-init records, so ``leaderboard --reference`` tests them like the models."""
+    from fcn3_lightning.eval.harness import Options, evaluate
+
+    fixture = Path(__file__).parent / "data" / "wb2_fixture_5p625"
+    out = {}
+    for kind in ("det", "ens"):
+        out[kind] = tmp_path / kind
+        evaluate(
+            fixture / f"forecast_{kind}.zarr",
+            fixture / "obs.zarr",
+            out[kind],
+            fixture / "climatology.zarr",
+            Options(regions=["global"], variables=["geopotential"], levels=[500], progress=False),
+        )
+    res = _cli(str(out["det"]), str(out["ens"]), "--reference", "forecast_ens", "--out", str(tmp_path / "board"))
+    assert res.returncode == 0, res.stderr
+    assert "no per-init" not in res.stderr and "no per_init" not in res.stderr, res.stderr
+    sig = pd.read_csv(tmp_path / "board" / "significance.csv")
+    tested = set(zip(sig["model"], sig["score"], strict=True))
+    # persistence's CRPS is its MAE (a one-member ensemble); the climatology has no CRPS
+    expected = {("persistence", "RMSE"), ("persistence", "CRPS"), ("climatology", "RMSE"), ("probabilistic climatology", "CRPS")}
+    assert expected <= tested, tested
+    assert sig["p_bootstrap"].between(0, 1).all() and len(sig) == len(tested) * 3  # 3 lead times each
+    # the baselines' scores in the test are the leaderboard's (the time means of evaluate's scores.csv)
+    scores = pd.read_csv(out["ens"] / "scores.csv")
+    p = sig[(sig["model"] == "persistence") & (sig["score"] == "RMSE") & (sig["lead_time_hours"] == 24)].iloc[0]
+    want = scores[(scores["eval"] == "persistence_baseline") & (scores["metric"] == "rmse") & (scores["lead_time_hours"] == 24)]
+    np.testing.assert_allclose(p["value"], want["value"].item(), rtol=1e-12)

@@ -128,10 +128,11 @@ class Result:
     notes: list[str] = field(default_factory=list)
 
     def p_values(self) -> dict[tuple[str, str, str, float, int], float]:
-        """(model, score, variable, level, lead) -> p_bootstrap against the reference."""
+        """(model, score, variable, level, lead) -> p_bootstrap against the reference; level ``_NO_LEVEL`` for a 2-D
+        variable (NaN would never match a lookup: NaN != NaN)."""
         s = self.significance
         return {
-            (m, sc, v, float(lev), int(h)): float(p)
+            (m, sc, v, _NO_LEVEL if np.isnan(lev) else float(lev), int(h)): float(p)
             for m, sc, v, lev, h, p in zip(
                 s["model"], s["score"], s["variable"], s["level"], s["lead_time_hours"], s["p_bootstrap"], strict=True
             )

@@ -88,6 +88,26 @@ def test_panels_marked_where_not_significant(tmp_path):
     assert round(float(p.rel.loc["z500", 24]), 9) == -30.0
 
 
+def test_two_dimensional_variables_are_marked(tmp_path):
+    """A 2-D variable (no level) gets its p-values in the scorecard too (its level is NaN in significance.csv)."""
+    from fcn3_lightning.eval import significance
+    from fcn3_lightning.eval.leaderboard import collect_entries, load_runs
+    from fcn3_lightning.eval.scorecard import attach_p_values, reference_pairs, scorecard_panels
+
+    rng = np.random.default_rng(2)
+    ref24, same48 = _series(rng, 1.0), _series(rng, 1.0)
+    a = _write(tmp_path, "ref", {("2m_temperature", None, 24): ref24, ("2m_temperature", None, 48): same48})
+    b = _write(tmp_path, "new", {("2m_temperature", None, 24): 0.7 * ref24, ("2m_temperature", None, 48): same48})
+    runs = load_runs([a, b])
+    result = significance.compute(collect_entries(runs, "global"), runs, "global", "ref")
+    panels = scorecard_panels(runs, "global", reference_pairs("ref"), "ref")
+    attach_p_values(panels, result.p_values())
+    (p,) = [p for p in panels if p.score == "RMSE"]
+    assert p.p is not None, "the 2-D variable's cells were not looked up"
+    row = p.p.iloc[0]
+    assert row[24] < 0.05 and row[48] == 1.0
+
+
 def test_different_variables_merged_and_named(tmp_path):
     rng = np.random.default_rng(2)
     a = _write(tmp_path, "ref", {("geopotential", 500.0, 24): _series(rng, 1), ("temperature", 850.0, 24): _series(rng, 1)})

@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
+from fcn3_lightning.eval import significance
 from fcn3_lightning.eval.baselines import BASELINE_EVALS
-from fcn3_lightning.eval.plan import Plan, iso
+from fcn3_lightning.eval.plan import Plan, iso, warn
 from fcn3_lightning.eval.results import (
     PER_INIT_COLUMNS,
     RANK_COLUMNS,
@@ -63,12 +64,29 @@ def collect(
         "rank_histogram": cats.frame(ranks, ["eval", "variable", "metric", "level", "lead_time_hours", "bin"]),
         "spectra": cats.frame(spectra, ["eval", "dataset", "variable", "level", "lead_time_hours", "latitude", "zonal_wavenumber"]),
     }
-    if "persistence" in plan.baselines:  # persistence's CRPS: that of a one-member ensemble, its MAE
-        sc = frames["scores"]
-        mae = sc[(sc["eval"] == BASELINE_EVALS["persistence"]) & (sc["metric"] == "mae")].copy()
-        mae["metric"] = pd.Categorical(["crps"] * len(mae), categories=sc["metric"].cat.categories)
-        frames["scores"] = pd.concat([sc, mae], ignore_index=True)
+    if "persistence" in plan.baselines:  # persistence's CRPS: that of a one-member ensemble, its MAE (per init too)
+        for frame, ev in (("scores", BASELINE_EVALS["persistence"]), ("per_init", f"{BASELINE_EVALS['persistence']}_temporal")):
+            frames[frame] = _mae_as_crps(frames[frame], ev)
+    # the scores' bootstrap intervals over the inits, from the per-init records (one home: .significance)
+    frames["intervals"], notes = significance.run_intervals(frames["per_init"], seed=plan.opt.seed)
+    for note in notes:
+        warn(f"intervals: {note}", plan.notes)
     return frames
+
+
+def _mae_as_crps(df: pd.DataFrame, eval_name: str) -> pd.DataFrame:
+    """``df`` plus a copy of ``eval_name``'s mae rows named crps."""
+    if df.empty:
+        return df
+    mae = df[(df["eval"] == eval_name) & (df["metric"] == "mae")].copy()
+    if mae.empty:
+        return df
+    cats = df["metric"].cat.categories
+    if "crps" not in cats:
+        df["metric"] = df["metric"].cat.add_categories(["crps"])
+        cats = df["metric"].cat.categories
+    mae["metric"] = pd.Categorical(["crps"] * len(mae), categories=cats)
+    return pd.concat([df, mae], ignore_index=True)
 
 
 def evals(plan: Plan) -> list[str]:
@@ -129,13 +147,37 @@ def writers(plan: Plan, frames: dict[str, pd.DataFrame]) -> dict[str, Any]:
     }
     if plan.ensemble:
         out["rank_histogram.csv"] = lambda p: write_csv(frames["rank_histogram"], RANK_COLUMNS, p)
+    intervals = frames.get("intervals")
+    if intervals is not None and len(intervals):
+        out["intervals.csv"] = lambda p: write_csv(intervals, significance.RUN_INTERVAL_COLUMNS, p)
     attrs = {"model": plan.name, "forecast": plan.paths["forecast"], "obs": plan.paths["obs"], "climatology": plan.clim_desc}
     scores = frames["scores"]
     for ev in evals(plan):
         df = scores[scores["eval"] == ev]
         if len(df):
-            out[f"{ev}.nc"] = lambda p, df=df, ev=ev: write_netcdf(eval_dataset(df, ev, attrs), p)
+            out[f"{ev}.nc"] = lambda p, df=df, ev=ev: write_netcdf(_with_intervals(eval_dataset(df, ev, attrs), df, intervals, ev), p)
     return out
+
+
+def _with_intervals(ds: xr.Dataset, df: pd.DataFrame, intervals: pd.DataFrame | None, ev: str) -> xr.Dataset:
+    """``ds`` (an eval's netCDF) plus ``{variable}_lower`` / ``{variable}_upper``: the stationary-bootstrap 95 %
+    interval of each score, NaN where it has none (no per-init records, a ratio, fewer than 2 inits)."""
+    if intervals is None or not (intervals["eval"] == ev).any():
+        return ds
+    keys = ["variable", "metric", "region", "level", "lead_time_hours"]
+    iv = intervals.loc[intervals["eval"] == ev, [*keys, "lower", "upper"]]
+    left = df.assign(**{k: df[k].astype(str) for k in ("variable", "metric", "region")})
+    iv = iv.assign(**{k: iv[k].astype(str) for k in ("variable", "metric", "region")})
+    for frame in (left, iv):
+        frame["level"] = pd.to_numeric(frame["level"], errors="coerce").fillna(-1.0)
+        frame["lead_time_hours"] = frame["lead_time_hours"].astype(np.float64)
+    both = left.merge(iv, on=keys, how="left", validate="many_to_one")
+    for bound in ("lower", "upper"):
+        # the same rows as ds's: the same coordinates
+        b = eval_dataset(df.assign(value=both[bound].to_numpy()), ev, {})
+        ds = ds.assign({f"{v}_{bound}": b[v] for v in b.data_vars})
+    ds.attrs["intervals"] = "{variable}_lower/_upper: 95 % stationary-bootstrap interval over inits (intervals.csv: also IID, block length)"
+    return ds
 
 
 class _Categories:

@@ -81,7 +81,7 @@ def write_csv(df: pd.DataFrame, columns: list[str], path: Path) -> None:
                 s = part[col] if col in part else pd.Series([np.nan] * len(part))
                 if col in _NUMBER_AS_TEXT:
                     arrays.append(_number_column(s, integral.get(col)))
-                elif col in ("value", "latitude"):
+                elif col in ("value", "latitude") or pd.api.types.is_float_dtype(s.dtype):
                     arrays.append(pa.array(s.to_numpy(dtype=np.float64)))
                 else:
                     text = s if isinstance(s.dtype, pd.CategoricalDtype) else s.astype(str).to_numpy(dtype=object)

@@ -67,8 +67,9 @@ CRPS_KEYS = CRPS_SCORES
 PROB_SS_KEYS = SPREAD_SKILL_SCORES
 ENERGY_KEYS = ENERGY_SCORES
 EXP_SS_KEYS = ("ensemble_mean_rmse_sqrt_before_time_avg", "ensemble_stddev_sqrt_before_time_avg", "spread_skill_ratio_sqrt_before_time_avg")
-#: evals whose per-initialisation values go to per_init.csv (as ``{eval}_temporal``)
-TEMPORAL_EVALS = ("deterministic", "ensemble_mean_deterministic", "probabilistic")
+#: evals whose per-initialisation values go to per_init.csv (as ``{eval}_temporal``): the model's, and the baselines'
+#: (WB2 keeps none for them; the leaderboard's paired tests and intervals need them for every entry)
+TEMPORAL_EVALS = ("deterministic", "ensemble_mean_deterministic", "probabilistic", *BASELINE_EVALS.values())
 
 
 @dataclass
@@ -239,14 +240,17 @@ class Scorer:
         else:
             det_eval("deterministic", True, True, "deterministic" in TEMPORAL_EVALS)
         if "persistence" in self.plan.baselines:
-            det_eval(BASELINE_EVALS["persistence"], True, True, False)
+            name = BASELINE_EVALS["persistence"]
+            det_eval(name, True, True, name in TEMPORAL_EVALS)
         if "climatology" in self.plan.baselines:
-            det_eval(BASELINE_EVALS["climatology"], False, False, False)
+            name = BASELINE_EVALS["climatology"]
+            det_eval(name, False, False, name in TEMPORAL_EVALS)
         pclim: dict[str, GriddedMetric] = {}
         if self.plan.pclim is not None:
             name = BASELINE_EVALS["probabilistic_climatology"]
-            pclim = {"crps": self._make(CRPS, labels, leads), "ss": self._make(SpreadSkill, labels, leads)}
-            parts += [Part(name, pclim["crps"], CRPS_KEYS, labels), Part(name, pclim["ss"], PROB_SS_KEYS, labels)]
+            t = name in TEMPORAL_EVALS
+            pclim = {"crps": self._make(CRPS, labels, leads, record=t), "ss": self._make(SpreadSkill, labels, leads, record=t)}
+            parts += [Part(name, pclim["crps"], CRPS_KEYS, labels, t), Part(name, pclim["ss"], PROB_SS_KEYS, labels, t)]
         spec = None
         if g.spectra:
             sp_labels = [labels[i] for i in g.spectra]

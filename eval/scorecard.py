@@ -137,7 +137,8 @@ def attach_p_values(panels: Sequence[Panel], p_values: Mapping[tuple[str, str, s
         vals = np.full(panel.rel.shape, np.nan)
         for i, (var, lev) in enumerate(panel.keys):
             for j, h in enumerate(panel.rel.columns):
-                vals[i, j] = p_values.get((panel.model, panel.score, var, float(lev), int(h)), np.nan)
+                level = _NO_LEVEL if np.isnan(float(lev)) else float(lev)  # the key p_values() gives a 2-D variable
+                vals[i, j] = p_values.get((panel.model, panel.score, var, level, int(h)), np.nan)
         panel.p = pd.DataFrame(vals, index=panel.rel.index, columns=panel.rel.columns) if np.isfinite(vals).any() else None
 
 

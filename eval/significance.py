@@ -10,9 +10,13 @@ takes, ``{eval}_temporal``), and with :mod:`.statistics`
 * ``significance``: each entry against the reference model on the inits both have: the difference, its paired
   stationary-bootstrap interval, ``p_bootstrap`` and ``p_ttest`` (AR(1) effective sample size ``n_eff``).
 
-Entries without per-init records (baselines, whose evals keep none) or with fewer than 2 shared inits get no test;
-:func:`compute` says so in its notes. Below 8 inits the automatic block length is not defined: the block length is
-then 1 (the IID bootstrap), with a note.
+Entries without per-init records (an evaluation made with ``--per-init-regions`` that leaves the region out, or
+written before the baselines kept theirs) or with fewer than 2 shared inits get no test; :func:`compute` says so in
+its notes. Below 8 inits the automatic block length is not defined: the block length is then 1 (the IID bootstrap),
+with a note.
+
+:func:`run_intervals` gives ``evaluate``'s own ``intervals.csv``: the same intervals for every per-init record of
+one run (every eval, metric and region with an interval, see :func:`.statistics.aggregation`).
 """
 
 from __future__ import annotations
@@ -124,10 +128,11 @@ class Result:
     notes: list[str] = field(default_factory=list)
 
     def p_values(self) -> dict[tuple[str, str, str, float, int], float]:
-        """(model, score, variable, level, lead) -> p_bootstrap against the reference."""
+        """(model, score, variable, level, lead) -> p_bootstrap against the reference; level ``_NO_LEVEL`` for a 2-D
+        variable (NaN would never match a lookup: NaN != NaN)."""
         s = self.significance
         return {
-            (m, sc, v, float(lev), int(h)): float(p)
+            (m, sc, v, _NO_LEVEL if np.isnan(lev) else float(lev), int(h)): float(p)
             for m, sc, v, lev, h, p in zip(
                 s["model"], s["score"], s["variable"], s["level"], s["lead_time_hours"], s["p_bootstrap"], strict=True
             )
@@ -136,6 +141,72 @@ class Result:
 
 def _block(n: int) -> float | None:
     return None if n >= st.MIN_INITS_AUTO else 1.0
+
+
+#: the interval columns after the keys, as :func:`interval_columns` gives them
+STAT_COLUMNS = ("value", "lower_iid", "upper_iid", "lower", "upper", "block_length")
+
+
+def interval_columns(values: np.ndarray, metrics: Sequence[str], seed: int = 0) -> dict[str, np.ndarray]:
+    """The 95 % IID and stationary-bootstrap intervals of each row of ``values`` ``(R, n)`` (n >= 2 inits in time
+    order; row i a score of metric ``metrics[i]``): ``n_inits`` and :data:`STAT_COLUMNS`, NaN for rows whose metric
+    has no interval (a ratio, :func:`.statistics.aggregation`)."""
+    r, n = values.shape
+    out = {c: np.full(r, np.nan) for c in ("n_inits", *STAT_COLUMNS)}
+    for how in ("mean", "rms"):
+        rows = np.array([i for i, m in enumerate(metrics) if st.aggregation(m) == how], dtype=np.int64)
+        if not rows.size:
+            continue
+        vals = values[rows]
+        iid = st.bootstrap_intervals(vals, how, method="iid", seed=seed)
+        blk = st.bootstrap_intervals(vals, how, method="stationary", block_length=_block(n), seed=seed)
+        for col, a in zip(STAT_COLUMNS, (blk.value, iid.lower, iid.upper, blk.lower, blk.upper, blk.block_length), strict=True):
+            out[col][rows] = a
+        out["n_inits"][rows] = n
+    return out
+
+
+RUN_INTERVAL_COLUMNS = ["eval", "variable", "metric", "region", "level", "lead_time_hours", "n_inits", *STAT_COLUMNS]
+_RUN_KEYS = ["eval", "metric", "region", "variable", "level", "lead_time_hours"]
+
+
+def run_intervals(per_init: pd.DataFrame, seed: int = 0, chunk: int = 4096) -> tuple[pd.DataFrame, list[str]]:
+    """``evaluate``'s intervals: for every score of one run with per-init records (``per_init``: the frame of
+    ``per_init.csv``), its 95 % bootstrap intervals over the inits; ``eval`` without its ``_temporal``. Returns the
+    frame (:data:`RUN_INTERVAL_COLUMNS`) and notes (too few inits, block length 1)."""
+    import pandas as pd
+
+    notes: list[str] = []
+    empty = pd.DataFrame(columns=RUN_INTERVAL_COLUMNS)
+    if per_init.empty:
+        return empty, notes
+    df = per_init.loc[:, [*_RUN_KEYS, "init_time", "value"]].copy()
+    for c in ("eval", "metric", "region", "variable", "init_time"):
+        df[c] = df[c].astype(str)
+    df["level"] = pd.to_numeric(df["level"], errors="coerce").fillna(_NO_LEVEL)
+    df = df[[st.aggregation(m) is not None for m in df["metric"]]]
+    inits = sorted(set(df["init_time"]))
+    if len(inits) < st.MIN_INITS:
+        notes.append(f"{len(inits)} initialisation time(s): a bootstrap needs at least {st.MIN_INITS}; no intervals")
+        return empty, notes
+    if len(inits) < st.MIN_INITS_AUTO:
+        notes.append(f"{len(inits)} inits (< {st.MIN_INITS_AUTO}): intervals with block length 1 (no allowance for correlated inits)")
+    m = df.pivot_table(index=_RUN_KEYS, columns="init_time", values="value", aggfunc="first", dropna=False, observed=True)
+    m = m.reindex(columns=inits)
+    m = m[m.notna().any(axis=1)]
+    frames = []
+    for start in range(0, len(m), chunk):  # bounded memory: (chunk, n_boot) resampled scores at a time
+        part = m.iloc[start : start + chunk]
+        metrics = list(part.index.get_level_values("metric"))
+        iv = interval_columns(part.to_numpy(dtype=float), metrics, seed)
+        frames.append(part.index.to_frame(index=False).assign(**iv))
+    out = pd.concat(frames, ignore_index=True)
+    out["eval"] = out["eval"].str.removesuffix("_temporal")
+    out["level"] = out["level"].where(out["level"] != _NO_LEVEL, np.nan)
+    out["n_inits"] = out["n_inits"].astype(int)
+    return out.sort_values(_RUN_KEYS[:1] + ["variable", "metric", "region", "level", "lead_time_hours"], kind="stable")[
+        RUN_INTERVAL_COLUMNS
+    ].reset_index(drop=True), notes
 
 
 def compute(entries: Sequence[Entry], runs: Mapping[str, pd.DataFrame], region: str, reference: str | None, seed: int = 0) -> Result:
@@ -164,34 +235,13 @@ def compute(entries: Sequence[Entry], runs: Mapping[str, pd.DataFrame], region: 
             continue
         if n < st.MIN_INITS_AUTO:
             notes.append(f"{name}: {n} inits (< {st.MIN_INITS_AUTO}): block length 1 (no allowance for correlated inits)")
-        for how in ("mean", "rms"):
-            keys = [k for k in m.index if st.aggregation(src[k][1]) == how]
-            if not keys:
+        keys = list(m.index)
+        iv = interval_columns(m.to_numpy(dtype=float), [src[k][1] for k in keys], seed)
+        for i, (var, lev, lead) in enumerate(keys):
+            if np.isnan(iv["n_inits"][i]):
                 continue
-            vals = m.loc[keys].to_numpy(dtype=float)
-            iid = st.bootstrap_intervals(vals, how, method="iid", seed=seed)
-            blk = st.bootstrap_intervals(vals, how, method="stationary", block_length=_block(n), seed=seed)
-            for i, (var, lev, lead) in enumerate(keys):
-                ev, metric = src[(var, lev, lead)]
-                rows.append(
-                    [
-                        name,
-                        score,
-                        ev,
-                        metric,
-                        region,
-                        var,
-                        lev,
-                        lead,
-                        n,
-                        blk.value[i],
-                        iid.lower[i],
-                        iid.upper[i],
-                        blk.lower[i],
-                        blk.upper[i],
-                        blk.block_length[i],
-                    ]
-                )
+            ev, metric = src[(var, lev, lead)]
+            rows.append([name, score, ev, metric, region, var, lev, lead, n, *(iv[c][i] for c in STAT_COLUMNS)])
     intervals = pd.DataFrame(rows, columns=INTERVAL_COLUMNS)
     sig_rows = []
     if reference is not None:

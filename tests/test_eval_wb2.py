@@ -157,10 +157,72 @@ def test_per_init_matches_reference(runs, name):
     ref = _reference(name)
     keys = [*KEYS, "init_time"]
     ours = pd.concat([_read(runs["det"] / "per_init.csv"), _read(runs["ens"] / "per_init.csv")], ignore_index=True)
+    expected = {"deterministic_temporal", "ensemble_mean_deterministic_temporal", "probabilistic_temporal"}
+    baselines = {f"{b}_temporal" for b in ("persistence_baseline", "climatology_baseline_deterministic")}
+    baselines.add("probabilistic_climatology_baseline_temporal")
+    assert set(ref["eval"]) <= expected and set(ours["eval"]) == expected | baselines
+    # the baselines' records (both runs score them; WB2 keeps none): test_baseline_per_init_records_match_numpy
+    ours = ours[ours["eval"].isin(expected)]
     _compare(ref, ours, keys, f"{name}.csv.gz")
     assert set(ours["region"]) == set(REGIONS)
-    expected = {"deterministic_temporal", "ensemble_mean_deterministic_temporal", "probabilistic_temporal"}
-    assert set(ref["eval"]) <= expected and set(ours["eval"]) == expected
+
+
+def test_baseline_per_init_records_match_numpy(runs):
+    """WB2 keeps no per-init baseline records: ours (the leaderboard's tests need them) against numpy, from the fixture's
+    truth and climatology: persistence, climatology and probabilistic climatology, per init, in two regions."""
+    pi = _read(runs["ens"] / "per_init.csv")
+    meta = json.loads((runs["ens"] / "meta.json").read_text())
+    baselines = ("persistence_baseline", "climatology_baseline_deterministic", "probabilistic_climatology_baseline")
+    assert {f"{b}_temporal" for b in baselines} <= set(meta["per_init_evals"])
+    obs = xr.open_zarr(FIXTURE / "obs.zarr")
+    clim = xr.open_zarr(FIXTURE / "climatology.zarr")
+    fc = xr.open_zarr(FIXTURE / "forecast_ens.zarr", decode_timedelta=True)
+    inits = fc["time"].values
+    lat = obs["latitude"].values
+    cos = np.cos(np.deg2rad(lat))[:, None] * np.ones(obs.sizes["longitude"])
+    masks = {"global": np.ones_like(cos), "tropics": (np.abs(lat) <= 20)[:, None] * np.ones_like(cos)}
+    checked = 0
+    for var, level in (("2m_temperature", -1), ("geopotential", 500)):
+        x = obs[var] if level < 0 else obs[var].sel(level=level)
+        c = clim[var] if level < 0 else clim[var].sel(level=level)
+        for lead in fc["prediction_timedelta"].values:
+            hours = int(lead / np.timedelta64(1, "h"))
+            for region, mask in masks.items():
+                w = cos * mask / (cos * mask).sum()
+                for init in inits:
+                    valid = pd.Timestamp(init + lead)
+                    o = x.sel(time=valid).values.astype(np.float64)
+                    pers = x.sel(time=init).values.astype(np.float64) - o
+                    cl = c.sel(dayofyear=valid.dayofyear, hour=valid.hour).values.astype(np.float64) - o
+                    members = np.stack([x.sel(time=valid.replace(year=y)).values.astype(np.float64) for y in (2017, 2018, 2019)])
+                    m = len(members)
+                    skill = np.abs(members - o).mean(0)
+                    em = members.mean(0) - o
+                    spread = np.abs(members[:, None] - members[None]).sum((0, 1)) / (2 * m * (m - 1))  # WB2's fair estimator
+                    expected = {
+                        ("persistence_baseline_temporal", "mse"): (w * pers**2).sum(),
+                        ("persistence_baseline_temporal", "rmse"): np.sqrt((w * pers**2).sum()),
+                        ("persistence_baseline_temporal", "bias"): (w * pers).sum(),
+                        ("persistence_baseline_temporal", "mae"): (w * np.abs(pers)).sum(),
+                        ("persistence_baseline_temporal", "crps"): (w * np.abs(pers)).sum(),  # a one-member ensemble
+                        ("climatology_baseline_deterministic_temporal", "mse"): (w * cl**2).sum(),
+                        ("climatology_baseline_deterministic_temporal", "rmse"): np.sqrt((w * cl**2).sum()),
+                        ("climatology_baseline_deterministic_temporal", "mae"): (w * np.abs(cl)).sum(),
+                        ("probabilistic_climatology_baseline_temporal", "crps"): (w * (skill - spread)).sum(),
+                        ("probabilistic_climatology_baseline_temporal", "ensemble_mean_rmse"): np.sqrt((w * em**2).sum()),
+                    }
+                    rows = pi[
+                        (pi["variable"] == var)
+                        & (pi["level"] == level)
+                        & (pi["lead_time_hours"] == hours)
+                        & (pi["region"] == region)
+                        & (pd.to_datetime(pi["init_time"]) == pd.Timestamp(init))
+                    ].set_index(["eval", "metric"])["value"]
+                    for key, want in expected.items():
+                        np.testing.assert_allclose(rows.loc[key], want, rtol=1e-5, err_msg=f"{key} {var} {level} {hours} h {region} {init}")
+                        checked += 1
+    print(f"baseline per-init records checked against numpy: {checked}")
+    assert checked == 2 * 3 * 2 * len(inits) * 10
 
 
 def test_per_init_regions_option(tmp_path):
@@ -175,7 +237,7 @@ def test_per_init_regions_option(tmp_path):
     per_init = _read(tmp_path / "o" / "per_init.csv")
     assert set(per_init["region"]) == {"europe"}
     assert set(_read(tmp_path / "o" / "scores.csv")["region"]) == {"global", "tropics", "europe"}
-    assert meta["per_init_evals"] == ["deterministic_temporal"]
+    assert "deterministic_temporal" in meta["per_init_evals"]
     with pytest.raises(ValueError, match=r"--per-init-regions \['arctic'\] are not among the scored regions"):
         evaluate(
             FIXTURE / "forecast_det.zarr",
@@ -712,7 +774,8 @@ def test_default_spectra_are_those_the_store_has(tmp_path, capsys):
     opts = Options(progress=False, regions=["global"], spectra=["geopotential/500", "2m_temperature"])
     meta = evaluate(fc, obs, tmp_path / "b", clim, opts)
     assert meta["spectra"] == ["geopotential/500"]
-    assert meta["warnings"] == ["spectra: '2m_temperature' is not among the scored channels; no spectrum for it"]
+    spectra_warnings = [w for w in meta["warnings"] if not w.startswith("intervals: ")]  # 4 inits: block length 1
+    assert spectra_warnings == ["spectra: '2m_temperature' is not among the scored channels; no spectrum for it"]
 
 
 def test_preset_wbx(tmp_path):
@@ -792,3 +855,62 @@ def test_csv_written_in_slices_keeps_each_number_column_alike(tmp_path: Path) ->
     back = pd.read_csv(tmp_path / "s.csv")
     np.testing.assert_array_equal(back["value"].to_numpy(), df["value"].to_numpy())
     assert back["level"].tolist()[:2] == [500, 500] and lines[1].split(",")[3] == "500"
+
+
+def test_evaluate_intervals_equal_an_independent_bootstrap(runs):
+    """intervals.csv: the IID bootstrap of every score over the per-init records, as an independent numpy resampling
+    (statistics' documented draws: default_rng([seed, 0]).integers(0, n, (1000, n)), 2.5 / 97.5 % quantiles); the
+    netCDF's {variable}_lower / _upper are the CSV's stationary interval."""
+    out = runs["ens"]
+    iv = pd.read_csv(out / "intervals.csv")
+    pi = _read(out / "per_init.csv")
+    scores = _read(out / "scores.csv")
+    assert {"persistence_baseline", "probabilistic_climatology_baseline", "probabilistic", "ensemble_mean_deterministic"} <= set(iv["eval"])
+    assert not iv["metric"].str.contains("ratio").any()  # ratios get no interval
+    iv["level"] = iv["level"].fillna(-1).astype(int)
+    n = pi["init_time"].nunique()
+    idx = np.random.default_rng([0, 0]).integers(0, n, size=(1000, n))
+    checked = 0
+    for ev, metric, rms in [
+        ("ensemble_mean_deterministic", "rmse", True),
+        ("probabilistic", "crps", False),
+        ("persistence_baseline", "mae", False),
+        ("climatology_baseline_deterministic", "rmse", True),
+        ("probabilistic_climatology_baseline", "crps", False),
+    ]:
+        for region in ("global", "tropics"):
+            for (var, lev, lead), g in pi[(pi["eval"] == f"{ev}_temporal") & (pi["metric"] == metric) & (pi["region"] == region)].groupby(
+                ["variable", "level", "lead_time_hours"]
+            ):
+                v = g.sort_values("init_time")["value"].to_numpy()
+                boot = np.sqrt((v[idx] ** 2).mean(1)) if rms else v[idx].mean(1)
+                lo, hi = np.quantile(boot, [0.025, 0.975])
+                key = (iv["eval"] == ev) & (iv["metric"] == metric) & (iv["region"] == region) & (iv["variable"] == var)
+                key &= (iv["level"] == lev) & (iv["lead_time_hours"] == lead)
+                row = iv[key].iloc[0]
+                assert abs(row["lower_iid"] - lo) <= 1e-12 * abs(lo) and abs(row["upper_iid"] - hi) <= 1e-12 * abs(hi)
+                s = scores[
+                    (scores["eval"] == ev)
+                    & (scores["metric"] == metric)
+                    & (scores["region"] == region)
+                    & (scores["variable"] == var)
+                    & (scores["level"] == lev)
+                    & (scores["lead_time_hours"] == lead)
+                ]
+                np.testing.assert_allclose(row["value"], s["value"].item(), rtol=1e-6)  # the score the interval is about
+                assert row["n_inits"] == n and row["lower"] <= row["value"] <= row["upper"]
+                checked += 1
+    print(f"evaluate intervals checked against an independent bootstrap: {checked}")
+    assert checked >= 5 * 2 * 3
+    with xr.open_dataset(out / "probabilistic.nc", engine="h5netcdf") as ds:
+        row = iv[
+            (iv["eval"] == "probabilistic")
+            & (iv["metric"] == "crps")
+            & (iv["region"] == "global")
+            & (iv["variable"] == "geopotential")
+            & (iv["level"] == 500)
+            & (iv["lead_time_hours"] == 24)
+        ].iloc[0]
+        sel = dict(metric="crps", region="global", level=500, lead_time=np.timedelta64(24, "h"))
+        assert float(ds["geopotential_lower"].sel(sel)) == row["lower"] and float(ds["geopotential_upper"].sel(sel)) == row["upper"]
+        assert np.isnan(float(ds["geopotential_lower"].sel(sel | {"metric": "spread_skill_ratio"})))

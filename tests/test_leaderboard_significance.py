@@ -88,6 +88,26 @@ def test_panels_marked_where_not_significant(tmp_path):
     assert round(float(p.rel.loc["z500", 24]), 9) == -30.0
 
 
+def test_two_dimensional_variables_are_marked(tmp_path):
+    """A 2-D variable (no level) gets its p-values in the scorecard too (its level is NaN in significance.csv)."""
+    from fcn3_lightning.eval import significance
+    from fcn3_lightning.eval.leaderboard import collect_entries, load_runs
+    from fcn3_lightning.eval.scorecard import attach_p_values, reference_pairs, scorecard_panels
+
+    rng = np.random.default_rng(2)
+    ref24, same48 = _series(rng, 1.0), _series(rng, 1.0)
+    a = _write(tmp_path, "ref", {("2m_temperature", None, 24): ref24, ("2m_temperature", None, 48): same48})
+    b = _write(tmp_path, "new", {("2m_temperature", None, 24): 0.7 * ref24, ("2m_temperature", None, 48): same48})
+    runs = load_runs([a, b])
+    result = significance.compute(collect_entries(runs, "global"), runs, "global", "ref")
+    panels = scorecard_panels(runs, "global", reference_pairs("ref"), "ref")
+    attach_p_values(panels, result.p_values())
+    (p,) = [p for p in panels if p.score == "RMSE"]
+    assert p.p is not None, "the 2-D variable's cells were not looked up"
+    row = p.p.iloc[0]
+    assert row[24] < 0.05 and row[48] == 1.0
+
+
 def test_different_variables_merged_and_named(tmp_path):
     rng = np.random.default_rng(2)
     a = _write(tmp_path, "ref", {("geopotential", 500.0, 24): _series(rng, 1), ("temperature", 850.0, 24): _series(rng, 1)})
@@ -120,3 +140,34 @@ def test_one_init_warns_and_tests_nothing(tmp_path):
     assert "ref: 1 initialisation time(s): a bootstrap needs at least 2; no RMSE intervals" in res.stderr
     assert "new vs ref: 1 shared initialisation time(s) for RMSE: a paired test needs at least 2; no significance" in res.stderr
     assert len(pd.read_csv(tmp_path / "board" / "significance.csv")) == 0
+
+
+def test_baselines_of_evaluate_are_tested(tmp_path):
+    """``evaluate`` keeps the baselines' per-init records, so ``leaderboard --reference`` tests them like the models."""
+    from fcn3_lightning.eval.harness import Options, evaluate
+
+    fixture = Path(__file__).parent / "data" / "wb2_fixture_5p625"
+    out = {}
+    for kind in ("det", "ens"):
+        out[kind] = tmp_path / kind
+        evaluate(
+            fixture / f"forecast_{kind}.zarr",
+            fixture / "obs.zarr",
+            out[kind],
+            fixture / "climatology.zarr",
+            Options(regions=["global"], variables=["geopotential"], levels=[500], progress=False),
+        )
+    res = _cli(str(out["det"]), str(out["ens"]), "--reference", "forecast_ens", "--out", str(tmp_path / "board"))
+    assert res.returncode == 0, res.stderr
+    assert "no per-init" not in res.stderr and "no per_init" not in res.stderr, res.stderr
+    sig = pd.read_csv(tmp_path / "board" / "significance.csv")
+    tested = set(zip(sig["model"], sig["score"], strict=True))
+    # persistence's CRPS is its MAE (a one-member ensemble); the climatology has no CRPS
+    expected = {("persistence", "RMSE"), ("persistence", "CRPS"), ("climatology", "RMSE"), ("probabilistic climatology", "CRPS")}
+    assert expected <= tested, tested
+    assert sig["p_bootstrap"].between(0, 1).all() and len(sig) == len(tested) * 3  # 3 lead times each
+    # the baselines' scores in the test are the leaderboard's (the time means of evaluate's scores.csv)
+    scores = pd.read_csv(out["ens"] / "scores.csv")
+    p = sig[(sig["model"] == "persistence") & (sig["score"] == "RMSE") & (sig["lead_time_hours"] == 24)].iloc[0]
+    want = scores[(scores["eval"] == "persistence_baseline") & (scores["metric"] == "rmse") & (scores["lead_time_hours"] == 24)]
+    np.testing.assert_allclose(p["value"], want["value"].item(), rtol=1e-12)

@@ -2,6 +2,7 @@
 
     python bench/evaluate.py --make /tmp/bench_eval          # write the synthetic stores once
     python bench/evaluate.py --data /tmp/bench_eval          # plain read, then the full evaluation
+    python bench/evaluate.py --fixture                       # the WB2 reference fixture (tests/test_eval_wb2.py's runs)
 
 The stores: a 121 x 240 grid (1.5 degrees, with poles), 13 levels of u, v, z, t, q plus 10 m winds, 2 m
 temperature, mean sea-level pressure and 24 h precipitation (70 channels); an ensemble forecast of --members
@@ -189,10 +190,29 @@ def _in_process(fn, *args) -> dict:  # noqa: ANN001
     return res
 
 
+FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "data" / "wb2_fixture_5p625"
+
+
+def _evaluate_fixture(kind: str, out: Path, q: mp.Queue) -> None:
+    """The evaluation tests/test_eval_wb2.py checks against WeatherBench2's numbers (same options), timed."""
+    from fcn3_lightning.eval.harness import Options, evaluate
+
+    t0, c0 = time.perf_counter(), _cpu_s()
+    evaluate(
+        FIXTURE / f"forecast_{kind}.zarr",
+        FIXTURE / "obs.zarr",
+        out,
+        FIXTURE / "climatology.zarr",
+        Options(spectra=("geopotential", "2m_temperature"), progress=False),
+    )
+    q.put({"seconds": time.perf_counter() - t0, "cpu_s": _cpu_s() - c0, "peak_mb": _peak_mb()})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--make", type=Path, help="write the synthetic stores here")
     ap.add_argument("--data", type=Path, help="benchmark the stores here")
+    ap.add_argument("--fixture", action="store_true", help="time the deterministic and ensemble runs on the WB2 reference fixture")
     ap.add_argument("--inits", type=int, default=10)
     ap.add_argument("--leads", type=int, default=20)
     ap.add_argument("--members", type=int, default=10)
@@ -206,6 +226,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.make:
         make(args.make, args.inits, args.leads, args.members)
+    if args.fixture:
+        total = 0.0
+        for kind in ("det", "ens"):
+            with tempfile.TemporaryDirectory(prefix="fcn3_bench_fixture_") as out:
+                ev = _in_process(_evaluate_fixture, kind, Path(out) / kind)
+            total += ev["seconds"]
+            print(f"WB2 fixture, {kind}: {ev['seconds']:.1f} s (CPU {ev['cpu_s']:.1f} s), peak RSS {ev['peak_mb']:.0f} MB", flush=True)
+        print(f"WB2 fixture, det + ens: {total:.1f} s (each in a fresh process, imports not counted)")
     if args.data:
         # Best of --repeat for the plain read and the cached evaluation: this shared 2-core VM's noise is +-30%
         # between runs of the same read; every run is printed. The first run (empty kernel cache) happens once.

@@ -84,8 +84,8 @@ from torch import nn
 
 from fcn3_lightning.losses import EnsembleCRPSLoss
 from fcn3_lightning.model import FCN3, build_model
+from fcn3_lightning.model.rollout import EnsembleForecaster, keyed_streams
 from fcn3_lightning.model.summary import count_parameters
-from fcn3_lightning.training.forecaster import EnsembleForecaster, keyed_streams
 
 REPO = Path(__file__).resolve().parents[1]
 FULL_CONFIG = REPO / "configs" / "model" / "fcn3.yaml"

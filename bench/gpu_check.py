@@ -23,7 +23,7 @@ import torch
 from fcn3_lightning.kernels import check_disco_kernels, cuda_kernels_available, slow_path_allowed
 from fcn3_lightning.model import build_model
 from fcn3_lightning.model.noise import NoiseStreams
-from fcn3_lightning.training.forecaster import EnsembleForecaster
+from fcn3_lightning.model.rollout import EnsembleForecaster
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ FCN3's architecture (72 channels, 10 blocks with a global block every 5; the def
 below 100 latitudes) with ``--embed``-wide embeddings and random weights. Forward passes only (inference mode),
 alternating batched / one-at-a-time, after a warm-up; medians and minimums of ``--repeats`` runs. On the CPU
 ``predict`` runs the members of a ``--member-batch`` one network call each (see
-``fcn3_lightning.training.forecaster.EnsembleForecaster.steps``); this prints why that costs nothing there.
+``fcn3_lightning.model.rollout.EnsembleForecaster.steps``); this prints why that costs nothing there.
 """
 
 from __future__ import annotations

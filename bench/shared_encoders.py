@@ -29,7 +29,7 @@ import torch
 
 from fcn3_lightning.model.fcn3 import FCN3
 from fcn3_lightning.model.noise import NoiseStreams
-from fcn3_lightning.training.forecaster import EnsembleForecaster
+from fcn3_lightning.model.rollout import EnsembleForecaster
 
 
 def _time(fn, device: torch.device) -> float:

@@ -25,6 +25,9 @@ FCN3_CHANNELS: tuple[str, ...] = FCN3_SURFACE + tuple(f"{v}{p}" for v in FCN3_LE
 #: The 12 auxiliary input channels in the reference order (cos zenith, 8 noise, orography, lsm one-hot).
 FCN3_AUX_CHANNELS: tuple[str, ...] = ("xzen", *(f"xnoise{i}" for i in range(8)), "xoro", "xlsml", "xlsms")
 
+#: The auxiliary channels made from static fields (orography, land-sea mask one-hot): :mod:`fcn3_lightning.data.statics`.
+STATIC_AUX: tuple[str, ...] = ("xoro", "xlsml", "xlsms")
+
 # short surface name -> WeatherBench2 long name
 SURFACE_VARIABLES: dict[str, str] = {
     "u10m": "10m_u_component_of_wind",

@@ -9,9 +9,10 @@
 - a checkpoint of this project (Lightning ``.ckpt``),
 
 and returns a :class:`Forecaster` that knows its channels, grid, time step, normalisation, static fields, noise
-settings and input conventions. ``predict``, ``convert``, ``export`` and ``--model.init_from`` all read files
-through here. A package brings its own statistics and static fields; a checkpoint of this project (or a
-network-only file) takes them from its training data store, as training did.
+settings and input conventions. ``predict``, ``convert`` and ``export`` build their forecaster here; the files
+themselves are read (and told apart) by :mod:`fcn3_lightning.checkpoint`. A package brings its own statistics and
+static fields; a checkpoint of this project (or a network-only file) takes them from its training data store, as
+training did.
 
 Conventions: a forecaster computes its inputs the way its network was trained (see
 :mod:`fcn3_lightning.data.conventions`): a published package with float32 cos zenith and the sample std for the
@@ -22,9 +23,8 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -32,29 +32,28 @@ import numpy as np
 import torch
 from torch import nn
 
+from fcn3_lightning.channels import STATIC_AUX
+from fcn3_lightning.checkpoint import INPUTS_KEY, ModelInputs, NetworkFile, plain, read_network
 from fcn3_lightning.data.conventions import PROJECT, InputConventions
-from fcn3_lightning.data.statics import STATIC_AUX, static_channels
+from fcn3_lightning.data.statics import static_channels
 from fcn3_lightning.data.stats import ChannelStats, Normalizer, check_units, default_modes, merge_statistics
 from fcn3_lightning.data.zenith import cos_zenith
-from fcn3_lightning.io import atomic_torch_save, read_checkpoint
+from fcn3_lightning.io import atomic_torch_save
 from fcn3_lightning.kernels import check_disco_kernels
 from fcn3_lightning.model.build import FORECASTER_FORMAT as FORMAT
-from fcn3_lightning.model.build import FORMAT as NETWORK_FORMAT
 from fcn3_lightning.model.build import model_kwargs, save_model
 from fcn3_lightning.model.channel_map import MappingReport, fresh_network, map_state_dict, mapped_settings
-from fcn3_lightning.model.convert import convert_reference_state_dict, reference_config_to_kwargs, reference_to_ours
 from fcn3_lightning.model.fcn3 import FCN3
 from fcn3_lightning.model.noise import NoiseSettings, NoiseStreams
-from fcn3_lightning.package import Package, is_package, package_config, read_package, write_package
+from fcn3_lightning.model.rollout import EnsembleForecaster, keyed_streams
+from fcn3_lightning.package import package_config, write_package
 from fcn3_lightning.paths import StoreLocation, store_location
-from fcn3_lightning.training.forecaster import EnsembleForecaster, keyed_streams
 
 #: validation's noise key: inference draws exactly the noise that validation draws for the same sample id
 NOISE_KEY = 0
 #: FCN3Module's default noise seed, and the reference's
 DEFAULT_NOISE_SEED = 333
 _SAMPLE_ID_EPOCH = np.datetime64("1900-01-01T00:00:00", "s")
-_LIGHTNING_PREFIX = "forecaster.net."
 
 
 def noise_sample_id(time: np.datetime64 | str) -> int:
@@ -122,7 +121,7 @@ class Forecaster(nn.Module):
         if bool(n_noise) != (noise is not None) or (noise is not None and noise.n_channels != n_noise):
             raise ValueError(f"the network has {n_noise} noise channels but the noise settings are {noise}")
         self.channels = list(net.layout.names)
-        self.net_kwargs = _plain(dict(net_kwargs))
+        self.net_kwargs = plain(dict(net_kwargs))
         self.stats = stats
         self.normalization = dict(normalization) if normalization is not None else default_modes(self.channels)
         self.normalizer: Normalizer = stats.normalizer(self.channels, self.normalization)
@@ -265,7 +264,7 @@ class Forecaster(nn.Module):
             "conventions": self.conventions.to_dict(),
             "orography": None if self.orography is None else torch.from_numpy(np.ascontiguousarray(self.orography)),
             "land_sea_mask": None if self.land_sea_mask is None else torch.from_numpy(np.ascontiguousarray(self.land_sea_mask)),
-            "source": _plain(self.source),
+            "source": plain(self.source),
             "package_config": self.package_config,
         }
         atomic_torch_save(blob, path)
@@ -296,211 +295,6 @@ class Forecaster(nn.Module):
             lon=self.lon,
             overwrite=overwrite,
         )
-
-
-def _plain(d: Any) -> Any:
-    """Tuples as lists, recursively (a model file is loaded with ``weights_only=True``)."""
-    if isinstance(d, Mapping):
-        return {k: _plain(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
-        return [_plain(v) for v in d]
-    return d
-
-
-# --- reading ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class NetworkFile:
-    """A network read from disk, before its surroundings: kind, architecture and weights in our layout."""
-
-    kind: str  # "package", "forecaster", "network", "lightning", "reference"
-    path: Path
-    net_kwargs: dict[str, Any] | None  # None for a Lightning checkpoint (channels and grid come from its data)
-    state_dict: dict[str, torch.Tensor]
-    blob: dict[str, Any]  # the file's other contents (hyper-parameters, embedded statistics, ...)
-    package: Package | None = None
-
-
-def _load(path: Path) -> Any:
-    # memory-mapped: only the metadata is read here; the weights are copied once, into the network
-    return read_checkpoint(path, "checkpoint or model file", mmap=True)
-
-
-def _package_of(checkpoint: Path) -> Path | None:
-    """The package folder a checkpoint sits in (``<package>/training_checkpoints/best_ckpt_mp0.tar``), if any."""
-    folder = checkpoint.parent.parent if checkpoint.parent.name == "training_checkpoints" else checkpoint.parent
-    return folder if is_package(folder) else None
-
-
-#: FCN3 keyword arguments that come from the data, not from a network's settings
-DATA_SETTINGS = ("inp_shape", "channel_names", "aux_channel_names")
-
-
-def network_settings(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """What a source says about its network, cheaply (no weights are read): ``(settings, data)`` where ``settings`` are
-    the architecture's FCN3 keyword arguments and ``data`` its channels and grid (``DATA_SETTINGS``; may be partial);
-    None for a source that does not describe its network (a bare state dict)."""
-    path = Path(path)
-    if path.is_dir():
-        kwargs = read_package(path).net_kwargs if is_package(path) else None
-    elif path.is_file():
-        blob = _load(path)
-        if not isinstance(blob, dict):
-            return None
-        if blob.get("format") in (FORMAT, NETWORK_FORMAT):
-            kwargs = dict(blob["config"])
-        elif isinstance(blob.get("hyper_parameters"), Mapping):
-            kwargs = model_kwargs(dict(blob["hyper_parameters"].get("net") or {}))
-            dm = blob.get("datamodule_hyper_parameters") or {}
-            for key, value in (("channel_names", dm.get("channels")), ("aux_channel_names", dm.get("aux_channels"))):
-                if value is not None:
-                    kwargs[key] = list(value)
-        else:
-            package = _package_of(path)
-            kwargs = read_package(package).net_kwargs if package is not None else None
-    else:
-        raise FileNotFoundError(f"{path} does not exist")
-    if kwargs is None:
-        return None
-    kwargs = _plain(kwargs)
-    return {k: v for k, v in kwargs.items() if k not in DATA_SETTINGS}, {k: kwargs[k] for k in DATA_SETTINGS if k in kwargs}
-
-
-def read_network(path: str | Path, *, config: str | Path | None = None, like: FCN3 | None = None) -> NetworkFile:
-    """Read a network (architecture + weights) from any supported source; see :func:`load_forecaster`.
-
-    ``like``: for a bare reference state dict without its config (``init_from``), the network whose architecture
-    it is taken to have.
-    """
-    path = Path(path)
-    if path.is_dir():
-        if not is_package(path):
-            raise ValueError(f"{path} is a folder but not a model package: config.json is missing")
-        pkg = read_package(path)
-        return _reference_network(pkg.checkpoint, pkg.config, "package", pkg)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    blob = _load(path)
-    if not isinstance(blob, dict):
-        raise ValueError(f"{path} is not a checkpoint, model file or state dict")
-    if blob.get("format") == FORMAT:
-        return NetworkFile("forecaster", path, dict(blob["config"]), dict(blob["state_dict"]), blob)
-    if blob.get("format") == NETWORK_FORMAT:
-        return NetworkFile("network", path, dict(blob["config"]), dict(blob["state_dict"]), blob)
-    if isinstance(blob.get("state_dict"), Mapping) and any(str(k).startswith(_LIGHTNING_PREFIX) for k in blob["state_dict"]):
-        sd = {k[len(_LIGHTNING_PREFIX) :]: v for k, v in blob["state_dict"].items() if k.startswith(_LIGHTNING_PREFIX)}
-        return NetworkFile("lightning", path, None, sd, blob)
-    state = blob.get("model_state", blob)
-    names = [k.removeprefix("module.").removeprefix("model.") for k in state]
-    if not any(reference_to_ours(n) is not None and ("_conv." in n or ".fwd." in n) for n in names):
-        # a bare state dict in our own layout: its architecture is the target network's, if there is one
-        if like is not None and any(n in like.state_dict() for n in state):
-            return NetworkFile("network", path, None, dict(state), {})
-        raise ValueError(
-            f"{path} is neither a checkpoint nor a model file of this project, nor a reference (Makani) checkpoint: for a bare "
-            "state dict pass its architecture with --config config.json, or convert it first (python -m fcn3_lightning convert)"
-        )
-    package = _package_of(path)
-    if config is None and package is not None:
-        pkg = read_package(package)
-        return _reference_network(path, pkg.config, "package", pkg, blob)
-    if config is None and like is not None:
-        try:
-            state = convert_reference_state_dict(blob, like)
-        except ValueError as e:
-            raise ValueError(f"init_from {path} does not fit the network (check the channel list and the model settings): {e}") from e
-        return NetworkFile("reference", path, None, state, {})
-    if config is None:
-        raise ValueError(
-            f"{path} is a reference (Makani) checkpoint: pass its architecture with --config config.json "
-            "(or give the package folder it belongs to)"
-        )
-    config = Path(config)
-    if not config.is_file():
-        raise FileNotFoundError(f"reference config {config} does not exist")
-    try:
-        cfg = json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"reference config {config} is not valid JSON: {e}") from e
-    if is_package(config.parent) and "data_channel_names" in cfg:
-        pkg = read_package(config.parent)
-        return _reference_network(path, pkg.config, "package", pkg, blob)
-    try:
-        kwargs = reference_config_to_kwargs(cfg)
-    except ValueError as e:
-        raise ValueError(f"{config}: {e}") from e
-    return _reference_network(path, cfg, "reference", None, blob, kwargs)
-
-
-def _reference_network(
-    checkpoint: Path,
-    config: Mapping[str, Any],
-    kind: str,
-    package: Package | None,
-    blob: Any = None,
-    kwargs: dict[str, Any] | None = None,
-) -> NetworkFile:
-    kwargs = kwargs if kwargs is not None else package.net_kwargs  # type: ignore[union-attr]
-    blob = blob if blob is not None else _load(checkpoint)
-    net = FCN3(**kwargs)
-    try:
-        state = convert_reference_state_dict(blob, net)
-    except ValueError as e:
-        where = f"{package.path / 'config.json'}" if package is not None else "its config"
-        raise ValueError(f"the weights in {checkpoint} do not fit the network described by {where}: {e}") from e
-    return NetworkFile(kind, package.path if package is not None else checkpoint, kwargs, state, {}, package)
-
-
-#: the key under which a checkpoint of this project embeds its model inputs (statistics, static fields)
-INPUTS_KEY = "model_inputs"
-
-
-@dataclass
-class ModelInputs:
-    """What a network was trained with besides its weights: the statistics and normalisation modes of its channels
-    and the raw static fields (surface geopotential, land-sea mask in [0, 1]) on its grid (90N first)."""
-
-    stats: ChannelStats
-    normalization: dict[str, str]
-    orography: np.ndarray | None = None
-    land_sea_mask: np.ndarray | None = None
-    source: str = ""
-
-    def to_checkpoint(self) -> dict[str, Any]:
-        arr = {
-            k: None if v is None else torch.from_numpy(np.ascontiguousarray(v))
-            for k, v in (("orography", self.orography), ("land_sea_mask", self.land_sea_mask))
-        }
-        return {"stats": asdict(self.stats), "normalization": dict(self.normalization), "source": self.source, **arr}
-
-    @classmethod
-    def from_checkpoint(cls, blob: Mapping[str, Any]) -> ModelInputs:
-        arr = {k: None if blob.get(k) is None else np.asarray(blob[k]) for k in ("orography", "land_sea_mask")}
-        return cls(ChannelStats(**blob["stats"]), dict(blob["normalization"]), source=str(blob.get("source", "")), **arr)
-
-
-def model_inputs(path: str | Path) -> ModelInputs | None:
-    """The statistics and static fields a source was trained with, where it carries them (a model package, a model
-    file from ``convert``, a checkpoint of this project that embeds them); None otherwise. Reads no weights."""
-    path = Path(path)
-    if path.is_dir():
-        if not is_package(path):
-            return None
-        pkg = read_package(path)
-        return ModelInputs(pkg.stats, dict(pkg.normalization), pkg.orography, pkg.land_sea_mask, f"model package {pkg.path}")
-    blob = _load(path)
-    if not isinstance(blob, dict):
-        return None
-    if blob.get("format") == FORMAT:
-        arr = {k: None if blob.get(k) is None else np.asarray(blob[k]) for k in ("orography", "land_sea_mask")}
-        stats = ChannelStats(**blob["stats"])
-        modes = blob.get("normalization") or default_modes(blob["config"]["channel_names"])
-        return ModelInputs(stats, dict(modes), source=f"model file {path}", **arr)
-    if isinstance(blob.get(INPUTS_KEY), Mapping):
-        return ModelInputs.from_checkpoint(blob[INPUTS_KEY])
-    package = _package_of(path)
-    return model_inputs(package) if package is not None else None
 
 
 def load_forecaster(

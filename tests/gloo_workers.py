@@ -1,16 +1,21 @@
-"""Shared plumbing of the multi-process gloo tests (tests/test_parallel_*.py): a free port, the process group of
-one worker, and running ``world`` workers with a time limit so that a hung collective fails the test instead of CI.
+"""Shared plumbing of the multi-process gloo tests (every test that starts worker processes): a free port, one worker's
+set-up and tear-down (:func:`gloo_worker`), and running ``world`` workers with a time limit so that a hung collective
+fails the test instead of CI (:func:`run_workers`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -32,8 +37,38 @@ def init_gloo(rank: int, port: int, world: int, timeout_s: float = 60.0) -> None
     )
 
 
-def run_workers(worker: Callable[[int, int, str], None], workdir: Path, world: int, time_limit_s: float, preload: Sequence[str]) -> float:
-    """Run ``worker(rank, port, workdir)`` in ``world`` processes; fails the test on error or after the time limit.
+def lightning_env(rank: int, port: int, world: int) -> None:
+    """The variables Lightning's environment reads the world from: the processes exist already (no launcher)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), NODE_RANK="0", LOCAL_RANK=str(rank))
+
+
+@contextlib.contextmanager
+def gloo_worker(rank: int, port: int, world: int, *, lightning: bool = False, timeout_s: float = 60.0) -> Iterator[None]:
+    """One worker's set-up and tear-down, around its body: one thread (the workers share the suite's cores), the
+    gloo process group (and Lightning's environment variables with ``lightning``), the group ended at the end; a
+    failing worker prints its traceback (the parent may only see its exit code) and re-raises."""
+    torch.set_num_threads(1)
+    try:
+        if lightning:
+            lightning_env(rank, port, world)
+        init_gloo(rank, port, world, timeout_s)
+        yield
+        if dist.is_initialized():  # a body may have ended the group itself (to start another world)
+            dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        raise
+
+
+def run_workers(
+    worker: Callable[..., None],
+    workdir: Path,
+    world: int,
+    time_limit_s: float,
+    preload: Sequence[str],
+    args: Sequence[object] = (),
+) -> float:
+    """Run ``worker(rank, port, workdir, *args)`` in ``world`` processes; fails the test on error or after the time limit.
 
     Returns the elapsed seconds. Workers still alive at the end (a timeout) are killed, by handle: only our own.
     """
@@ -41,7 +76,7 @@ def run_workers(worker: Callable[[int, int, str], None], workdir: Path, world: i
         pytest.skip("torch.distributed with gloo is not available")
     mp.get_context(START_METHOD).set_forkserver_preload(list(preload))
     t0 = time.perf_counter()
-    procs = mp.start_processes(worker, args=(free_port(), str(workdir)), nprocs=world, join=False, start_method=START_METHOD)
+    procs = mp.start_processes(worker, args=(free_port(), str(workdir), *args), nprocs=world, join=False, start_method=START_METHOD)
     try:
         while not procs.join(timeout=1.0):
             if time.perf_counter() - t0 > time_limit_s:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from tiny_net import FIT_NET as NET
 
 from fcn3_lightning.bounds import Bounds, Extremes
 from fcn3_lightning.channels import FCN3_AUX_CHANNELS
@@ -27,7 +28,6 @@ from fcn3_lightning.model.fcn3 import FCN3
 CHANNELS = ["u500", "v500", "z500"]
 NAMES = {"u500": "u_component_of_wind", "v500": "v_component_of_wind", "z500": "geopotential"}
 SHAPE = (9, 16)
-NET = {"atmo_embed_dim": 4, "surf_embed_dim": 4, "aux_embed_dim": 2, "num_layers": 2, "sfno_block_frequency": 2}
 INITS = ["2000-01-07T00:00:00", "2000-01-08T00:00:00"]
 STEPS = 6
 

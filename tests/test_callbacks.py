@@ -14,11 +14,11 @@ from fcn3_lightning.callbacks import Calibration, ForecastMaps, GradNorm, NonFin
 from fcn3_lightning.callbacks.plotting import cell_edges, pretty_units
 from fcn3_lightning.callbacks.spectra import high_k_ratio, readable_log_ticks
 from lightning.pytorch.loggers import MLFlowLogger
+from tiny_net import FIT_NET as NET
 
 from fcn3_lightning.data.datamodule import WB2DataModule
 from fcn3_lightning.training.module import FCN3Module
 
-NET = {"atmo_embed_dim": 4, "surf_embed_dim": 4, "aux_embed_dim": 2, "num_layers": 2, "sfno_block_frequency": 2}
 MODULE_KW = {"net": NET, "ensemble_size": 2, "lr": 2e-3}
 DATA_KW = {"batch_size": 2, "num_workers": 0, "train_rollout": 1, "valid_rollout": 2}
 

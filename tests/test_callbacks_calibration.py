@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from fcn3_lightning.callbacks import Calibration
 from fcn3_lightning.callbacks.calibration import console_line
+from tiny_net import FIT_NET as NET
 
 from fcn3_lightning.data.datamodule import WB2DataModule
 from fcn3_lightning.training.module import FCN3Module
 
 M = 4
 BATCH, BATCHES = 8, 8  # 64 validation forecasts
-NET = {"atmo_embed_dim": 4, "surf_embed_dim": 4, "aux_embed_dim": 2, "num_layers": 2, "sfno_block_frequency": 2}
 
 
 class _CalibratedEnsemble(FCN3Module):

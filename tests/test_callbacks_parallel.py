@@ -8,9 +8,7 @@ same forecasts.
 
 from __future__ import annotations
 
-import os
 import time
-import traceback
 from pathlib import Path
 
 import lightning as L
@@ -19,7 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 from fcn3_lightning.callbacks import Calibration, ForecastMaps, GradNorm, NonFiniteGuard, SpectraPlots, Throughput
-from gloo_workers import init_gloo, run_workers
+from gloo_workers import gloo_worker, run_workers
+from tiny_net import FIT_NET as NET
 
 from fcn3_lightning.data.datamodule import WB2DataModule
 from fcn3_lightning.parallel import shard_state_dict
@@ -27,7 +26,6 @@ from fcn3_lightning.parallel.strategy import SpatialParallelStrategy
 from fcn3_lightning.training.module import FCN3Module
 
 WORLD = 2
-NET = {"atmo_embed_dim": 4, "surf_embed_dim": 4, "aux_embed_dim": 2, "num_layers": 2, "sfno_block_frequency": 2}
 MODULE_KW = {"net": NET, "ensemble_size": 2, "lr": 0.0}
 DATA_KW = {"batch_size": 2, "num_workers": 0, "train_rollout": 1, "valid_rollout": 2}
 TIME_LIMIT_S = 150.0
@@ -79,19 +77,12 @@ def _fit(root: Path, strategy: SpatialParallelStrategy | None, initial: dict[str
 
 
 def _worker(rank: int, port: int, workdir: str) -> None:
-    torch.set_num_threads(1)
     workdir = Path(workdir)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), NODE_RANK="0", LOCAL_RANK=str(rank))
-    try:
-        init_gloo(rank, port, WORLD)
+    with gloo_worker(rank, port, WORLD, lightning=True):
         strategy = SpatialParallelStrategy(h_parallel_size=2, process_group_backend="gloo")
         record = _fit(workdir / "parallel", strategy, torch.load(workdir / "initial.pt"))
         torch.save(record, workdir / f"rank{rank}.pt")
         dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        raise
 
 
 @pytest.fixture(scope="module")

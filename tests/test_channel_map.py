@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from fcn3_lightning.forecaster import load_forecaster, map_channels, read_network
+from fcn3_lightning.checkpoint import read_network
+from fcn3_lightning.forecaster import load_forecaster, map_channels
 from fcn3_lightning.model.channel_map import map_state_dict, mapped_settings
 from fcn3_lightning.model.fcn3 import FCN3
 

@@ -9,7 +9,6 @@ calls of the blocks, encoders and decoders, so a level that silently recomputed 
 
 from __future__ import annotations
 
-import traceback
 import warnings
 from pathlib import Path
 
@@ -17,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_workers import init_gloo, run_workers
+from gloo_workers import gloo_worker, run_workers
+from tiny_net import CHANNELS, NET, SHAPE  # uneven latitude tiles under h = 2 (10 / 9 rows)
 
 from fcn3_lightning.data.stats import Normalizer
 from fcn3_lightning.model import FCN3
@@ -25,11 +25,8 @@ from fcn3_lightning.model.fcn3 import CHECKPOINTING_LEVELS
 from fcn3_lightning.parallel import DistributedSphericalLayers, ProcessMesh, gather_state_dict, reduce_gradients, shard_state_dict
 from fcn3_lightning.training.module import FCN3Module
 
-CHANNELS = ["z500", "t500", "z850", "t850", "t2m", "tcwv"]
 AUX = ["xzen", "xnoise0", "xnoise1", "xoro"]
-SHAPE = (19, 32)  # uneven latitude tiles under h = 2 (10 / 9 rows)
 # blocks: spectral, DISCO, spectral
-NET = dict(atmo_embed_dim=4, surf_embed_dim=6, aux_embed_dim=3, num_layers=3, sfno_block_frequency=2)
 N_SAMPLES, N_MEMBERS, N_STEPS = 2, 2, 2
 REL_TOL = 1e-6
 WORLD = 2
@@ -175,10 +172,8 @@ def test_no_recomputation_without_autograd(blob) -> None:
 
 
 def _worker(rank: int, port: int, workdir: str) -> None:
-    torch.set_num_threads(1)
     workdir = Path(workdir)
-    try:
-        init_gloo(rank, port, WORLD)
+    with gloo_worker(rank, port, WORLD):
         blob = torch.load(workdir / "blob.pt")
         mesh = ProcessMesh(h_parallel_size=2)
         lat, lon = mesh.tile(SHAPE)
@@ -199,10 +194,6 @@ def _worker(rank: int, port: int, workdir: str) -> None:
         torch.save(results, workdir / f"rank{rank}.pt")
         dist.barrier()
         mesh.destroy()
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        raise
 
 
 @pytest.fixture(scope="module")

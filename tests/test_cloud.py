@@ -23,6 +23,7 @@ import pytest
 import torch
 import xarray as xr
 import yaml
+from tiny_net import FIT_NET
 from torch.utils.data import DataLoader
 from wb2_synthetic import make_store
 
@@ -37,7 +38,7 @@ VALID = ["2000-01-06", "2000-01-07T18"]
 TINY = {
     "trainer": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "log_every_n_steps": 1},
     "model": {
-        "net": {"atmo_embed_dim": 4, "surf_embed_dim": 4, "aux_embed_dim": 2, "num_layers": 2, "sfno_block_frequency": 2},
+        "net": FIT_NET,
         "ensemble_size": 2,
     },
     "data": {"channels": CHANNELS, "train_range": TRAIN, "valid_range": VALID, "batch_size": 2, "train_rollout": 1, "valid_rollout": 2},

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import torch
+from tiny_net import FIT_NET as TINY
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"atmo_embed_dim": 4, "surf_embed_dim": 4, "aux_embed_dim": 2, "num_layers": 2, "sfno_block_frequency": 2}
 
 
 def test_curriculum_chains_stage1_stage2_finetune(tmp_path):

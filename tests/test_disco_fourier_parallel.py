@@ -11,13 +11,12 @@ and weight gradient are compared with the serial ``SphericalLayers(disco_impl="f
 
 from __future__ import annotations
 
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_workers import init_gloo, run_workers
+from gloo_workers import gloo_worker, run_workers
 
 from fcn3_lightning.model.layers import SphericalLayers, fcn3_theta_cutoff
 from fcn3_lightning.parallel import DistributedSphericalLayers, ProcessMesh, reduce_gradients
@@ -62,10 +61,8 @@ def _inputs(name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _worker(rank: int, port: int, workdir: str) -> None:
-    torch.set_num_threads(1)
     workdir = Path(workdir)
-    try:
-        init_gloo(rank, port, WORLD)
+    with gloo_worker(rank, port, WORLD):
         serial_sd = torch.load(workdir / "serial.pt")
         results = {}
         for h, w in LAYOUTS:
@@ -102,10 +99,6 @@ def _worker(rank: int, port: int, workdir: str) -> None:
             mesh.destroy()
         torch.save(results, workdir / f"rank{rank}.pt")
         dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        raise
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import pytest
 import torch
 import xarray as xr
 import yaml
+from tiny_net import FIT_NET as SMALL_NET
 from wb2_synthetic import make_store
 
 from fcn3_lightning.data import WB2Store, compute_stats
@@ -29,7 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 CHANNELS = ["tcwv", "u500", "v500", "z500"]
 TRAIN = ["2000-01-01", "2000-01-20T18"]
 VALID = ["2000-01-21", "2000-01-30T18"]
-SMALL_NET = dict(atmo_embed_dim=4, surf_embed_dim=4, aux_embed_dim=2, num_layers=2, sfno_block_frequency=2)
 ENV = {**os.environ, "COLUMNS": "200"}
 ERA5_CHANNELS = ["z500", "z850", "t500", "t850"]
 

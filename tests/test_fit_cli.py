@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_net import FIT_NET
 from wb2_synthetic import make_store
 
 from fcn3_lightning.data import WB2Store, compute_stats
@@ -32,7 +33,7 @@ LATEST_CKPTS = Path("runs/latest/checkpoints")  # the last fit started in a work
 TINY = {
     "trainer": {"max_epochs": EPOCHS, "limit_train_batches": BATCHES, "limit_val_batches": 2, "log_every_n_steps": 1},
     "model": {
-        "net": {"atmo_embed_dim": 4, "surf_embed_dim": 4, "aux_embed_dim": 2, "num_layers": 2, "sfno_block_frequency": 2},
+        "net": FIT_NET,
         "ensemble_size": 2,
     },
     "data": {"channels": CHANNELS, "train_range": TRAIN, "valid_range": VALID, "batch_size": 2, "train_rollout": 1, "valid_rollout": 2},

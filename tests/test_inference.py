@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from tiny_net import FIT_NET as NET
 from wb2_synthetic import make_store
 
 from fcn3_lightning.channels import FCN3_AUX_CHANNELS, parse_channel
@@ -30,7 +31,6 @@ CHANNELS = ["tcwv", "u500", "v500", "z500"]
 TRAIN = ("2000-01-01", "2000-01-05T18")
 TEST = ("2000-01-06", "2000-01-09T18")
 INITS = ["2000-01-06T00:00:00", "2000-01-06T18:00:00", "2000-01-07T12:00:00"]
-NET = {"atmo_embed_dim": 4, "surf_embed_dim": 4, "aux_embed_dim": 2, "num_layers": 2, "sfno_block_frequency": 2}
 SHAPE = (9, 16)
 MEMBERS, STEPS = 3, 3
 

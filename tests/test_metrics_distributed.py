@@ -1,7 +1,7 @@
 """Metrics under data parallelism and spatial sharding equal the single-process values (gloo, CPU).
 
-Real multi-process runs: ``torch.multiprocessing.start_processes`` starts 2 or 4 workers (from a forkserver, see
-START_METHOD; backend gloo, rendezvous via a ``file://`` store in pytest's tmp dir). One start per world size runs
+Real multi-process runs: 2 or 4 workers (tests/gloo_workers.py: from a forkserver, gloo on a free TCP port,
+time-limited). One start per world size runs
 every layout in turn; in each, a rank feeds its share of the data (a subset of the forecasts, a latitude or
 longitude band, a 2D tile, or both) to every metric, in mini-batches, calls ``compute()`` (torchmetrics syncs the
 states over the world) and saves the results and its local states. The test process computes the same metrics on
@@ -15,17 +15,14 @@ with 4 ranks a 2x2 mesh of 2 data-parallel groups x 2 latitude bands, and 2x2 la
 
 from __future__ import annotations
 
-import datetime
 import math
-import time
-import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_workers import gloo_worker, run_workers
 
 from fcn3_lightning.metrics import (
     ACC,
@@ -48,10 +45,9 @@ RTOL = 1e-6
 # absolute slack, relative to the largest magnitude of each output, for values that are ~0 (e.g. spectra at the poles)
 ATOL_REL = 1e-12
 CHUNK = 2  # forecasts per update() on a rank: states must add up over several updates too
-# Workers are forked from a forkserver, a fresh process started like a spawned one (not a fork of pytest, whose
-# threads and state it does not inherit), that has imported the metrics once: importing torch_harmonics and
-# torchmetrics takes ~10 s a process on 2 cores, which 6 spawned workers would pay each.
-START_METHOD = "forkserver"
+# the forkserver imports the metrics once: importing torch_harmonics and torchmetrics takes ~10 s a process on 2 cores,
+# which 6 spawned workers would pay each
+TIME_LIMIT_S = 300.0
 PRELOAD = ["torch", "torch.distributed", "fcn3_lightning.metrics"]
 
 # case -> world sizes it runs with
@@ -161,13 +157,9 @@ def _compute_all(data: dict[str, torch.Tensor], forecasts: list[int], lat: slice
     return {"values": values, "states": states}
 
 
-def _worker(rank: int, world: int, workdir: str, cases: list[str]) -> None:
-    torch.set_num_threads(1)
+def _worker(rank: int, port: int, workdir: str, world: int, cases: list[str]) -> None:
     workdir = Path(workdir)
-    try:
-        dist.init_process_group(
-            "gloo", init_method=f"file://{workdir / 'rendezvous'}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
-        )
+    with gloo_worker(rank, port, world, timeout_s=120.0):
         # every rank creates every group, in the same order
         groups = {"world": dist.group.WORLD, tuple(range(world)): dist.new_group(list(range(world)))}
         if world == 4:
@@ -182,11 +174,6 @@ def _worker(rank: int, world: int, workdir: str, cases: list[str]) -> None:
             dist.barrier()
         torch.save(results, workdir / f"results_rank{rank}.pt")
         dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        # spawn() re-raises the exception in the parent; print too, in case the parent only sees the exit code
-        traceback.print_exc()
-        raise
 
 
 @pytest.fixture(scope="module")
@@ -205,20 +192,18 @@ def distributed(tmp_path_factory, data):
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available")
     cache: dict[int, list[dict] | BaseException] = {}
-    mp.get_context(START_METHOD).set_forkserver_preload(PRELOAD)
 
     def run(world: int) -> list[dict]:
         if world not in cache:
             workdir = tmp_path_factory.mktemp(f"world{world}")
             torch.save(data, workdir / "data.pt")
             cases = [c for c, worlds in CASES.items() if world in worlds]
-            t0 = time.perf_counter()
             try:
-                mp.start_processes(_worker, args=(world, str(workdir), cases), nprocs=world, join=True, start_method=START_METHOD)
+                elapsed = run_workers(_worker, workdir, world, TIME_LIMIT_S, PRELOAD, args=(world, cases))
                 cache[world] = [torch.load(workdir / f"results_rank{r}.pt") for r in range(world)]
+                print(f"\n[world={world}] spawn + {len(cases)} cases: {elapsed:.1f} s")
             except BaseException as exc:  # a failed spawn fails every case of this world size, without re-running
                 cache[world] = exc
-            print(f"\n[world={world}] spawn + {len(cases)} cases: {time.perf_counter() - t0:.1f} s")
         result = cache[world]
         if isinstance(result, BaseException):
             raise result

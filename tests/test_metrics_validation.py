@@ -10,6 +10,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from tiny_net import FIT_NET as NET
 from wb2_synthetic import make_store
 
 from fcn3_lightning.data import WB2DataModule, WB2Store, compute_stats
@@ -19,7 +20,6 @@ from fcn3_lightning.training.module import FCN3Module
 CHANNELS = ["tcwv", "u500", "v500", "z500"]
 TRAIN = ("2000-01-01", "2000-01-05T18")
 TEST = ("2000-01-06", "2000-01-07T12")
-NET = {"atmo_embed_dim": 4, "surf_embed_dim": 4, "aux_embed_dim": 2, "num_layers": 2, "sfno_block_frequency": 2}
 
 
 @pytest.fixture(scope="module")

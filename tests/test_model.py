@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_net import NET
 
 from fcn3_lightning.channels import channel_layout
 from fcn3_lightning.model import (
@@ -76,7 +77,7 @@ def test_export_to_reference_layout_matches_manifest(golden_dir, manifest):
 
 # --- any size ---------------------------------------------------------------------------------------
 
-SMALL = dict(atmo_embed_dim=4, surf_embed_dim=6, aux_embed_dim=3, num_layers=3, sfno_block_frequency=2)
+SMALL = NET
 CONFIGS = [
     dict(
         inp_shape=(17, 32),

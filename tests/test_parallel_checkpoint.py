@@ -17,16 +17,14 @@ exactly the serial keys and shapes (optimizer moments included) and the plain ru
 
 from __future__ import annotations
 
-import os
 import time
-import traceback
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_workers import free_port, init_gloo, run_workers
+from gloo_workers import free_port, gloo_worker, init_gloo, lightning_env, run_workers
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_parallel_step import CONFIG, LOSS_KW, N_SAMPLES, _inputs
 from test_parallel_strategy import _TinyModule
@@ -113,12 +111,8 @@ def _strategy(h: int, w: int, ens: int) -> SpatialParallelStrategy:
 
 
 def _worker(rank: int, port: int, workdir: str) -> None:
-    torch.set_num_threads(1)
     workdir = Path(workdir)
-    # the processes exist already: Lightning's environment reads them from these variables (no launcher)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), NODE_RANK="0", LOCAL_RANK=str(rank))
-    try:
-        init_gloo(rank, port, WORLD)
+    with gloo_worker(rank, port, WORLD, lightning=True):
         blob = torch.load(workdir / "inputs.pt")
         clip = float(torch.load(workdir / "clip.pt"))
         results = {"save": _fit(blob, clip, N_FIRST, _strategy(*SAVE_LAYOUT), WORLD, save_dir=workdir / "parallel")}
@@ -128,7 +122,7 @@ def _worker(rank: int, port: int, workdir: str) -> None:
         dist.barrier()
         dist.destroy_process_group()
         if rank < RESUME_WORLD:
-            os.environ.update(MASTER_PORT=str(ports[0]), WORLD_SIZE=str(RESUME_WORLD))
+            lightning_env(rank, ports[0], RESUME_WORLD)
             init_gloo(rank, ports[0], RESUME_WORLD)
             for key, ckpt_dir in (("resume", "parallel"), ("resume_plain", "plain")):
                 ckpt = workdir / ckpt_dir / f"{CKPT_NAME}.ckpt"
@@ -136,9 +130,6 @@ def _worker(rank: int, port: int, workdir: str) -> None:
                 dist.barrier()
             dist.destroy_process_group()
         torch.save(results, workdir / f"rank{rank}.pt")
-    except BaseException:
-        traceback.print_exc()
-        raise
 
 
 def _clip(blob: dict) -> float:

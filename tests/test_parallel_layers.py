@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import itertools
 import re
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_workers import init_gloo, run_workers
+from gloo_workers import gloo_worker, run_workers
+from tiny_net import tiny_config
 
 from fcn3_lightning.model import FCN3
 from fcn3_lightning.model.layers import DISCO_IMPLS, SphericalLayers
@@ -45,16 +45,7 @@ WORLD = 4
 LAYOUTS = [(2, 1, "auto"), (1, 2, "auto"), (2, 2, "auto"), (4, 1, "auto"), (2, 1, "reduce-scatter")]
 # 19 latitudes give uneven splits everywhere: data rows 10/9, latent (Legendre-Gauss 9 x 16) rows 5/4, spectral l 5/4
 # (h = 4: 5/5/5/4, 3/2/2/2, 3/2/2/2); 3 blocks: spectral, DISCO, spectral
-CONFIG = dict(
-    inp_shape=(19, 32),
-    channel_names=["z500", "t500", "z850", "t850", "t2m", "tcwv"],
-    aux_channel_names=["xzen", "xnoise0", "xoro"],
-    atmo_embed_dim=4,
-    surf_embed_dim=6,
-    aux_embed_dim=3,
-    num_layers=3,
-    sfno_block_frequency=2,
-)
+CONFIG = tiny_config(["xzen", "xnoise0", "xoro"])
 N_SAMPLES = 2
 REL_TOL = 1e-5
 TIME_LIMIT_S = 180.0
@@ -131,10 +122,8 @@ def _serial(disco_impl: str) -> tuple[FCN3, dict[str, torch.Tensor], torch.Tenso
 
 
 def _worker(rank: int, port: int, workdir: str) -> None:
-    torch.set_num_threads(1)
     workdir = Path(workdir)
-    try:
-        init_gloo(rank, port, WORLD)
+    with gloo_worker(rank, port, WORLD):
         blob = torch.load(workdir / "serial.pt")
         x = blob["input"]
         results = {}
@@ -165,10 +154,6 @@ def _worker(rank: int, port: int, workdir: str) -> None:
             mesh.destroy()
         torch.save(results, workdir / f"rank{rank}.pt")
         dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        raise
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,14 @@ itself against a serial run's.
 from __future__ import annotations
 
 import math
-import os
 import time
-import traceback
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_workers import init_gloo, run_workers
+from gloo_workers import gloo_worker, run_workers
 from torch.utils.data import DataLoader
 
 from fcn3_lightning.data.datamodule import WB2DataModule, collate_batch
@@ -118,19 +116,11 @@ def _fit(strategy: SpatialParallelStrategy | None, initial: dict[str, torch.Tens
 
 
 def _worker(rank: int, port: int, workdir: str) -> None:
-    torch.set_num_threads(1)
     workdir = Path(workdir)
-    # the processes exist already: Lightning's environment reads them from these variables (no launcher)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), NODE_RANK="0", LOCAL_RANK=str(rank))
-    try:
-        init_gloo(rank, port, WORLD)
+    with gloo_worker(rank, port, WORLD, lightning=True):
         record = _fit(SpatialParallelStrategy(**SIZES, process_group_backend="gloo"), torch.load(workdir / "initial.pt"))
         torch.save(record, workdir / f"rank{rank}.pt")
         dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        raise
 
 
 @pytest.fixture(scope="module")

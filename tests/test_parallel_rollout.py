@@ -16,20 +16,20 @@ must equal the serial rollout to ``REL_TOL`` x max |serial|; so must the noise f
 from __future__ import annotations
 
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_workers import init_gloo, run_workers
+from gloo_workers import gloo_worker, run_workers
+from tiny_net import tiny_config
 
 from fcn3_lightning.data.zenith import cos_zenith
 from fcn3_lightning.model import FCN3
 from fcn3_lightning.model.noise import SphericalDiffusionNoise
+from fcn3_lightning.model.rollout import EnsembleForecaster, keyed_streams
 from fcn3_lightning.parallel import DistributedSphericalLayers, ProcessMesh, shard_state_dict, split_slice
-from fcn3_lightning.training.forecaster import EnsembleForecaster, keyed_streams
 
 WORLD = 4
 #: (h, w, ensemble, batch) parallel sizes
@@ -37,16 +37,7 @@ LAYOUTS = [(2, 1, 1, 2), (1, 2, 1, 2), (2, 2, 1, 1), (2, 1, 2, 1), (1, 2, 2, 1)]
 #: the layout whose caller passes tiles (zenith computed on the tile's coordinates) instead of full-grid inputs
 TILE_INPUTS = (2, 2, 1, 1)
 # 19 latitudes: uneven tiles (10/9 rows); noise lmax = mmax = 17: l chunks 9/8 over h, m chunks 9/8 over w
-CONFIG = dict(
-    inp_shape=(19, 32),
-    channel_names=["z500", "t500", "z850", "t850", "t2m", "tcwv"],
-    aux_channel_names=["xzen", "xnoise0", "xnoise1", "xoro"],
-    atmo_embed_dim=4,
-    surf_embed_dim=6,
-    aux_embed_dim=3,
-    num_layers=3,
-    sfno_block_frequency=2,
-)
+CONFIG = tiny_config(["xzen", "xnoise0", "xnoise1", "xoro"])
 NOISE_KW = dict(n_channels=2, length_scales_km=(800.0, 3200.0), lambd=0.5)
 N_SAMPLES, N_MEMBERS, N_STEPS = 2, 4, 3
 SAMPLE_IDS = [3, 8]
@@ -99,10 +90,8 @@ def _serial(blob: dict) -> dict:
 
 
 def _worker(rank: int, port: int, workdir: str) -> None:
-    torch.set_num_threads(1)
     workdir = Path(workdir)
-    try:
-        init_gloo(rank, port, WORLD)
+    with gloo_worker(rank, port, WORLD):
         blob = torch.load(workdir / "inputs.pt")
         results = {}
         for h, w, ens, batch in LAYOUTS:
@@ -144,10 +133,6 @@ def _worker(rank: int, port: int, workdir: str) -> None:
             mesh.destroy()
         torch.save(results, workdir / f"rank{rank}.pt")
         dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        raise
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,13 @@ the same choice.
 from __future__ import annotations
 
 import itertools
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_workers import init_gloo, run_workers
+from gloo_workers import gloo_worker, run_workers
+from tiny_net import tiny_config
 
 from fcn3_lightning.losses import EnsembleCRPSLoss
 from fcn3_lightning.model import FCN3
@@ -47,18 +47,8 @@ WORLD = 4
 #: (h, w, ensemble, batch) parallel sizes
 LAYOUTS = [(2, 1, 1, 2), (1, 2, 1, 2), (2, 2, 1, 1), (1, 1, 2, 2), (2, 1, 2, 1)]
 # 19 latitudes: uneven tiles (10/9 rows), latent rows 5/4, spectral l 5/4; blocks: spectral, DISCO, spectral
-CONFIG = dict(
-    inp_shape=(19, 32),
-    channel_names=["z500", "t500", "z850", "t850", "t2m", "tcwv"],
-    aux_channel_names=["xzen", "xnoise0", "xoro"],
-    atmo_embed_dim=4,
-    surf_embed_dim=6,
-    aux_embed_dim=3,
-    num_layers=3,
-    sfno_block_frequency=2,
-    # the water soft-clamp (pointwise, nothing distributed about it) makes members tie at 0 or differ by ~1e-9 near it
-    clamp_water=False,
-)
+# the water soft-clamp (pointwise, nothing distributed about it) makes members tie at 0 or differ by ~1e-9 near it
+CONFIG = tiny_config(["xzen", "xnoise0", "xoro"], clamp_water=False)
 N_SAMPLES, N_MEMBERS, N_STEPS = 2, 4, 3
 # "head": the spectral CRPS up to the band limit; "release" (degrees up to nlat) adds near-empty coefficients whose
 # members nearly tie (see _check_no_near_ties); its loss value is checked, too (RELEASE_KW)
@@ -158,10 +148,8 @@ def _serial(blob: dict, disco_impl: str) -> dict:
 
 
 def _worker(rank: int, port: int, workdir: str) -> None:
-    torch.set_num_threads(1)
     workdir = Path(workdir)
-    try:
-        init_gloo(rank, port, WORLD)
+    with gloo_worker(rank, port, WORLD):
         blob = torch.load(workdir / "inputs.pt")
         max_norms = torch.load(workdir / "max_norm.pt")
         results = {}
@@ -207,10 +195,6 @@ def _worker(rank: int, port: int, workdir: str) -> None:
             mesh.destroy()
         torch.save(results, workdir / f"rank{rank}.pt")
         dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        raise
 
 
 @pytest.fixture(scope="module")

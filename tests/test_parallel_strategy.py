@@ -9,15 +9,13 @@ opts into spatial parallelism (``supports_spatial_parallel``) and builds its net
 
 from __future__ import annotations
 
-import os
-import traceback
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_workers import init_gloo, run_workers
+from gloo_workers import gloo_worker, run_workers
 from lightning.fabric.plugins.environments import LightningEnvironment
 from test_parallel_step import CONFIG, LOSS_KW, LR, N_MEMBERS, N_SAMPLES, _inputs
 from torch.utils.data import DataLoader
@@ -187,12 +185,8 @@ def _fit(blob: dict, clip: float, strategy: SpatialParallelStrategy | None, batc
 
 
 def _worker(rank: int, port: int, workdir: str) -> None:
-    torch.set_num_threads(1)
     workdir = Path(workdir)
-    # the processes exist already: Lightning's environment reads them from these variables (no launcher)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), NODE_RANK="0", LOCAL_RANK=str(rank))
-    try:
-        init_gloo(rank, port, WORLD)
+    with gloo_worker(rank, port, WORLD, lightning=True):
         blob = torch.load(workdir / "inputs.pt")
         clip = float(torch.load(workdir / "clip.pt"))
         results = {}
@@ -204,10 +198,6 @@ def _worker(rank: int, port: int, workdir: str) -> None:
             dist.barrier()
         torch.save(results, workdir / f"rank{rank}.pt")
         dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        raise
 
 
 @pytest.fixture(scope="module")

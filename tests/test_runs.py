@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_net import FIT_NET
 from wb2_synthetic import make_store
 
 from fcn3_lightning.data import WB2Store, compute_stats
@@ -26,7 +27,7 @@ TRAIN, VALID = ["2000-01-01", "2000-01-08T18"], ["2000-01-09", "2000-01-12T18"]
 TINY = {
     "trainer": {"max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "log_every_n_steps": 1},
     "model": {
-        "net": {"atmo_embed_dim": 4, "surf_embed_dim": 4, "aux_embed_dim": 2, "num_layers": 2, "sfno_block_frequency": 2},
+        "net": FIT_NET,
         "ensemble_size": 2,
     },
     "data": {"channels": CHANNELS, "train_range": TRAIN, "valid_range": VALID, "batch_size": 2, "valid_rollout": 1},

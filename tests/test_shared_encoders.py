@@ -11,25 +11,22 @@ layout on gloo. Hooks count the rows the encoders see, so sharing that silently 
 
 from __future__ import annotations
 
-import traceback
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from gloo_workers import init_gloo, run_workers
+from gloo_workers import gloo_worker, run_workers
+from tiny_net import CHANNELS, NET, SHAPE  # uneven latitude tiles under h = 2 (10 / 9 rows)
 
 from fcn3_lightning.data.stats import Normalizer
 from fcn3_lightning.model import FCN3
+from fcn3_lightning.model.rollout import EnsembleForecaster
 from fcn3_lightning.parallel import DistributedSphericalLayers, ProcessMesh, gather_state_dict, reduce_gradients, shard_state_dict
-from fcn3_lightning.training.forecaster import EnsembleForecaster
 from fcn3_lightning.training.module import FCN3Module
 
-CHANNELS = ["z500", "t500", "z850", "t850", "t2m", "tcwv"]
 AUX = ["xzen", "xnoise0", "xnoise1", "xoro"]
-SHAPE = (19, 32)  # uneven latitude tiles under h = 2 (10 / 9 rows)
-NET = dict(atmo_embed_dim=4, surf_embed_dim=6, aux_embed_dim=3, num_layers=3, sfno_block_frequency=2)
 N_MEMBERS, N_STEPS = 4, 2
 REL_TOL = 1e-6
 #: the state encoders' weight gradients sum the same terms in another order (members summed before the contraction):
@@ -180,10 +177,8 @@ def test_forward_encoded_equals_forward_and_checks_shapes() -> None:
 
 
 def _worker(rank: int, port: int, workdir: str) -> None:
-    torch.set_num_threads(1)
     workdir = Path(workdir)
-    try:
-        init_gloo(rank, port, WORLD)
+    with gloo_worker(rank, port, WORLD):
         blob = torch.load(workdir / "blob.pt")
         mesh = ProcessMesh(h_parallel_size=2)
         lat, lon = mesh.tile(SHAPE)
@@ -204,10 +199,6 @@ def _worker(rank: int, port: int, workdir: str) -> None:
         torch.save(results, workdir / f"rank{rank}.pt")
         dist.barrier()
         mesh.destroy()
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        raise
 
 
 @pytest.fixture(scope="module")

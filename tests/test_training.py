@@ -11,7 +11,7 @@ import torch
 from fcn3_lightning.data.stats import Normalizer
 from fcn3_lightning.model import FCN3
 from fcn3_lightning.model.noise import NoiseStreams
-from fcn3_lightning.training.forecaster import EnsembleForecaster
+from fcn3_lightning.model.rollout import EnsembleForecaster
 from fcn3_lightning.training.module import FCN3Module
 from fcn3_lightning.training.weights import load_initial_weights
 

@@ -27,14 +27,14 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
-from fcn3_lightning.channels import FCN3_AUX_CHANNELS, FCN3_CHANNELS, check_aux_channels
-from fcn3_lightning.data.statics import LAND_SEA_MASK_VARIABLE, OROGRAPHY_VARIABLE, STATIC_AUX, static_channels
+from fcn3_lightning.channels import FCN3_AUX_CHANNELS, FCN3_CHANNELS, STATIC_AUX, check_aux_channels
+from fcn3_lightning.data.sampler import EpochShuffleSampler
+from fcn3_lightning.data.statics import LAND_SEA_MASK_VARIABLE, OROGRAPHY_VARIABLE, static_channels
 from fcn3_lightning.data.stats import ChannelStats, Normalizer, check_units, compute_stats, default_modes, merge_statistics
 from fcn3_lightning.data.store import WB2Store
 from fcn3_lightning.data.zenith import cos_zenith
 from fcn3_lightning.memory import keep_freed_memory
 from fcn3_lightning.paths import StoreError, store_location
-from fcn3_lightning.training.sampler import EpochShuffleSampler
 
 
 def loader_worker_init(worker_id: int) -> None:

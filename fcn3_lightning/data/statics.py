@@ -7,13 +7,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from fcn3_lightning.channels import STATIC_AUX
 from fcn3_lightning.data.conventions import PROJECT, InputConventions
 from fcn3_lightning.data.store import WB2Store
 
 #: WB2 names of the static variables the auxiliary channels come from
 OROGRAPHY_VARIABLE = "geopotential_at_surface"
 LAND_SEA_MASK_VARIABLE = "land_sea_mask"
-STATIC_AUX = ("xoro", "xlsml", "xlsms")
 
 
 def orography_channel(z_surface: np.ndarray, conventions: InputConventions = PROJECT) -> np.ndarray:

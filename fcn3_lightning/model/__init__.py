@@ -5,14 +5,17 @@ from fcn3_lightning.model.convert import load_reference_state_dict, model_from_r
 from fcn3_lightning.model.fcn3 import FCN3
 from fcn3_lightning.model.layers import SERIAL, SphericalLayers, parameters_on_meta
 from fcn3_lightning.model.noise import NoiseStreams, SphericalDiffusionNoise
+from fcn3_lightning.model.rollout import EnsembleForecaster, keyed_streams
 
 __all__ = [
     "FCN3",
+    "EnsembleForecaster",
     "SERIAL",
     "NoiseStreams",
     "SphericalDiffusionNoise",
     "SphericalLayers",
     "build_model",
+    "keyed_streams",
     "load_model",
     "load_reference_state_dict",
     "model_from_reference_config",

@@ -303,7 +303,7 @@ class FCN3(nn.Module):
 
         Members of an ensemble whose states are equal (the first step of a rollout) need it once per sample:
         :meth:`forward_encoded` takes it, repeated over the members (see
-        :class:`fcn3_lightning.training.forecaster.EnsembleForecaster`). Under activation checkpointing it is
+        :class:`fcn3_lightning.model.rollout.EnsembleForecaster`). Under activation checkpointing it is
         recomputed in backward with the ``encoder`` part, as in :meth:`forward`.
         """
         if state.dim() != 4 or state.shape[1] != self.n_channels or tuple(state.shape[-2:]) != self.local_inp_shape:

@@ -1,1 +1,2 @@
-"""Training: the LightningModule, ensemble rollouts, weights hand-off, checkpoint IO, the command line."""
+"""Training: the LightningModule (the recipe), weights hand-off, parameter groups, the weight average, the trainer's
+atomic checkpoint IO."""

@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
 
-from fcn3_lightning.forecaster import INPUTS_KEY, ModelInputs, model_inputs
+from fcn3_lightning.checkpoint import INPUTS_KEY, ModelInputs, model_inputs
 from fcn3_lightning.losses import CRPS_KINDS, EnsembleCRPSLoss, channel_weights, check_ensemble_size, crps_ensemble, quadrature_weights
 from fcn3_lightning.metrics.suite import DEFAULT_SCORES, PROVIDERS, ValidationScores, lead_label
 from fcn3_lightning.model.build import model_kwargs
@@ -29,10 +29,10 @@ from fcn3_lightning.model.channel_map import MappingReport
 from fcn3_lightning.model.fcn3 import CHECKPOINTING_LEVELS, FCN3
 from fcn3_lightning.model.layers import DEFAULT_DISCO_IMPL, DISCO_IMPLS, SphericalLayers
 from fcn3_lightning.model.noise import NoiseStreams, SphericalDiffusionNoise
+from fcn3_lightning.model.rollout import EnsembleForecaster, keyed_streams
 from fcn3_lightning.parallel import DistributedEnsembleCRPSLoss, ProcessMesh, all_reduce_, gather_members, split_slice
 from fcn3_lightning.precision import at_least_float32, float32_region
 from fcn3_lightning.training.ema import WeightAverage
-from fcn3_lightning.training.forecaster import EnsembleForecaster, keyed_streams
 from fcn3_lightning.training.parameters import freeze, optimizer_groups, warmup_factor
 from fcn3_lightning.training.weights import check_grid, initial_architecture, load_initial_weights
 

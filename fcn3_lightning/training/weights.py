@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fcn3_lightning.forecaster import DATA_SETTINGS, network_settings, read_network
+from fcn3_lightning.checkpoint import DATA_SETTINGS, network_settings, read_network
 from fcn3_lightning.model.channel_map import MappingReport, fresh_network, map_state_dict, mapped_settings
 from fcn3_lightning.model.fcn3 import FCN3
 

@@ -1,6 +1,7 @@
 """Ensemble rollouts: members folded into the batch, auxiliary inputs assembled, AR(1) noise between steps.
 
-Plain torch; used by training, validation and inference alike, so that all three step the model
+Plain torch, next to the network it steps (the user-facing :class:`fcn3_lightning.forecaster.Forecaster` wraps it with
+normalisation, static fields and time); used by training, validation and inference alike, so that all three step the model
 the same way (reference section 4.3): fresh stationary noise per (sample, member) at the initial
 time, an AR(1) step of the noise before every later step, the cos zenith of each step's own valid
 time, and the prediction fed back as the next input (no teacher forcing, no detach).
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fcn3_lightning.data.statics import STATIC_AUX
+from fcn3_lightning.channels import STATIC_AUX
 from fcn3_lightning.model.fcn3 import FCN3
 from fcn3_lightning.model.noise import NoiseStreams, SphericalDiffusionNoise
 

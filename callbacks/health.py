@@ -191,7 +191,7 @@ class GradNorm(L.Callback):
             return
         layout = layout_of(trainer.strategy)
         if layout.model_parallel:  # collective: the shards' partial norms add up over the tiles
-            total = grad_norm(pl_module, layout, self.norm_type, trainer.strategy.gradient_tags)
+            total = grad_norm(pl_module, layout, self.norm_type, trainer.strategy.reduction_tags)
         else:
             grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
             total = torch.nn.utils.get_total_norm(grads, self.norm_type) if grads else torch.zeros(())

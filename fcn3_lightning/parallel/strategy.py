@@ -161,7 +161,7 @@ class SpatialParallelStrategy(DDPStrategy):
         return DistributedSphericalLayers(self.polar_mode, disco_impl) if self.mesh.sizes.model > 1 else None
 
     @property
-    def gradient_tags(self) -> dict[str, GradTag] | None:
+    def reduction_tags(self) -> dict[str, GradTag] | None:
         """How each parameter's gradient is reduced (:func:`~fcn3_lightning.parallel.grads.gradient_tags`; from setup on)."""
         return self._tags
 

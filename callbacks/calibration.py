@@ -67,7 +67,7 @@ class Calibration(ValidationPlots):
         g = self.grid = forecast_grid(trainer, pl_module)
         self.channels = pick_channels(self.requested_channels, g.channels, pl_module.log_channels, "Calibration")
         self.histogram_leads = pick_leads(self.requested_leads, g.lead_hours, sorted({0, len(g.lead_hours) - 1}), "Calibration")
-        kw = {"tile": g.tile if g.sharded else None, "spatial_group": g.spatial_group}
+        kw = {"tile": g.tile, "spatial_group": g.spatial_group}
         self.spread_skill = SpreadSkill(g.lat, g.lon, self.channels, g.lead_hours, **kw).to(pl_module.device)
         self.rank_histogram = RankHistogram(g.lat, g.lon, self.channels, g.lead_hours, n_members=g.n_members, **kw).to(pl_module.device)
 

@@ -19,6 +19,7 @@ from fcn3_lightning.callbacks.plotting import PlotJobs, pretty_units
 from lightning.pytorch.utilities import rank_zero_info
 
 from fcn3_lightning.channels import parse_channel
+from fcn3_lightning.parallel.strategy import layout_of
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,8 @@ class ForecastGrid:
     lead_hours: list[float]
     lat: np.ndarray  # full grid, 90N first
     lon: np.ndarray
-    tile: tuple[slice, slice]
-    sharded: bool
-    spatial_group: Any
+    tile: tuple[slice, slice]  # from the strategy's layout (the whole grid without a split)
+    spatial_group: Any  # the group completing the tile (None without a split)
     units: dict[str, str]  # for labels (mathtext exponents)
     earth: bool  # real Earth data (coastlines make sense), not the synthetic default world
     n_members: int
@@ -54,17 +54,15 @@ def forecast_grid(trainer: L.Trainer, pl_module: L.LightningModule) -> ForecastG
     for c in pl_module.channels:
         attrs = store.dataset[parse_channel(c).long_name].attrs
         units[c] = pretty_units(str(attrs.get("units", "units not in the store")))
-    h, w = store.shape
-    tile = (slice(*dm.lat.indices(h)[:2]), slice(*dm.lon.indices(w)[:2]))
+    layout = layout_of(trainer.strategy)
     hp = pl_module.hparams
     return ForecastGrid(
         channels=list(pl_module.channels),
         lead_hours=list(pl_module.scores.lead_hours),
         lat=np.asarray(store.lat),
         lon=np.asarray(store.lon),
-        tile=tile,
-        sharded=(tile[0].stop - tile[0].start, tile[1].stop - tile[1].start) != (h, w),
-        spatial_group=getattr(trainer.strategy, "spatial_group", None),
+        tile=layout.tile(store.shape),
+        spatial_group=layout.spatial_group,
         units=units,
         earth=not getattr(dm, "default_world", False),
         n_members=int(hp.valid_ensemble_size or hp.ensemble_size),
@@ -99,12 +97,9 @@ def ensemble_spread(pl_module: L.LightningModule, x: torch.Tensor, index: Sequen
     return torch.std(x.index_select(-3, idx), dim=dim, correction=1) * scale
 
 
-def gather_globe(pl_module: L.LightningModule, x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+def gather_globe(trainer: L.Trainer, x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     """The whole globe of a tiled field ``(..., h, w)``; collective over the spatial group (every rank must call it)."""
-    mesh = getattr(pl_module, "mesh", None)
-    if mesh is None:
-        return x
-    return mesh.gather_tiles(x.contiguous(), shape)
+    return layout_of(trainer.strategy).gather_tiles(x.contiguous(), shape)
 
 
 def pick_channels(requested: Sequence[str] | None, available: Sequence[str], default: Sequence[str], what: str) -> list[str]:

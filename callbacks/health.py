@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from fcn3_lightning.parallel import grad_norm
+from fcn3_lightning.parallel.strategy import layout_of
 
 
 class NonFiniteError(RuntimeError):
@@ -121,8 +122,7 @@ class Throughput(L.Callback):
         self._epoch = [0.0, 0, 0]
 
     def _replicas(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
-        mesh = getattr(pl_module, "mesh", None)
-        return mesh.sizes.batch if mesh is not None else trainer.world_size  # ranks that read distinct samples
+        return layout_of(trainer.strategy).sizes.batch  # ranks that read distinct samples
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t, self._window, self._epoch = None, [0.0, 0, 0], [0.0, 0, 0]
@@ -189,9 +189,9 @@ class GradNorm(L.Callback):
         every = trainer.log_every_n_steps if self.log_every is None else self.log_every
         if not self.enabled or not every or trainer.global_step % every:
             return
-        mesh = getattr(pl_module, "mesh", None)
-        if mesh is not None:  # collective: the shards' partial norms add up over the tiles
-            total = grad_norm(pl_module, mesh, self.norm_type, getattr(trainer.strategy, "_tags", None))
+        layout = layout_of(trainer.strategy)
+        if layout.model_parallel:  # collective: the shards' partial norms add up over the tiles
+            total = grad_norm(pl_module, layout, self.norm_type, trainer.strategy.reduction_tags)
         else:
             grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
             total = torch.nn.utils.get_total_norm(grads, self.norm_type) if grads else torch.zeros(())

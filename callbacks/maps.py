@@ -109,7 +109,7 @@ class ForecastMaps(ValidationPlots):
         mean = x.mean(0)
         std = ensemble_spread(pl_module, members, ch)
         # reduce over the members first, then gather 4 fields instead of M (collective: every rank takes part)
-        fields = gather_globe(pl_module, torch.stack([truth, x[self.member], mean, std]), g.shape)
+        fields = gather_globe(trainer, torch.stack([truth, x[self.member], mean, std]), g.shape)
         if not trainer.is_global_zero:
             return
         arrays = fields.float().cpu().numpy()

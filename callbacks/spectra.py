@@ -78,7 +78,7 @@ class SpectraPlots(ValidationPlots):
         self.channels = pick_channels(self.requested_channels, g.channels, pl_module.log_channels, "SpectraPlots")
         self.leads = pick_leads(self.requested_leads, g.lead_hours, range(len(g.lead_hours)), "SpectraPlots")
         hours = [g.lead_hours[i] for i in self.leads]
-        kw = {"tile": g.tile if g.sharded else None, "spatial_group": g.spatial_group}
+        kw = {"tile": g.tile, "spatial_group": g.spatial_group}
         self.pred_spectrum = AngularPowerSpectrum(g.lat, g.lon, self.channels, hours, ensemble=True, **kw).to(pl_module.device)
         self.true_spectrum = AngularPowerSpectrum(g.lat, g.lon, self.channels, hours, **kw).to(pl_module.device)
 

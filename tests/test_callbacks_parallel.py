@@ -44,7 +44,7 @@ class _StartFrom(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: FCN3Module) -> None:
         net = pl_module.net  # after the strategy's broadcast; the distributed net takes its shards
-        net.load_state_dict(shard_state_dict(self.initial, net) if pl_module.mesh is not None else self.initial)
+        net.load_state_dict(shard_state_dict(self.initial, net) if pl_module.layout.model_parallel else self.initial)
 
 
 def _initial_weights() -> dict[str, torch.Tensor]:

@@ -38,7 +38,8 @@ PARTS = {"blocks": "blocks", "encoder": "surf_encoder", "decoder": "surf_decoder
 
 def _module(level: str, layers=None, mesh=None) -> FCN3Module:
     m = FCN3Module(net=NET, ensemble_size=N_MEMBERS, crps="fair", checkpointing=level)
-    m.mesh = mesh  # as configure_model sets it under the spatial-parallel strategy
+    if mesh is not None:
+        m.layout = mesh  # as configure_model sets it under the spatial-parallel strategy
     norm = Normalizer(CHANNELS, np.zeros(len(CHANNELS)), np.ones(len(CHANNELS)), np.linspace(0.5, 2.0, len(CHANNELS)))
     m.build(CHANNELS, AUX, SHAPE, norm, layers=layers)
     return m

@@ -62,7 +62,18 @@ class _Probe(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: FCN3Module) -> None:
         # after the strategy's broadcast, before the first step (in place: the optimizer keeps its parameters)
         net = pl_module.net
-        net.load_state_dict(shard_state_dict(self.initial, net) if pl_module.mesh is not None else self.initial)
+        net.load_state_dict(shard_state_dict(self.initial, net) if pl_module.layout.model_parallel else self.initial)
+        # what each reader took from the strategy's layout (slices as (start, stop): the record is loaded weights-only)
+        dm = trainer.datamodule
+        members = pl_module.layout.members(MODULE_KW["ensemble_size"])
+        self.record["layout"] = {
+            "module_is_strategy_mesh": pl_module.layout is getattr(trainer.strategy, "mesh", None),
+            "data": [(dm.lat.start, dm.lat.stop), (dm.lon.start, dm.lon.stop)],
+            "static": list(pl_module.static.shape[-2:]),
+            "scores": [[(t.start, t.stop) for t in m.tile] for m in pl_module.scores.metrics],
+            "quadrature_rows": int(pl_module.quadrature.shape[0]),
+            "members": (members.start, members.stop),
+        }
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.record["train_index"].append(batch["index"].tolist())
@@ -72,7 +83,7 @@ class _Probe(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: FCN3Module) -> None:
         state = pl_module.net.state_dict()
-        if pl_module.mesh is not None:  # collective over the h group; the strategy destroys the mesh at teardown
+        if pl_module.layout.model_parallel:  # collective over the h group; the strategy destroys the mesh at teardown
             state = gather_state_dict(state, pl_module.net)
         self.record["weights"] = {k: v.detach().clone() for k, v in state.items()}
 
@@ -180,6 +191,34 @@ def test_weights_and_validation_metrics_equal_serial(runs) -> None:
     print(f"{len(keys)} validation metrics: worst relative diff {worst:.3e} ({worst_name})")
     crps_wb2 = next(k for k in wb2 if k.startswith("val/crps/"))
     print("  serial " + ", ".join(f"{k}={metrics[k]:.6g}" for k in ["val/loss", "val/crps", crps_wb2]))
+
+
+def test_every_reader_takes_the_strategy_layout(runs) -> None:
+    """The module, the data module and the scores read their tile and members from the strategy's one layout."""
+    serial, distributed, _ = runs
+    whole = [(0, 33), (0, 64)]  # the default world's grid
+    assert serial["layout"] == {
+        "module_is_strategy_mesh": False,
+        "data": whole,
+        "static": [33, 64],
+        "scores": [whole] * len(serial["layout"]["scores"]),
+        "quadrature_rows": 33,
+        "members": (0, 4),
+    }
+    assert serial["layout"]["scores"]
+    for rank, rec in enumerate(distributed):
+        # ranks row-major over (batch, ensemble, h): h_rank = rank mod 2, ensemble_rank = rank div 2
+        rows = [(0, 17), (17, 33)][rank % 2]
+        tile = [rows, (0, 64)]
+        e = rank // 2
+        assert rec["layout"] == {
+            "module_is_strategy_mesh": True,
+            "data": tile,
+            "static": [rows[1] - rows[0], 64],
+            "scores": [tile] * len(serial["layout"]["scores"]),
+            "quadrature_rows": rows[1] - rows[0],
+            "members": (2 * e, 2 * e + 2),
+        }, f"rank {rank}"
 
 
 @pytest.mark.xfail(

@@ -43,7 +43,8 @@ ENCODERS = ("atmo_encoder", "surf_encoder", "aux_encoder")
 
 def _module(level: str, share: bool, layers=None, mesh=None) -> FCN3Module:
     m = FCN3Module(net=NET, ensemble_size=N_MEMBERS, crps="fair", checkpointing=level)
-    m.mesh = mesh  # as configure_model sets it under the spatial-parallel strategy
+    if mesh is not None:
+        m.layout = mesh  # as configure_model sets it under the spatial-parallel strategy
     norm = Normalizer(CHANNELS, np.zeros(len(CHANNELS)), np.ones(len(CHANNELS)), np.linspace(0.5, 2.0, len(CHANNELS)))
     m.build(CHANNELS, AUX, SHAPE, norm, layers=layers)
     m.forecaster.share_encoders = share

@@ -13,7 +13,8 @@ times, e.g. the ERA5 EDA members) serves every (member, input time) pair as a sa
 targets from that one member: see :class:`ForecastDataset`.
 
 ``h, w`` are the whole grid or a latitude/longitude tile (spatial model parallelism reads only its
-tile). Static auxiliary fields (orography, land-sea mask) are the same for every sample:
+tile: in a Trainer, the one the strategy's layout gives this rank,
+:func:`~fcn3_lightning.parallel.strategy.layout_of`). Static auxiliary fields (orography, land-sea mask) are the same for every sample:
 ``datamodule.static`` holds them, tiled like the samples.
 """
 
@@ -34,6 +35,7 @@ from fcn3_lightning.data.stats import ChannelStats, Normalizer, check_units, com
 from fcn3_lightning.data.store import WB2Store
 from fcn3_lightning.data.zenith import cos_zenith
 from fcn3_lightning.memory import keep_freed_memory
+from fcn3_lightning.parallel.strategy import layout_of
 from fcn3_lightning.paths import StoreError, store_location
 
 
@@ -282,8 +284,9 @@ class WB2DataModule(L.LightningDataModule):
 
     def set_tile(self, lat: slice, lon: slice) -> None:
         """Read only this latitude/longitude tile (indices of the 90N-first grid) from now on."""
-        self.lat, self.lon = lat, lon
-        self.datasets.clear()
+        if (lat, lon) != (self.lat, self.lon):
+            self.lat, self.lon = lat, lon
+            self.datasets.clear()
 
     # --- Lightning hooks -----------------------------------------------------------------------------
 
@@ -311,6 +314,8 @@ class WB2DataModule(L.LightningDataModule):
         return normalize_batch(batch, self.normalizer, self.channels, self.hparams.step_hours)
 
     def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:  # every sample is read on the tile the strategy's layout gives this rank
+            self.set_tile(*layout_of(self.trainer.strategy).tile(self.store.shape))
         splits = {"fit": ["train", "valid"], "validate": ["valid"], "test": ["test"], "predict": ["test"]}.get(stage or "fit", [])
         for split in splits:
             self.dataset(split)

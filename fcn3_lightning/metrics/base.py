@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torchmetrics import Metric
 
 from fcn3_lightning.metrics.regions import Region, region_weights, resolve_regions
+from fcn3_lightning.parallel.comm import all_reduce_, group_rank
 
 Tile = tuple[slice, slice]
 
@@ -100,7 +100,8 @@ class GriddedMetric(Metric):
                 f"inputs cover only the tile {self.tile} of the {nlat}x{nlon} grid: pass spatial_group, the process group "
                 "of the ranks holding the other tiles, so that spatial means are taken over the whole grid"
             )
-        self.spatial_group = spatial_group
+        # no group when the inputs cover the whole grid: the collectives below then do nothing
+        self.spatial_group = spatial_group if self.sharded else None
         self.compute_dtype = dtype
         self.land_sea_mask = land_sea_mask
         w = region_weights(self.lat, self.lon, self.regions, land_sea_mask)
@@ -180,14 +181,12 @@ class GriddedMetric(Metric):
     def _spatial_mean(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
         """Per-region area-weighted means over the full grid: ``(..., lat, lon)`` -> ``(..., R)``."""
         out = torch.einsum("...hw,rhw->...r", x, self.weights if weights is None else weights)
-        if self.sharded:
-            dist.all_reduce(out, group=self.spatial_group)
-        return out
+        return all_reduce_(out, self.spatial_group)
 
     @property
     def _counts_here(self) -> bool:
         """Whether this rank adds the (all-reduced) per-forecast values: the first rank of its spatial group only."""
-        return not self.sharded or dist.get_rank(self.spatial_group) == 0
+        return group_rank(self.spatial_group) == 0
 
     def _accumulate(self, n: int, **sums: Tensor) -> None:
         """Add per-forecast values ``(B, ..., R)`` (from :meth:`_spatial_mean`) to states laid out ``(R, ...)``."""

@@ -1,4 +1,5 @@
-"""Spatial model parallelism: process mesh, distributed spherical layers, sharded state_dicts, loss and gradients.
+"""Spatial model parallelism: the layout (which tile and members a rank holds) and process mesh, distributed spherical
+layers, sharded state_dicts, loss and gradients.
 
 Plain torch (no Lightning): the strategy of issue 7 builds on these
 (:mod:`fcn3_lightning.parallel.strategy`, imported on its own so that this package stays Lightning-free).
@@ -10,6 +11,7 @@ from fcn3_lightning.parallel.layers import DistributedSphericalLayers, EagerDist
 from fcn3_lightning.parallel.loss import DistributedEnsembleCRPSLoss
 from fcn3_lightning.parallel.mesh import (
     GROUP_NAMES,
+    Layout,
     MeshSizes,
     ProcessMesh,
     RankLayout,
@@ -35,6 +37,7 @@ __all__ = [
     "DistributedSphericalLayers",
     "EagerDistributedSpectralConvS2",
     "GradTag",
+    "Layout",
     "MeshSizes",
     "ProcessMesh",
     "RankLayout",

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fcn3_lightning.parallel.comm import ReduceOp, all_reduce_, all_reduce_coalesced_
-from fcn3_lightning.parallel.mesh import ProcessMesh
+from fcn3_lightning.parallel.mesh import Layout
 from fcn3_lightning.parallel.state import sharded_entries
 
 #: The spatial mesh axes a parameter can be split over.
@@ -51,7 +51,7 @@ class GradTag:
         return not self.sharded
 
 
-def _axes_group(mesh: ProcessMesh, axes: tuple[str, ...]) -> dist.ProcessGroup | None:
+def _axes_group(mesh: Layout, axes: tuple[str, ...]) -> dist.ProcessGroup | None:
     """The group spanning the given spatial axes (None if they span one rank)."""
     if not axes:
         return None
@@ -83,7 +83,7 @@ def _params_with_grad(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.grad is not None]
 
 
-def reduce_gradients(model: nn.Module, mesh: ProcessMesh, tags: dict[str, GradTag] | None = None) -> None:
+def reduce_gradients(model: nn.Module, mesh: Layout, tags: dict[str, GradTag] | None = None) -> None:
     """Complete the local gradients of ``model`` in place into the gradient of the global loss.
 
     SUM over the spatial axes each parameter is replicated over, then SUM over ensemble ranks and MEAN over batch
@@ -114,7 +114,7 @@ def reduce_gradients(model: nn.Module, mesh: ProcessMesh, tags: dict[str, GradTa
             g.div_(mesh.sizes.batch)
 
 
-def grad_norm(model: nn.Module, mesh: ProcessMesh, norm_type: float = 2.0, tags: dict[str, GradTag] | None = None) -> torch.Tensor:
+def grad_norm(model: nn.Module, mesh: Layout, norm_type: float = 2.0, tags: dict[str, GradTag] | None = None) -> torch.Tensor:
     """The ``norm_type``-norm of the full gradient of ``model`` after :func:`reduce_gradients` (same on every rank).
 
     Replicated parameters count once (their reduced gradient is the same on every spatial rank); a sharded
@@ -150,7 +150,7 @@ def grad_norm(model: nn.Module, mesh: ProcessMesh, norm_type: float = 2.0, tags:
 
 def clip_grad_norm_(
     model: nn.Module,
-    mesh: ProcessMesh,
+    mesh: Layout,
     max_norm: float,
     norm_type: float = 2.0,
     *,

@@ -40,6 +40,7 @@ from torch import nn
 from fcn3_lightning.kernels import disco_optimized_kernel
 from fcn3_lightning.model.layers import DEFAULT_DISCO_IMPL, SphericalLayers
 from fcn3_lightning.parallel.disco_fourier import DistributedFourierDisco
+from fcn3_lightning.parallel.mesh import split_slice
 
 #: DISCO polar modes: torch-harmonics' two, plus "auto" = halo exchange where the filter reach fits one neighbour.
 POLAR_MODES = ("auto", "halo-exchange", "reduce-scatter")
@@ -85,21 +86,18 @@ class DistributedSphericalLayers(SphericalLayers):
 
     def local_shape(self, shape: Sequence[int]) -> tuple[int, int]:
         """This rank's tile of an (nlat, nlon) grid: what the layers take and return."""
-        self._check_initialized()
-        nlat, nlon = (int(s) for s in shape)
-        return (
-            thd.compute_split_shapes(nlat, thd.polar_group_size())[thd.polar_group_rank()],
-            thd.compute_split_shapes(nlon, thd.azimuth_group_size())[thd.azimuth_group_rank()],
-        )
+        lat, lon = self.tile(shape)
+        return lat.stop - lat.start, lon.stop - lon.start
 
     def tile(self, shape: Sequence[int]) -> tuple[slice, slice]:
         """(latitude, longitude) slices of this rank's tile of an (nlat, nlon) grid (the layers' split)."""
         self._check_initialized()
         nlat, nlon = (int(s) for s in shape)
-        lat = thd.compute_split_shapes(nlat, thd.polar_group_size())
-        lon = thd.compute_split_shapes(nlon, thd.azimuth_group_size())
-        h, w = thd.polar_group_rank(), thd.azimuth_group_rank()
-        return slice(sum(lat[:h]), sum(lat[: h + 1])), slice(sum(lon[:w]), sum(lon[: w + 1]))
+        # the mesh's split (ProcessMesh registered these groups with torch-harmonics), by the one split function
+        return (
+            split_slice(nlat, thd.polar_group_size(), thd.polar_group_rank(), what="latitude dimension (h_parallel_size)"),
+            split_slice(nlon, thd.azimuth_group_size(), thd.azimuth_group_rank(), what="longitude dimension (w_parallel_size)"),
+        )
 
     def disco(
         self,

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from fcn3_lightning.losses import EnsembleCRPSLoss, quadrature_weights
 from fcn3_lightning.parallel.comm import all_reduce_coalesced_, gather_members, reduce_from_group
 from fcn3_lightning.parallel.layers import DistributedSphericalLayers
-from fcn3_lightning.parallel.mesh import ProcessMesh
+from fcn3_lightning.parallel.mesh import Layout
 
 
 class DistributedEnsembleCRPSLoss(nn.Module):
@@ -63,7 +63,7 @@ class DistributedEnsembleCRPSLoss(nn.Module):
 
     def __init__(
         self,
-        mesh: ProcessMesh,
+        mesh: Layout,
         img_shape: Sequence[int],
         channel_weights: Tensor | Sequence[float],
         *,

@@ -22,8 +22,9 @@ data        same model_rank (ensemble x batch)     DDP gradient averaging
 ==========  =====================================  =================================================
 
 The pure functions (:func:`mesh_sizes`, :func:`rank_layout`, :func:`group_ranks`, :func:`split_slice`) need no
-``torch.distributed`` and are what the tests check against the reference formulas; :class:`ProcessMesh` creates
-the groups and initialises ``torch_harmonics.distributed``.
+``torch.distributed`` and are what the tests check against the reference formulas. :class:`Layout` is the one answer
+to "which tile, which members, which groups" that the strategy hands out and every reader takes (serial: ``Layout()``);
+:class:`ProcessMesh` is the layout of a split: it creates the groups and initialises ``torch_harmonics.distributed``.
 """
 
 from __future__ import annotations
@@ -169,8 +170,118 @@ def tile_slices(shape: Sequence[int], layout: RankLayout) -> tuple[slice, slice]
     )
 
 
-class ProcessMesh:
-    """The process groups of a (batch, ensemble, h, w) mesh over the default ``torch.distributed`` group.
+class Layout:
+    """Which part of the work this rank holds, and with whom it completes it: the one answer every reader takes.
+
+    The tile of the grid (:meth:`tile`), the share of the ensemble members (:meth:`members`), the process groups
+    (:meth:`group`) and the mesh coordinates (:attr:`sizes`, :attr:`layout`). The strategy hands it out
+    (:func:`fcn3_lightning.parallel.strategy.layout_of`); the LightningModule, the data module, the metrics and the
+    callbacks read it instead of working the tile out themselves.
+
+    This base class is the layout without a split: one process (``Layout()``), or ``world_size`` data-parallel
+    replicas that each hold the whole grid and every member. Its groups of one are ``None`` and the collectives of
+    :mod:`fcn3_lightning.parallel.comm` do nothing on them, so callers need not branch on whether anything is split.
+    :class:`ProcessMesh` is the layout of a (batch, ensemble, h, w) split, with real process groups.
+    """
+
+    sizes: MeshSizes
+    #: this rank's mesh coordinates
+    layout: RankLayout
+    groups: dict[str, dist.ProcessGroup | None]
+    group_members: dict[str, list[int]]
+
+    def __init__(self, world_size: int = 1, rank: int = 0):
+        self.sizes = mesh_sizes(world_size)
+        self.layout = rank_layout(rank, self.sizes)
+        self.group_members = {name: next(g for g in groups if rank in g) for name, groups in group_ranks(self.sizes).items()}
+        # no process group of its own: groups of one are None, the replicas' batch / data group the default one (see group)
+        self.groups = {name: None for name in GROUP_NAMES}
+
+    @property
+    def tiled(self) -> bool:
+        """Whether the grid is split: this rank holds a tile of it, not the whole grid."""
+        return self.sizes.model > 1
+
+    @property
+    def model_parallel(self) -> bool:
+        """Whether the grid or the ensemble is split (the network is built on tiles / member shards)."""
+        return self.sizes.model > 1 or self.sizes.ensemble > 1
+
+    @property
+    def polar_group(self) -> dist.ProcessGroup | None:
+        """The h group, or None when h = 1 (what torch-harmonics expects)."""
+        return self.groups["h"] if self.sizes.h > 1 else None
+
+    @property
+    def azimuth_group(self) -> dist.ProcessGroup | None:
+        """The w group, or None when w = 1."""
+        return self.groups["w"] if self.sizes.w > 1 else None
+
+    @property
+    def spatial_group(self) -> dist.ProcessGroup | None:
+        """The spatial (h x w) group that completes this rank's tile, or None when the grid is not split."""
+        return self.groups["spatial"] if self.tiled else None
+
+    def group(self, name: str) -> dist.ProcessGroup | None:
+        """This rank's group of the given kind (one of :data:`GROUP_NAMES`); None for a group of one without a
+        process group (the collectives of :mod:`fcn3_lightning.parallel.comm` do nothing on it)."""
+        if name not in self.groups:
+            raise KeyError(f"unknown group {name!r}; choose one of {list(GROUP_NAMES)}")
+        group = self.groups[name]
+        if group is None and len(self.group_members[name]) > 1:
+            return dist.group.WORLD  # data-parallel replicas without a mesh: the default group (looked up when asked)
+        return group
+
+    def tile(self, shape: Sequence[int]) -> tuple[slice, slice]:
+        """(latitude, longitude) slices of this rank's tile of an (nlat, nlon) grid (the whole grid without a split)."""
+        return tile_slices(shape, self.layout)
+
+    def local_shape(self, shape: Sequence[int]) -> tuple[int, int]:
+        """Shape of this rank's tile of an (nlat, nlon) grid."""
+        lat, lon = self.tile(shape)
+        return lat.stop - lat.start, lon.stop - lon.start
+
+    def members(self, n_members: int) -> slice:
+        """Global ids of this rank's ensemble members out of ``n_members``: all of them, or its share under a split."""
+        return split_slice(n_members, self.sizes.ensemble, self.layout.ensemble_rank, what="ensemble (ensemble_parallel_size)")
+
+    def gather_tiles(self, x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """All-gather the tiles ``x[..., lat_local, lon_local]`` of the spatial group into the full (nlat, nlon) grid.
+
+        Every spatial rank receives the full field (without a split: ``x`` itself). Not differentiable (for
+        validation, tests and output).
+        """
+        nlat, nlon = (int(s) for s in shape)
+        if tuple(x.shape[-2:]) != self.local_shape(shape):
+            raise ValueError(f"tile of shape {tuple(x.shape[-2:])} does not match this rank's tile {self.local_shape(shape)} of {shape}")
+        if self.sizes.model == 1:
+            return x
+        lat_shapes, lon_shapes = compute_split_shapes(nlat, self.sizes.h), compute_split_shapes(nlon, self.sizes.w)
+        # all_gather needs equal sizes: pad every tile to the largest one
+        padded = torch.zeros((*x.shape[:-2], lat_shapes[0], lon_shapes[0]), dtype=x.dtype, device=x.device)
+        padded[..., : x.shape[-2], : x.shape[-1]] = x
+        parts = [torch.empty_like(padded) for _ in range(self.sizes.model)]
+        dist.all_gather(parts, padded.contiguous(), group=self.groups["spatial"])
+        rows = []
+        for hr in range(self.sizes.h):
+            # group ranks follow global-rank order, i.e. model_rank = h_rank * w + w_rank
+            cols = [parts[hr * self.sizes.w + wr][..., : lat_shapes[hr], : lon_shapes[wr]] for wr in range(self.sizes.w)]
+            rows.append(torch.cat(cols, dim=-1))
+        return torch.cat(rows, dim=-2)
+
+    def destroy(self) -> None:
+        """Release the process groups this layout created (none here)."""
+
+    def __repr__(self) -> str:
+        s, c = self.sizes, self.layout
+        return (
+            f"{type(self).__name__}(batch={s.batch}, ensemble={s.ensemble}, h={s.h}, w={s.w}; rank {c.rank}: batch_rank={c.batch_rank}, "
+            f"ensemble_rank={c.ensemble_rank}, h_rank={c.h_rank}, w_rank={c.w_rank})"
+        )
+
+
+class ProcessMesh(Layout):
+    """The layout of a (batch, ensemble, h, w) mesh over the default ``torch.distributed`` group, with its groups.
 
     Creating it is collective: every rank must construct it with the same sizes. It creates every group of every
     kind (also size-1 groups, so that e.g. DDP never falls back to the world group by receiving ``None``) and, with
@@ -197,8 +308,8 @@ class ProcessMesh:
             batch_parallel_size=batch_parallel_size,
         )
         self.layout = rank_layout(dist.get_rank(), self.sizes)
-        self.groups: dict[str, dist.ProcessGroup] = {}
-        self.group_members: dict[str, list[int]] = {}
+        self.groups = {}
+        self.group_members = {}
         for name, all_groups in group_ranks(self.sizes).items():
             for ranks in all_groups:
                 group = dist.new_group(ranks)  # collective in creation order: every rank calls it for every group
@@ -208,54 +319,6 @@ class ProcessMesh:
         if init_harmonics:
             thd.init(self.polar_group, self.azimuth_group)
             self._owns_harmonics = True
-
-    @property
-    def polar_group(self) -> dist.ProcessGroup | None:
-        """The h group, or None when h = 1 (what torch-harmonics expects)."""
-        return self.groups["h"] if self.sizes.h > 1 else None
-
-    @property
-    def azimuth_group(self) -> dist.ProcessGroup | None:
-        """The w group, or None when w = 1."""
-        return self.groups["w"] if self.sizes.w > 1 else None
-
-    def group(self, name: str) -> dist.ProcessGroup:
-        """This rank's group of the given kind (one of :data:`GROUP_NAMES`)."""
-        if name not in self.groups:
-            raise KeyError(f"unknown group {name!r}; choose one of {list(GROUP_NAMES)}")
-        return self.groups[name]
-
-    def tile(self, shape: Sequence[int]) -> tuple[slice, slice]:
-        """(latitude, longitude) slices of this rank's tile of an (nlat, nlon) grid."""
-        return tile_slices(shape, self.layout)
-
-    def local_shape(self, shape: Sequence[int]) -> tuple[int, int]:
-        """Shape of this rank's tile of an (nlat, nlon) grid."""
-        lat, lon = self.tile(shape)
-        return lat.stop - lat.start, lon.stop - lon.start
-
-    def gather_tiles(self, x: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-        """All-gather the tiles ``x[..., lat_local, lon_local]`` of the spatial group into the full (nlat, nlon) grid.
-
-        Every spatial rank receives the full field. Not differentiable (for validation, tests and output).
-        """
-        nlat, nlon = (int(s) for s in shape)
-        if tuple(x.shape[-2:]) != self.local_shape(shape):
-            raise ValueError(f"tile of shape {tuple(x.shape[-2:])} does not match this rank's tile {self.local_shape(shape)} of {shape}")
-        if self.sizes.model == 1:
-            return x
-        lat_shapes, lon_shapes = compute_split_shapes(nlat, self.sizes.h), compute_split_shapes(nlon, self.sizes.w)
-        # all_gather needs equal sizes: pad every tile to the largest one
-        padded = torch.zeros((*x.shape[:-2], lat_shapes[0], lon_shapes[0]), dtype=x.dtype, device=x.device)
-        padded[..., : x.shape[-2], : x.shape[-1]] = x
-        parts = [torch.empty_like(padded) for _ in range(self.sizes.model)]
-        dist.all_gather(parts, padded.contiguous(), group=self.groups["spatial"])
-        rows = []
-        for hr in range(self.sizes.h):
-            # group ranks follow global-rank order, i.e. model_rank = h_rank * w + w_rank
-            cols = [parts[hr * self.sizes.w + wr][..., : lat_shapes[hr], : lon_shapes[wr]] for wr in range(self.sizes.w)]
-            rows.append(torch.cat(cols, dim=-1))
-        return torch.cat(rows, dim=-2)
 
     def destroy(self) -> None:
         """Release the groups (and torch-harmonics' registration of them, if this mesh made it)."""
@@ -269,10 +332,3 @@ class ProcessMesh:
         for group in self.groups.values():
             dist.destroy_process_group(group)
         self.groups.clear()
-
-    def __repr__(self) -> str:
-        s, c = self.sizes, self.layout
-        return (
-            f"ProcessMesh(batch={s.batch}, ensemble={s.ensemble}, h={s.h}, w={s.w}; rank {c.rank}: batch_rank={c.batch_rank}, "
-            f"ensemble_rank={c.ensemble_rank}, h_rank={c.h_rank}, w_rank={c.w_rank})"
-        )

@@ -14,7 +14,8 @@ before Lightning's gradient clipping. Norm clipping (``trainer.gradient_clip_val
 :func:`~fcn3_lightning.parallel.grads.clip_grad_norm_`, i.e. the norm of the serial gradient. Without DDP the
 initial weights are not broadcast by DDP either: the strategy broadcasts them itself at setup.
 
-**Module interface.** The strategy exposes :attr:`mesh`, :attr:`spatial_group` (None without a spatial split) and
+**Module interface.** The strategy exposes :attr:`mesh` (also as :attr:`layout`: what :func:`layout_of` hands the
+module, the data module and the callbacks), :attr:`spatial_group` (None without a spatial split) and
 :meth:`layers_factory` (the spherical-layers factory to build the network with; None = the serial default). A
 LightningModule that builds its network on tiles and its ensemble on member shards declares so with a class
 attribute ``supports_spatial_parallel = True``; without it, only batch parallelism (h = w = ensemble = 1) is
@@ -48,7 +49,7 @@ from torch.optim import Optimizer
 from fcn3_lightning.model.layers import DEFAULT_DISCO_IMPL
 from fcn3_lightning.parallel.grads import GradTag, clip_grad_norm_, gradient_tags, reduce_gradients
 from fcn3_lightning.parallel.layers import DistributedSphericalLayers
-from fcn3_lightning.parallel.mesh import MeshSizes, ProcessMesh, mesh_sizes, rank_layout
+from fcn3_lightning.parallel.mesh import Layout, MeshSizes, ProcessMesh, mesh_sizes, rank_layout
 from fcn3_lightning.parallel.state import (
     gather_optimizer_state,
     gather_state_dict,
@@ -143,11 +144,14 @@ class SpatialParallelStrategy(DDPStrategy):
         return sizes.model > 1 or sizes.ensemble > 1
 
     @property
+    def layout(self) -> ProcessMesh:
+        """The layout every reader takes (the mesh: tile, member share, groups); once the process group exists."""
+        return self._require_mesh()
+
+    @property
     def spatial_group(self) -> dist.ProcessGroup | None:
         """This rank's spatial (h x w) group, or None when the grid is not split."""
-        if self.mesh is None or self.mesh.sizes.model == 1:
-            return None
-        return self.mesh.group("spatial")
+        return None if self.mesh is None else self.mesh.spatial_group
 
     def layers_factory(self, disco_impl: str = DEFAULT_DISCO_IMPL) -> DistributedSphericalLayers | None:
         """Spherical-layers factory for ``FCN3(layers=...)``: distributed under a spatial split, else None (serial);
@@ -155,6 +159,11 @@ class SpatialParallelStrategy(DDPStrategy):
         if self.mesh is None:
             raise RuntimeError("SpatialParallelStrategy.layers_factory is available once the process group exists (configure_model)")
         return DistributedSphericalLayers(self.polar_mode, disco_impl) if self.mesh.sizes.model > 1 else None
+
+    @property
+    def reduction_tags(self) -> dict[str, GradTag] | None:
+        """How each parameter's gradient is reduced (:func:`~fcn3_lightning.parallel.grads.gradient_tags`; from setup on)."""
+        return self._tags
 
     def _require_mesh(self) -> ProcessMesh:
         if self.mesh is None:
@@ -262,3 +271,11 @@ class SpatialParallelStrategy(DDPStrategy):
             self.mesh.destroy()
             self.mesh = None
         super().teardown()
+
+
+def layout_of(strategy: pl.strategies.Strategy) -> Layout:
+    """The layout a strategy hands out: :class:`SpatialParallelStrategy`'s mesh, or for any other strategy the layout
+    without a split (its ``world_size`` data-parallel replicas, each with the whole grid and every member)."""
+    if isinstance(strategy, SpatialParallelStrategy):
+        return strategy.layout
+    return Layout(strategy.world_size, strategy.global_rank)

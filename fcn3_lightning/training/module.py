@@ -30,7 +30,8 @@ from fcn3_lightning.model.fcn3 import CHECKPOINTING_LEVELS, FCN3
 from fcn3_lightning.model.layers import DEFAULT_DISCO_IMPL, DISCO_IMPLS, SphericalLayers
 from fcn3_lightning.model.noise import NoiseStreams, SphericalDiffusionNoise
 from fcn3_lightning.model.rollout import EnsembleForecaster, keyed_streams
-from fcn3_lightning.parallel import DistributedEnsembleCRPSLoss, ProcessMesh, all_reduce_, gather_members, split_slice
+from fcn3_lightning.parallel import DistributedEnsembleCRPSLoss, Layout, all_reduce_, gather_members
+from fcn3_lightning.parallel.strategy import layout_of
 from fcn3_lightning.precision import at_least_float32, float32_region
 from fcn3_lightning.training.ema import WeightAverage
 from fcn3_lightning.training.parameters import freeze, optimizer_groups, warmup_factor
@@ -153,7 +154,8 @@ class FCN3Module(L.LightningModule):
         self.mapping: MappingReport | None = None
         self._new_tensors: list[str] = []  # what channel mapping added (the "@new" of freeze / param_groups)
         self.loss_fn: EnsembleCRPSLoss | DistributedEnsembleCRPSLoss | None = None
-        self.mesh: ProcessMesh | None = None
+        #: which tile and members this rank holds (the strategy's, from configure_model on; serial until then)
+        self.layout: Layout = Layout()
 
     # --- building -----------------------------------------------------------------------------------
 
@@ -165,30 +167,23 @@ class FCN3Module(L.LightningModule):
         if dm is None:
             raise ValueError("FCN3Module needs a data module (it defines the channels and the grid)")
         strategy = self.trainer.strategy
-        mesh = getattr(strategy, "mesh", None)
-        layers = None
-        if mesh is not None and (mesh.sizes.model > 1 or mesh.sizes.ensemble > 1):
-            self.mesh = mesh
-            layers = strategy.layers_factory(self.hparams.disco_impl)
-            if mesh.sizes.model > 1:
-                dm.set_tile(*mesh.tile(dm.store.shape))  # every sample is read on this rank's tile only
+        self.layout = layout_of(strategy)  # the data module reads the same layout: its samples are on this tile
+        # a split network is built with the strategy's (distributed) layers factory
+        layers = strategy.layers_factory(self.hparams.disco_impl) if self.layout.model_parallel else None
         if self.hparams.init_from:
             check_grid(self.hparams.init_from, dm.store.shape)  # before anything is read for a network that cannot be
             self._adopt_inputs(dm)
         self.build(dm.channels, dm.aux_channels, dm.store.shape, dm.normalizer, layers=layers)
         self.register_buffer("static", dm.static, persistent=False)
         lead_hours = [(s + 1) * dm.hparams.step_hours for s in range(dm.hparams.valid_rollout)]
-        h, w = dm.store.shape
-        tile = (dm.lat, dm.lon)
-        sharded = (dm.lat.indices(h)[:2], dm.lon.indices(w)[:2]) != ((0, h), (0, w))
         self.scores = ValidationScores(
             dm.store.lat,
             dm.store.lon,
             self.log_channels,
             lead_hours,
             self.hparams.val_scores or DEFAULT_SCORES,
-            tile=tile if sharded else None,
-            spatial_group=getattr(self.trainer.strategy, "spatial_group", None),
+            tile=self.layout.tile(dm.store.shape),
+            spatial_group=self.layout.spatial_group,
         )
 
     def _adopt_inputs(self, dm: Any) -> None:
@@ -217,19 +212,18 @@ class FCN3Module(L.LightningModule):
     def build(
         self, channels: list[str], aux_channels: list[str], shape: tuple[int, int], normalizer: Any, layers: Any | None = None
     ) -> None:
-        """The network, noise process and loss for these channels and grid; ``layers``: a distributed layers factory
-        (spatial parallelism, with :attr:`mesh` set) or None (serial)."""
+        """The network, noise process and loss for these channels and grid, on this rank's part of :attr:`layout`;
+        ``layers``: the distributed layers factory of a split grid, or None (serial)."""
         hp = self.hparams
-        if self.mesh is not None:
-            e = self.mesh.sizes.ensemble
-            for name, m in (("model.ensemble_size", hp.ensemble_size), ("model.valid_ensemble_size", hp.valid_ensemble_size)):
-                if m is not None and m % e:
-                    raise ValueError(f"{name}={m} is not divisible by the strategy's ensemble_parallel_size={e}")
-            if hp.antithetic and (hp.ensemble_size // e) % 2:
-                raise ValueError(
-                    f"antithetic noise pairs members 2k, 2k+1 on one rank: model.ensemble_size ({hp.ensemble_size}) / "
-                    f"ensemble_parallel_size ({e}) must be even"
-                )
+        e = self.layout.sizes.ensemble
+        for name, m in (("model.ensemble_size", hp.ensemble_size), ("model.valid_ensemble_size", hp.valid_ensemble_size)):
+            if m is not None and m % e:
+                raise ValueError(f"{name}={m} is not divisible by the strategy's ensemble_parallel_size={e}")
+        if hp.antithetic and (hp.ensemble_size // e) % 2:
+            raise ValueError(
+                f"antithetic noise pairs members 2k, 2k+1 on one rank: model.ensemble_size ({hp.ensemble_size}) / "
+                f"ensemble_parallel_size ({e}) must be even"
+            )
         if hp.init_from:
             # the source's weights fix the architecture; the checkpoint's hyper-parameters must describe what is built
             self.net_kwargs = initial_architecture(self.net_kwargs, hp.init_from, channels, aux_channels, shape)
@@ -276,12 +270,12 @@ class FCN3Module(L.LightningModule):
             spectral_normalization=hp.spectral_normalization,
             multistep_weighting=hp.multistep_weighting,
         )
-        q = quadrature_weights(*shape, dtype=torch.float32)
-        if self.mesh is None:
-            self.loss_fn = EnsembleCRPSLoss(shape, weights, **loss_kw)
+        if self.layout.model_parallel:  # gathers the members, sums over the tiles
+            self.loss_fn = DistributedEnsembleCRPSLoss(self.layout, shape, weights, **loss_kw)
         else:
-            self.loss_fn = DistributedEnsembleCRPSLoss(self.mesh, shape, weights, **loss_kw)
-            q = q[self.mesh.tile(shape)[0]]  # this tile's rows: validation sums over the tile, then over the tiles
+            self.loss_fn = EnsembleCRPSLoss(shape, weights, **loss_kw)
+        # this tile's rows (all of them serially): validation sums over the tile, then over the tiles
+        q = quadrature_weights(*shape, dtype=torch.float32)[self.layout.tile(shape)[0]]
         self.register_buffer("quadrature", q, persistent=False)
         self.channels = list(channels)
         self.normalizer = normalizer
@@ -297,12 +291,6 @@ class FCN3Module(L.LightningModule):
 
     # --- stepping -----------------------------------------------------------------------------------
 
-    def _members(self, n_members: int) -> slice:
-        """Global ids of this rank's members: all of them, or its share under ensemble parallelism."""
-        if self.mesh is None:
-            return slice(0, n_members)
-        return split_slice(n_members, self.mesh.sizes.ensemble, self.mesh.layout.ensemble_rank, what="ensemble (ensemble_parallel_size)")
-
     def _streams(self, batch: dict[str, torch.Tensor], members: slice, key: int, antithetic: bool) -> NoiseStreams | None:
         if self.forecaster.noise is None:
             return None
@@ -315,19 +303,18 @@ class FCN3Module(L.LightningModule):
         self, batch: dict[str, torch.Tensor], n_members: int, n_steps: int, key: int, antithetic: bool = False
     ) -> torch.Tensor:
         """``(B, M, n_steps, C, H, W)``: this rank's members (all ``n_members`` serially) on its tile."""
-        members = self._members(n_members)
+        members = self.layout.members(n_members)
         streams = self._streams(batch, members, key, antithetic)
         m = members.stop - members.start
         return self.forecaster.rollout(batch["input"], batch["zenith"], self.static, streams, n_steps, m)
 
     def _all_members(self, pred: torch.Tensor) -> torch.Tensor:
         """Every member of the ensemble (gathered from the ensemble ranks; validation, not differentiated)."""
-        return pred if self.mesh is None else gather_members(pred.detach(), self.mesh.group("ensemble"), dim=1)
+        return gather_members(pred.detach(), self.layout.group("ensemble"), dim=1)
 
     def _tile_sum(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` summed over (lat, lon), completed over the tiles of the spatial group."""
-        out = x.sum((-2, -1))
-        return out if self.mesh is None else all_reduce_(out.contiguous(), self.mesh.group("spatial"))
+        return all_reduce_(x.sum((-2, -1)).contiguous(), self.layout.group("spatial"))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         n_steps = batch["target"].shape[1]

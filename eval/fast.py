@@ -17,11 +17,10 @@ e_m = X_m - o held as M separate fields:
 
 The spatial means (``spatial_mean``), the per-forecast formulas and states (``update_from_means``) and ``compute``
 are the classes' own (called on the metric objects), so states stay additive and DDP/sharding-safe; only the
-pointwise work is fused. In float64 the results
-equal the classes' to rounding (tests/test_eval_wb2.py checks every state against the classes' ``update``).
-The kernels are plain torch functions; ``compile`` runs them through ``torch.compile`` (one fused C++ loop per
-kernel, ~10x faster on the CPU; the first compilation takes ~15 s on 2 cores, later processes reuse
-inductor's on-disk cache), and falls back to running them eagerly if compilation fails.
+pointwise work is fused. In float64 the results equal the classes' to rounding (tests/test_eval_wb2.py checks every
+state against the classes' ``update``). The kernels are plain torch functions; ``compile`` runs them through
+``torch.compile`` (one fused C++ loop per kernel, ~10x faster on the CPU; the first compilation takes ~15 s on 2
+cores, later processes reuse inductor's on-disk cache), and falls back to running them eagerly if compilation fails.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ class PairwiseCRPS(CRPS):
     def update(self, pred: Tensor, target: Tensor) -> None:
         x, o = self._check_pair(pred, target)
         skill, spread = pairwise_crps_parts(x, o)
-        self._accumulate(x.shape[0], skill=self._spatial_mean(skill), spread=self._spatial_mean(spread))
+        self._add_means(skill=self.spatial_mean(skill), spread=self.spatial_mean(spread))
 
 
 def _sync(device: torch.device) -> None:

@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     if meta["warnings"]:
         print(f"evaluate: {len(meta['warnings'])} warning(s), see meta.json", file=sys.stderr)
-    from fcn3_lightning.eval.leaderboard import write_reports
+    from fcn3_lightning.eval.reports import write_reports
 
     for path in write_reports(args.out):  # leaderboard.md/.html and the scorecard of this run
         print(f"wrote {path}")

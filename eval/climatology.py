@@ -157,7 +157,7 @@ def compute_climatology(
     return xr.Dataset(out, coords=coords)
 
 
-class _LRU:
+class LRU:
     """A small LRU map from keys to arrays."""
 
     def __init__(self, capacity: int) -> None:
@@ -200,7 +200,7 @@ class ZarrClimatology:
         self.has_seeps = SEEPS_THRESHOLD in self.ds and SEEPS_DRY_FRACTION in self.ds
         self._p1: np.ndarray | None = None
         self._plan: SourcePlan | None = None
-        self._cache = _LRU(64)
+        self._cache = LRU(64)
 
     def check(self, channels: Sequence[Channel], targets: Sequence[Target]) -> None:
         """Raise unless every channel's variable and level and every (dayofyear, hour) is in the store."""
@@ -229,7 +229,7 @@ class ZarrClimatology:
         """Start a channel group; ``schedule``: the targets of each block, in order (sizes the cache)."""
         self._plan = SourcePlan(self.ds, channels, self.where, derive=False)
         per_block = max((len(set(s)) for s in schedule), default=8)
-        self._cache = _LRU(2 * per_block + 8)
+        self._cache = LRU(2 * per_block + 8)
 
     def fields(self, targets: Sequence[Target]) -> np.ndarray:
         """``(len(targets), channel, lat, lon)`` of the current group."""
@@ -289,7 +289,7 @@ class ObsClimatology:
         self.has_seeps = False
         self._shape: tuple[int, int, int] = (0, *grid)
         self._order: list[Target] = []
-        self._cache = _LRU(64)
+        self._cache = LRU(64)
         self._seeps_cache: dict[Target, np.ndarray] = {}
         self._p1: np.ndarray | None = None
         self._precip_reader: Callable[[np.ndarray], np.ndarray] | None = None
@@ -318,7 +318,7 @@ class ObsClimatology:
         self._order = list(dict.fromkeys(t for s in schedule for t in s))
         per_block = max((len(set(s)) for s in schedule), default=8)
         self._batch = max(1, min(len(self._order) or 1, int(self.batch_mb * 2**20 // max(1, 16 * n_fields))))
-        self._cache = _LRU(max(2 * per_block, 2 * self._batch) + 8)
+        self._cache = LRU(max(2 * per_block, 2 * self._batch) + 8)
 
     def _compute(self, batch: list[Target]) -> None:
         cols, mat = window_plan(self.times, batch, self.years, self.window)

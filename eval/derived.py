@@ -65,6 +65,7 @@ class WindVectorScores(GriddedMetric):
 
     ``update(pred_u, pred_v, target_u, target_v)``, all ``(batch, lead, channel, lat, lon)``: channel i holds
     the components of vector i (one per level); ``compute()`` returns ``(region, lead, channel)`` tensors.
+    ``update_from_means(se=)``: the spatial mean of (du)^2 + (dv)^2.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -75,8 +76,10 @@ class WindVectorScores(GriddedMetric):
         fu, ou = self._check_pair(pred_u, target_u)
         fv, ov = self._check_pair(pred_v, target_v)
         du, dv = fu - ou, fv - ov
-        se = self._spatial_mean(du * du + dv * dv)
-        self._accumulate(fu.shape[0], se=se, sqrt_se=se.sqrt())
+        self._add_means(se=self.spatial_mean(du * du + dv * dv))
+
+    def _add_means(self, se: Tensor) -> None:
+        self._accumulate(se.shape[0], se=se, sqrt_se=se.sqrt())
 
     def compute(self) -> dict[str, Tensor]:
         mse = self._mean("se")

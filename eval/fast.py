@@ -15,12 +15,12 @@ e_m = X_m - o held as M separate fields:
   one-hot spatial means as weighted bin counts;
 * DeterministicScores, ACC and PredictionActivity: e^2, e, |e|, f'o', f'^2, o'^2 stacked into one spatial-mean product.
 
-The spatial means, the states, ``_accumulate`` and ``compute`` are the classes' own (called on the metric
-objects), so states stay additive and DDP/sharding-safe; only the pointwise work is fused. In float64 the results
-equal the classes' to rounding (tests/test_eval_wb2.py checks every state against the classes' ``update``).
-The kernels are plain torch functions; ``compile`` runs them through ``torch.compile`` (one fused C++ loop per
-kernel, ~10x faster on the CPU; the first compilation takes ~15 s on 2 cores, later processes reuse
-inductor's on-disk cache), and falls back to running them eagerly if compilation fails.
+The spatial means (``spatial_mean``), the per-forecast formulas and states (``update_from_means``) and ``compute``
+are the classes' own (called on the metric objects), so states stay additive and DDP/sharding-safe; only the
+pointwise work is fused. In float64 the results equal the classes' to rounding (tests/test_eval_wb2.py checks every
+state against the classes' ``update``). The kernels are plain torch functions; ``compile`` runs them through
+``torch.compile`` (one fused C++ loop per kernel, ~10x faster on the CPU; the first compilation takes ~15 s on 2
+cores, later processes reuse inductor's on-disk cache), and falls back to running them eagerly if compilation fails.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from fcn3_lightning.metrics import ACC, CRPS, DeterministicScores, EnergyScore, PredictionActivity, RankHistogram, SpreadSkill
+from fcn3_lightning.metrics.ensemble import break_ties
 
 #: Inductor first dry-compiles a test program with torch's headers for every SIMD instruction set the CPU lists
 #: (17 of the ~20 s of the first compilation on a 2-core machine, before any kernel is built). The CPU's own flags
@@ -143,8 +144,11 @@ class FusedUpdates:
             (CPU) or CUDA is there, falling back to eager with a warning if compilation fails.
         warn: called with a message when falling back.
         work_dtype: dtype of the pointwise work (default: the metrics' compute dtype); the spatial means of its
-            results are summed in the metrics' own dtype (:meth:`_smean`), so float32 work with float64 metrics halves
-            the memory traffic of the kernels while the spatial means do not depend on how the data are blocked.
+            results are summed in the metrics' own dtype (``GriddedMetric.spatial_mean``), so float32 work with float64
+            metrics halves the memory traffic of the kernels while the spatial means do not depend on how the data are
+            blocked (``evaluate``, all lead times in a block, and ``predict --score-against``, one lead time, agree to
+            ~1e-15; a float32 sum would differ by ~1e-6; the chunked float64 conversion measured ~3x the float32
+            product's time on 2 cores).
     """
 
     def __init__(self, compile: str = "auto", warn: Callable[[str], None] | None = None, work_dtype: torch.dtype | None = None) -> None:
@@ -219,35 +223,10 @@ class FusedUpdates:
         first = str(err).splitlines()[0][:200] if str(err) else ""
         self.warn(f"torch.compile of the metric kernels failed ({type(err).__name__}: {first}); running them eagerly")
 
-    def _smean(self, metric: Any, x: Tensor, weights: str = "weights") -> Tensor:
-        """``metric._spatial_mean`` of ``x`` (float32 work), summed in the metric's dtype.
-
-        The pointwise values are the work dtype's; their spatial means are summed in the metric's float64: a float32
-        GEMM's rounding depends on the block's shape (BLAS blocking), so ``evaluate`` (all lead times in a block) and
-        ``predict --score-against`` (one lead time) would differ by ~1e-6; in float64 they agree to ~1e-15. Converted in
-        chunks, the float64 copy stays small (measured ~3x the float32 product's time on 2 cores: the conversion).
-        """
-        w = getattr(metric, weights)
-        if x.dtype == w.dtype or metric.sharded:
-            return metric._spatial_mean(x.to(w.dtype), None if weights == "weights" else w)
-        # the same product as _spatial_mean's einsum, as (fields, points) @ (points, regions) in chunks of ~64 MB of float64
-        *lead, h, wd = x.shape
-        flat, wt = x.reshape(-1, h * wd), w.reshape(w.shape[0], h * wd).T
-        step = max(1, (1 << 23) // (h * wd))
-        out = torch.cat([flat[i : i + step].to(w.dtype) @ wt for i in range(0, flat.shape[0], step)])
-        return out.reshape(*lead, w.shape[0])
-
     @staticmethod
     def _validate(metrics: list[Any], pred: Tensor, target: Tensor, ensemble: bool) -> None:
         for m in metrics:
-            # what torchmetrics' wrapped update does before calling update: drop the cached result, count the call
-            m._computed = None
-            m._update_count += 1
-            m._check("target", target, ensemble=False)
-            m._check("pred", pred, ensemble=ensemble)
-        p_shape = pred.shape[:1] + pred.shape[2:] if ensemble else pred.shape
-        if p_shape != target.shape:
-            raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+            m.check_pair(pred, target, ensemble=ensemble)
 
     def ensemble(
         self,
@@ -283,15 +262,14 @@ class FusedUpdates:
         skill, spread, ebar2, var = (t.reshape(point) for t in out[:4])
         e2, d2 = members(out[4]), members(out[5])
         below, ties = (t.reshape(point) if t.numel() else t for t in out[6:8])
-        skill_sm = self._smean(crps or metrics[0], skill)
+        skill_sm = (crps or metrics[0]).spatial_mean(skill)
         finite = bool(torch.isfinite(skill_sm).all())
         if crps is not None:
-            crps._accumulate(b, skill=skill_sm, spread=self._smean(crps, spread))
+            crps.update_from_means(skill=skill_sm, spread=crps.spatial_mean(spread))
         if ss is not None:
-            se, sv = self._smean(ss, ebar2), self._smean(ss, var)
-            ss._accumulate(b, se=se, var=sv, debiased=se - sv / m, sqrt_se=se.sqrt(), sqrt_var=sv.sqrt())
+            ss.update_from_means(se=ss.spatial_mean(ebar2), var=ss.spatial_mean(var))
         if es is not None:
-            es._accumulate(b, skill=self._smean(es, e2).sqrt().mean(1), spread=self._smean(es, d2).sqrt().mean(1))
+            es.update_from_means(se=es.spatial_mean(e2), sd=es.spatial_mean(d2))
         if rank is not None:
             self._rank(rank, below, ties, b)
         return finite, out[8].reshape(point)
@@ -299,20 +277,19 @@ class FusedUpdates:
     def _rank(self, rank: RankHistogram, below: Tensor, ties: Tensor, b: int) -> None:
         """RankHistogram.update's ranks and one-hot spatial means, without a one-hot array.
 
-        Ties are broken uniformly at random as the class does (its generator and seed), drawing only at the points
-        that have ties. The spatial means are weighted bin counts: per latitude row when every region's weights
+        Ties are broken uniformly at random as the class does (its generator and :func:`break_ties`), drawing only at
+        the points that have ties. The spatial means are weighted bin counts: per latitude row when every region's weights
         are constant along longitude (the global region), else per point.
         """
         device = below.device
-        if rank._generator is None or rank._generator.device != device:
-            rank._generator = torch.Generator(device=device).manual_seed(rank.seed)
+        generator = rank.tie_generator(device)
         r = below.long()
         tied = ties > 0
         if bool(tied.any()):
             where = tied.nonzero(as_tuple=True)
             t = ties[where].long()
-            u = torch.rand(t.shape, generator=rank._generator, device=device, dtype=torch.float64)
-            r[where] += torch.minimum((u * (t + 1)).long(), t)
+            u = torch.rand(t.shape, generator=generator, device=device, dtype=torch.float64)
+            r[where] = break_ties(r[where], t, u)
         k = rank.n_members + 1
         *lead, h, w = r.shape  # (B, L, C, h, w)
         n = r.numel() // (h * w)
@@ -326,17 +303,16 @@ class FusedUpdates:
         else:
             # one-hot (n, k, points) x weights (points, 2R) -> (n, k, 2R): one GEMM instead of a weighted bincount per region
             bins = torch.arange(k, device=device, dtype=r.dtype).view(1, k, 1)
-            dtype = rank.compute_dtype  # summed in the metric's dtype, as _smean: the same whatever the block's shape
+            dtype = rank.compute_dtype  # summed in the metric's dtype, as spatial_mean: the same whatever the block's shape
             both = torch.cat([rank.weights, rank.uniform_weights]).reshape(-1, h * w).T.to(dtype)  # (points, 2R)
             flat, step = r.reshape(n, 1, h * w), max(1, (1 << 22) // (k * h * w))  # one-hot chunks of <= 4 M entries
             per = torch.cat([torch.matmul((flat[i : i + step] == bins).to(dtype), both) for i in range(0, n, step)])
             nreg = rank.weights.shape[0]
             for i, name in enumerate(("latweighted", "unweighted")):
                 sums[name] = per[..., i * nreg : (i + 1) * nreg].transpose(1, 2).reshape(*lead, nreg, k)
-        if rank.sharded:
-            for out in sums.values():
-                torch.distributed.all_reduce(out, group=rank.spatial_group)
-        rank._accumulate(b, **sums)
+        for out in sums.values():
+            rank.reduce_tiles(out)
+        rank.update_from_means(**sums)
 
     def deterministic(
         self,
@@ -365,14 +341,13 @@ class FusedUpdates:
         clim = climatology.reshape(-1) if anomalies and climatology is not None else None
         dtype = self.work_dtype or scores.compute_dtype
         flat = self._run("deterministic", deterministic_kernel, pred.device, pred.reshape(-1), target.reshape(-1), clim, dtype)
-        sm = self._smean(scores, flat.reshape(flat.shape[0], *target.shape))  # (K, B, L, C, R)
-        se = sm[0]
+        sm = scores.spatial_mean(flat.reshape(flat.shape[0], *target.shape))  # (K, B, L, C, R)
         finite = bool(torch.isfinite(sm[[0, 4, 5]] if anomalies else sm[0]).all())
-        scores._accumulate(pred.shape[0], se=se, err=sm[1], ae=sm[2], sqrt_se=se.sqrt())
+        scores.update_from_means(se=sm[0], err=sm[1], ae=sm[2])
         if acc is not None:
-            acc._accumulate(pred.shape[0], acc=sm[3] / (sm[4] * sm[5]).sqrt())
+            acc.update_from_means(fo=sm[3], ff=sm[4], oo=sm[5])
         if activity is not None:
-            activity._accumulate(pred.shape[0], fa2=sm[4])
+            activity.update_from_means(ff=sm[4])
         return finite
 
     def wind_vector(self, metric: Any, fu: Tensor, fv: Tensor, ou: Tensor, ov: Tensor) -> None:
@@ -380,5 +355,4 @@ class FusedUpdates:
         self._validate([metric], fu, ou, ensemble=False)
         dtype = self.work_dtype or metric.compute_dtype
         du, dv = fu.to(dtype) - ou.to(dtype), fv.to(dtype) - ov.to(dtype)
-        se = self._smean(metric, du * du + dv * dv)
-        metric._accumulate(fu.shape[0], se=se, sqrt_se=se.sqrt())
+        metric.update_from_means(se=metric.spatial_mean(du * du + dv * dv))

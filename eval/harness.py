@@ -1,7 +1,7 @@
 """The evaluation loop: a forecast Zarr against the truth, scored as WB2's leaderboard scores it.
 
 :func:`evaluate` plans the run (:mod:`.plan`: the stores opened and checked, the channels, times, regions,
-baselines and climatology chosen, the channels laid out in groups and blocks by :mod:`.blocks`), then the runner
+baselines and climatology chosen, the channels laid out in groups and blocks), then the runner
 (:class:`Evaluation`) goes through the blocks: the next block is read in a background thread (:mod:`.load`) while
 the current one is scored (:mod:`.score`), so nothing larger than a block is ever in memory. At the end the
 metric states become long-form frames (:mod:`.collect`), written atomically with the run's meta data
@@ -13,9 +13,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,46 +24,13 @@ import xarray as xr
 from fcn3_lightning.eval import collect
 from fcn3_lightning.eval.fast import FusedUpdates
 from fcn3_lightning.eval.load import BlockLoader
-from fcn3_lightning.eval.plan import Plan, iso, make_plan, warn
+from fcn3_lightning.eval.plan import Options, Plan, iso, make_plan, warn
 from fcn3_lightning.eval.results import commit
 from fcn3_lightning.eval.score import Scorer, compile_jobs, compile_mode
 from tqdm.auto import tqdm
 
 from fcn3_lightning.bounds import Extremes, Moments, Report
 from fcn3_lightning.memory import keep_freed_memory, release_memory
-
-
-@dataclass
-class Options:
-    """What to score and how (the ``evaluate`` command's options)."""
-
-    name: str | None = None
-    regions: Sequence[str] | None = None  # None: all of REGIONS (land regions only with a land-sea mask)
-    per_init_regions: Sequence[str] | None = None  # regions with per-init (_temporal) records; None: every scored one, [] none
-    variables: Sequence[str] | None = None
-    levels: Sequence[float] | None = None
-    lead_hours: Sequence[float] | None = None
-    max_lead_hours: float | None = None
-    start: str | None = None  # first initialisation time scored (inclusive)
-    end: str | None = None  # last initialisation time scored (inclusive)
-    init_every_hours: float | None = None  # score only the inits at multiples of this many hours after 00 UTC (12: 00 and 12 UTC)
-    skipna: bool = False
-    baselines: Sequence[str] | None = None  # None: all three, each skipped (loudly) when its data are missing
-    prob_clim_years: tuple[int, int] | None = None
-    clim_years: tuple[int, int] | None = None
-    spectra: Sequence[str] | None = None  # None: those of plan.DEFAULT_SPECTRA that are scored (no warning for the others)
-    dtype: str = "float32"  # the pointwise work (the sums over forecasts are float64 whatever this is)
-    device: str = "cpu"
-    block_mb: float = 128.0
-    seed: int = 0
-    progress: bool = True
-    read_threads: int = 4
-    # torch's threads while scoring; None: one core fewer than the process may use (the readers' core), at least 1.
-    # On 2 cores a second torch thread was measured slower: its barriers wait on threads the readers displace.
-    torch_threads: int | None = None
-    compile: str = "auto"  # torch.compile the fused metric kernels: auto (when the data are large), on, off
-    tune_malloc: bool = True  # glibc: keep freed block-sized buffers for reuse (see memory.keep_freed_memory)
-    memory_mb: float = 2600.0  # with tune_malloc: give freed memory back to the system above this resident size
 
 
 class Evaluation:

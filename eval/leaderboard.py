@@ -13,17 +13,16 @@ Scores per headline variable and lead time:
 * ACC: ``acc`` where present (deterministic forecast, ensemble mean, persistence);
 * CRPS: ``crps`` where present (ensembles, persistence = its MAE, probabilistic climatology).
 
-``python -m fcn3_lightning leaderboard RUN_DIR [RUN_DIR ...] --out DIR`` writes ``leaderboard.md``,
+``python -m fcn3_lightning leaderboard RUN_DIR [RUN_DIR ...] --out DIR`` (:mod:`.reports`) writes ``leaderboard.md``,
 ``leaderboard.html`` and ``scorecard.png`` (see :mod:`fcn3_lightning.eval.scorecard`).
 """
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,7 +116,7 @@ BASELINE_NAMES = {
     "climatology_baseline_deterministic": "climatology",
     "probabilistic_climatology_baseline": "probabilistic climatology",
 }
-_NO_LEVEL = -1.0  # stands for the empty level of 2-D variables inside index keys (NaN does not compare equal)
+NO_LEVEL = -1.0  # stands for the empty level of 2-D variables inside index keys (NaN does not compare equal)
 
 
 def is_baseline(eval_name: str) -> bool:
@@ -131,14 +130,14 @@ def baseline_name(eval_name: str) -> str:
 def variable_key(variable: str, level: float | None) -> str:
     """Short name: ``z500``, ``t2m``; unknown variables keep their WB2 name (``foo``, ``foo_300``)."""
     short = SHORT_NAMES.get(variable)
-    if level is None or (isinstance(level, float) and math.isnan(level)) or level == _NO_LEVEL:
+    if level is None or (isinstance(level, float) and math.isnan(level)) or level == NO_LEVEL:
         return short or variable
     lev = f"{level:g}"
     return f"{short}{lev}" if short else f"{variable}_{lev}"
 
 
 def variable_description(variable: str, level: float | None) -> str:
-    if level is None or (isinstance(level, float) and math.isnan(level)) or level == _NO_LEVEL:
+    if level is None or (isinstance(level, float) and math.isnan(level)) or level == NO_LEVEL:
         return variable
     return f"{variable} at {level:g} hPa"
 
@@ -268,7 +267,7 @@ def harmonise(runs: Mapping[str, pd.DataFrame], region: str = "global") -> tuple
         extra = sorted(keys[run] - common)
         if extra:
             left.append(f"{run}: {', '.join(extra)} left out (not scored in every run)")
-        lev = df["level"].astype(float).fillna(_NO_LEVEL)
+        lev = df["level"].astype(float).fillna(NO_LEVEL)
         k = [variable_key(v, lv) for v, lv in zip(df["variable"], lev, strict=True)]
         kept = df[[x in common for x in k]].copy()
         kept.attrs.update(df.attrs)
@@ -286,7 +285,7 @@ def _region_rows(df: pd.DataFrame, region: str) -> pd.DataFrame:
     if region == "global":
         keep |= reg == ""
     out = df.loc[keep, ["eval", "variable", "metric", "level", "lead_time_hours", "value"]].copy()
-    out["level"] = out["level"].astype(float).fillna(_NO_LEVEL)
+    out["level"] = out["level"].astype(float).fillna(NO_LEVEL)
     out["lead_time_hours"] = out["lead_time_hours"].astype(int)
     out["value"] = out["value"].astype(float)
     dup = out.duplicated(["eval", "variable", "metric", "level", "lead_time_hours"])
@@ -394,7 +393,7 @@ def _variables(entries: Sequence[Entry]) -> list[tuple[str, float]]:
     for e in entries:
         for s in e.scores.values():
             present |= {(v, float(lev)) for v, lev in zip(s.index.get_level_values(0), s.index.get_level_values(1), strict=True)}
-    head = [(v, _NO_LEVEL if lev is None else lev) for v, lev in HEADLINE.values()]
+    head = [(v, NO_LEVEL if lev is None else lev) for v, lev in HEADLINE.values()]
     found = [vl for vl in head if vl in present]
     return found or sorted(present)
 
@@ -447,7 +446,7 @@ def headline_table(
     info: dict[str, dict[str, Any]] = {}
     for var, lev in variables:
         key = variable_key(var, lev)
-        level = None if lev == _NO_LEVEL else lev
+        level = None if lev == NO_LEVEL else lev
         info[key] = {"variable": var, "level": level, "unit": unit_of(var), "description": variable_description(var, level)}
         for score in SCORES:
             for e in entries:
@@ -726,78 +725,3 @@ def write_leaderboard(
         _write_text(out_dir / "leaderboard.md", render_markdown(table, runs)),
         _write_text(out_dir / "leaderboard.html", render_html(table, runs)),
     ]
-
-
-def write_all(
-    runs: Mapping[str, pd.DataFrame],
-    out_dir: str | Path,
-    region: str = "global",
-    reference: str | None = None,
-    notes: Sequence[str] = (),
-    warn: Callable[[str], None] | None = None,
-) -> list[Path]:
-    """Leaderboard (md, html) and, when some model has a baseline to compare with, ``scorecard.png``; with
-    ``reference`` (a model's name) the scorecard compares every other model and baseline with that one, and
-    ``intervals.csv``, ``significance.csv`` and ``significance.nc`` (see :mod:`.significance`) hold the bootstrap
-    intervals and the paired tests that mark the scorecard's non-significant cells. ``notes``: lines for the
-    leaderboard (what was left out of the merge); ``warn``: called with each note of the significance step."""
-    from fcn3_lightning.eval import significance
-    from fcn3_lightning.eval.scorecard import DEFAULT_PAIRS, plot_scorecard, reference_pairs, scorecard_panels
-
-    notes = list(notes)
-    sig = None
-    if reference:
-        entries = collect_entries(runs, region)
-        models = [e.name for e in entries if e.kind == "model"]
-        if reference not in models:
-            raise ValueError(f"--reference {reference!r} is none of the models {models} (the names in meta.json, or evaluate --name)")
-        sig = significance.compute(entries, runs, region, reference)
-        notes += sig.notes
-        for line in sig.notes if warn else []:
-            warn(line)
-    paths = write_leaderboard(runs, out_dir, region, notes=notes)
-    if sig is not None:
-        paths += significance.write(sig, out_dir)
-    pairs = reference_pairs(reference) if reference else DEFAULT_PAIRS
-    if scorecard_panels(runs, region, pairs, reference):
-        p_values = sig.p_values() if sig is not None else None
-        paths.append(
-            plot_scorecard(runs, Path(out_dir) / "scorecard.png", region=region, pairs=pairs, reference=reference, p_values=p_values)
-        )
-    elif reference:
-        raise ValueError(f"--reference {reference!r}: no other model shares a score and lead time with it in region {region!r}")
-    return paths
-
-
-def write_reports(result_dir: str | Path, region: str = "global") -> list[Path]:
-    """The reports of one evaluation output directory, written into it: leaderboard.md/.html and scorecard.png."""
-    name, df = load_scores(result_dir)
-    return write_all({name: df}, result_dir, region)
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-
-def _leaderboard_cmd(args: argparse.Namespace) -> None:
-    import sys
-
-    runs, left = harmonise(load_runs(args.result_dirs), args.region)
-    warn = lambda line: print(f"leaderboard: WARNING: {line}", file=sys.stderr)  # noqa: E731
-    for line in left:
-        warn(line)
-    for path in write_all(runs, args.out, args.region, args.reference, notes=left, warn=warn):
-        print(f"wrote {path}")
-
-
-def add_cli(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``leaderboard RESULT_DIR [RESULT_DIR ...] --out DIR [--region global]``."""
-    p = subparsers.add_parser(
-        "leaderboard",
-        help="headline-score leaderboard (Markdown, HTML) and scorecard (PNG) of one or several evaluation output directories",
-    )
-    p.add_argument("result_dirs", nargs="+", metavar="RESULT_DIR", help="evaluation output directory (scores.csv + meta.json)")
-    p.add_argument("--out", required=True, help="output directory for leaderboard.md, leaderboard.html, scorecard.png")
-    p.add_argument("--region", default="global", help="WeatherBench2 region (default: global)")
-    p.add_argument("--reference", default=None, metavar="NAME", help="a model (evaluate --name) the scorecard compares the others with")
-    p.set_defaults(func=_leaderboard_cmd)
-    return p

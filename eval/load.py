@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from fcn3_lightning.eval.blocks import Block, Group
-from fcn3_lightning.eval.climatology import _LRU
+from fcn3_lightning.eval.climatology import LRU
 from fcn3_lightning.eval.data import LEAD_DIM, SourcePlan
 from fcn3_lightning.eval.plan import Plan, as_hours, iso
 
@@ -52,7 +52,7 @@ class BlockLoader:
         per_block = max(b.inits.size * b.leads.size for b in p.blocks if b.group == g.index)
         years = len(p.pclim.years) if p.pclim else 0
         cap = max(8, int(1.5 * 2**30 // max(1, self._obs_plan.n_fields * p.itemsize)))  # at most ~1.5 GB of cached truth
-        self._obs_cache = _LRU(min(cap, 2 * per_block * (2 + years) + 8))
+        self._obs_cache = LRU(min(cap, 2 * per_block * (2 + years) + 8))
         schedule = [[p.targets[i * len(p.leads) + j] for i in b.inits for j in b.leads] for b in p.blocks if b.group == g.index]
         p.clim.begin_group(g.channels, schedule, lambda idx: self._obs_plan.read({"time": np.asarray(idx)}, ("time",), self._pool))
         self._spec_seen: set[int] = set()

@@ -4,8 +4,9 @@ The forecast (WB2's by-init layout: ``time`` = initialisation, [``number``], ``p
 ``latitude``, ``longitude``) is matched with the truth at valid time = init + lead. :func:`make_plan` opens both,
 picks the channels (variables x levels, derivable wind speeds and vectors), the initialisation and lead times,
 the regions, the baselines (:mod:`.baselines`) and the climatology (:mod:`.climatology`), then lays the channels
-out in groups and blocks (:mod:`.blocks`), so that every error in the inputs shows before any scoring starts.
-The result is a :class:`Plan`, which the runner (:mod:`.harness`) consumes.
+out in groups and blocks (:mod:`.blocks`; :func:`layout_groups`, :func:`layout_blocks`), so that every error in the
+inputs shows before any scoring starts.
+The result is a :class:`Plan` made from the user's :class:`Options`, which the runner (:mod:`.harness`) consumes.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import sys
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
 from fcn3_lightning.eval.baselines import BASELINES, ProbClimPlan, prob_clim_plan
-from fcn3_lightning.eval.blocks import Block, Group, layout_blocks, layout_groups
+from fcn3_lightning.eval.blocks import Block, Group
 from fcn3_lightning.eval.climatology import SEEPS_VARIABLE, ObsClimatology, ZarrClimatology, targets_of
 from fcn3_lightning.eval.data import (
     INIT_DIMS,
@@ -39,10 +40,6 @@ from fcn3_lightning.eval.leaderboard import year_span
 
 from fcn3_lightning.metrics import REGIONS
 from fcn3_lightning.metrics.regions import ALL_REGIONS
-
-if TYPE_CHECKING:  # harness imports this module: Options only as a type here
-    from fcn3_lightning.eval.harness import Options
-
 
 #: the channels with zonal energy spectra when the user names none (those the forecast has)
 DEFAULT_SPECTRA = ("geopotential/500", "2m_temperature")
@@ -73,6 +70,39 @@ def _choose(given: Sequence[str] | None, known: Collection[str], what: str, list
 
 def _range_years(years: tuple[int, int] | None) -> list[int] | None:
     return None if years is None else list(range(int(years[0]), int(years[1]) + 1))
+
+
+@dataclass
+class Options:
+    """What to score and how (the ``evaluate`` command's options)."""
+
+    name: str | None = None
+    regions: Sequence[str] | None = None  # None: all of REGIONS (land regions only with a land-sea mask)
+    per_init_regions: Sequence[str] | None = None  # regions with per-init (_temporal) records; None: every scored one, [] none
+    variables: Sequence[str] | None = None
+    levels: Sequence[float] | None = None
+    lead_hours: Sequence[float] | None = None
+    max_lead_hours: float | None = None
+    start: str | None = None  # first initialisation time scored (inclusive)
+    end: str | None = None  # last initialisation time scored (inclusive)
+    init_every_hours: float | None = None  # score only the inits at multiples of this many hours after 00 UTC (12: 00 and 12 UTC)
+    skipna: bool = False
+    baselines: Sequence[str] | None = None  # None: all three, each skipped (loudly) when its data are missing
+    prob_clim_years: tuple[int, int] | None = None
+    clim_years: tuple[int, int] | None = None
+    spectra: Sequence[str] | None = None  # None: those of plan.DEFAULT_SPECTRA that are scored (no warning for the others)
+    dtype: str = "float32"  # the pointwise work (the sums over forecasts are float64 whatever this is)
+    device: str = "cpu"
+    block_mb: float = 128.0
+    seed: int = 0
+    progress: bool = True
+    read_threads: int = 4
+    # torch's threads while scoring; None: one core fewer than the process may use (the readers' core), at least 1.
+    # On 2 cores a second torch thread was measured slower: its barriers wait on threads the readers displace.
+    torch_threads: int | None = None
+    compile: str = "auto"  # torch.compile the fused metric kernels: auto (when the data are large), on, off
+    tune_malloc: bool = True  # glibc: keep freed block-sized buffers for reuse (see memory.keep_freed_memory)
+    memory_mb: float = 2600.0  # with tune_malloc: give freed memory back to the system above this resident size
 
 
 @dataclass
@@ -143,6 +173,91 @@ def make_plan(
     plan.groups, plan.itemsize, plan.field_bytes = layout_groups(plan)
     plan.blocks = layout_blocks(plan)
     return plan
+
+
+# ---------------------------------------------------------------------------------------------- layout
+
+
+def layout_groups(plan: Plan) -> tuple[list[Group], int, int]:
+    """The channel groups, the largest item size of the forecast's variables and the bytes of one field.
+
+    A field here is one (lat, lon) slice of every source scored at a point: the members, the truth, the
+    climatology and the probabilistic climatology's years.
+    """
+    units: list[list[Channel]] = []
+    seen: dict[str, int] = {}
+    for c in plan.channels:
+        w = wind_of(c.variable)
+        key = f"wind:{w.prefix}" if w is not None else c.variable
+        if key not in seen:
+            seen[key] = len(units)
+            units.append([])
+        units[seen[key]].append(c)
+    n_fields_per_point = plan.members + 1 + 1 + (len(plan.pclim.years) if plan.pclim else 0)
+    itemsize = max(np.dtype(plan.fc[v].dtype).itemsize for v in plan.fc_vars)
+    field_bytes = plan.lat.size * plan.lon.size * itemsize * n_fields_per_point
+    budget = plan.opt.block_mb * 2**20
+    groups: list[list[Channel]] = []
+    for u in units:
+        if groups and (len(groups[-1]) + len(u)) * len(plan.leads) * field_bytes <= budget:
+            groups[-1] += u
+        else:
+            groups.append(list(u))
+    out: list[Group] = []
+    for gi, chans in enumerate(groups):
+        g = Group(gi, chans)
+        pos = {c.label: i for i, c in enumerate(chans)}
+        g.seeps = [i for i, c in enumerate(chans) if c.variable == SEEPS_VARIABLE] if plan.seeps_on else []
+        for vec in plan.vectors:
+            w = wind_of(vec.variable)
+            u, v = Channel(w.u, vec.level).label, Channel(w.v, vec.level).label  # type: ignore[union-attr]
+            if u in pos and v in pos:
+                g.vectors.append((vec, pos[u], pos[v]))
+        g.spectra = [i for i, c in enumerate(chans) if c.label in plan.spectra]
+        out.append(g)
+    return out, itemsize, field_bytes
+
+
+def _chunk(plan: Plan, dim: str, group: Group) -> int:
+    """The forecast's chunk length along ``dim`` (1 when unknown): blocks align with it to read each chunk once."""
+    sizes = []
+    for var in dict.fromkeys(c.variable for c in group.channels):
+        if var not in plan.fc.data_vars:
+            continue
+        da = plan.fc[var]
+        chunks = da.encoding.get("chunks") or da.encoding.get("preferred_chunks")
+        if isinstance(chunks, dict):
+            sizes.append(int(chunks.get(dim, 1)))
+        elif chunks is not None and dim in da.dims:
+            sizes.append(int(chunks[da.dims.index(dim)]))
+    return max(sizes, default=1)
+
+
+def layout_blocks(plan: Plan) -> list[Block]:
+    """The blocks of every group, group by group: as many inits x leads as fit the budget, aligned with the chunks."""
+    budget = plan.opt.block_mb * 2**20
+    n_inits, n_leads = len(plan.inits), len(plan.leads)
+    blocks: list[Block] = []
+    for g in plan.groups:
+        per_lead = len(g.channels) * plan.field_bytes
+        lead_chunk = _chunk(plan, LEAD_DIM, g)
+        nl = n_leads if n_leads * per_lead <= budget else max(1, int(budget // per_lead))
+        if nl < n_leads:
+            # never split a lead chunk unless it is far over budget: a split chunk is read once per part
+            if nl < lead_chunk and lead_chunk * per_lead <= 4 * budget:
+                nl = min(lead_chunk, n_leads)
+            elif nl >= lead_chunk:
+                nl = (nl // lead_chunk) * lead_chunk
+        nb = 1
+        if nl == n_leads:
+            nb = max(1, min(n_inits, int(budget // (n_leads * per_lead))))
+            time_chunk = _chunk(plan, plan.init_dim, g)
+            if nb >= time_chunk:
+                nb = (nb // time_chunk) * time_chunk
+        for b0 in range(0, n_inits, nb):
+            for l0 in range(0, n_leads, nl):
+                blocks.append(Block(g.index, np.arange(b0, min(b0 + nb, n_inits)), np.arange(l0, min(l0 + nl, n_leads)), (g.index, l0)))
+    return blocks
 
 
 class _Planner:

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 import xarray as xr
-from fcn3_lightning.eval.adapters import per_forecast, shared_region_weights, variant
 from fcn3_lightning.eval.baselines import BASELINE_EVALS
 from fcn3_lightning.eval.blocks import Block, Group
 from fcn3_lightning.eval.climatology import ZarrClimatology
@@ -59,6 +58,7 @@ from fcn3_lightning.metrics import (
     ZonalEnergySpectrum,
 )
 from fcn3_lightning.metrics.base import GriddedMetric
+from fcn3_lightning.metrics.regions import RegionWeights
 from fcn3_lightning.metrics.suite import CRPS_SCORES, ENERGY_SCORES, SPREAD_SKILL_SCORES
 
 DET_KEYS = ("mse", "rmse", "rmse_sqrt_before_time_avg", "bias", "mae")
@@ -146,19 +146,13 @@ class Scorer:
         self.opt = plan.opt
         self.fused = fused
         self.per_init: list[tuple] = []  # (eval, metric, labels, leads, inits, regions, (B, R, L, C) values)
-        self._weights_memo: dict[tuple, np.ndarray] = {}  # region weights shared by all metric objects
-        with shared_region_weights(self._weights_memo):
-            # the truth's spectra: over the distinct valid times, whatever their lead
-            self.obs_spectra = {
-                g.index: self._make(ZonalEnergySpectrum, [g.labels[i] for i in g.spectra], [0.0], regions=["global"], dtype=torch.float64)
-                for g in plan.groups
-                if g.spectra
-            }
-
-    def metric_set(self, b: Block) -> dict[str, Any]:
-        """A new set of metric objects for the channel group and lead range of ``b``."""
-        with shared_region_weights(self._weights_memo):
-            return self._metric_set(b)
+        self.region_weights = RegionWeights()  # computed once, shared by all metric objects
+        # the truth's spectra: over the distinct valid times, whatever their lead
+        self.obs_spectra = {
+            g.index: self._make(ZonalEnergySpectrum, [g.labels[i] for i in g.spectra], [0.0], regions=["global"], dtype=torch.float64)
+            for g in plan.groups
+            if g.spectra
+        }
 
     def _make(
         self,
@@ -171,10 +165,8 @@ class Scorer:
         dtype: torch.dtype | None = None,
         **kw: Any,
     ) -> GriddedMetric:
-        record = record and bool(self.plan.record_regions)
-        klass = variant(cls, self.opt.skipna, record)
         regions = list(regions) if regions is not None else self.plan.regions
-        m = klass(
+        m = cls(
             self.plan.lat,
             self.plan.lon,
             list(labels),
@@ -182,13 +174,15 @@ class Scorer:
             regions=regions,
             land_sea_mask=self.plan.lsm,
             dtype=dtype or self.plan.compute_dtype,
+            skipna=self.opt.skipna,
+            record_regions=self.plan.record_regions if record else None,
+            weights_cache=self.region_weights,
             **kw,
         )
-        if record:
-            m.record_regions = self.plan.record_regions  # type: ignore[attr-defined]
         return m.to(self.plan.device)
 
-    def _metric_set(self, b: Block) -> dict[str, Any]:
+    def metric_set(self, b: Block) -> dict[str, Any]:
+        """A new set of metric objects for the channel group and lead range of ``b``."""
         g = self.plan.groups[b.group]
         leads = [self.plan.lead_hours[i] for i in b.leads]
         labels = g.labels
@@ -343,7 +337,7 @@ class Scorer:
         for p in ms["parts"]:
             if not p.temporal:
                 continue
-            values = per_forecast(p.metric)
+            values = p.metric.per_forecast()
             for key in p.keys:
                 a = values[key].detach().cpu().double().numpy()  # (B, R, L, C)
                 self.per_init.append((f"{p.eval}_temporal", key, p.labels, ms["leads"], inits, self.plan.record_regions, a))

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fcn3_lightning.eval.leaderboard import (
-    _NO_LEVEL,
     HEADLINE,
+    NO_LEVEL,
     SCORES,
     baseline_years,
     collect_entries,
@@ -61,7 +61,7 @@ def _as_runs(runs: Mapping[str, pd.DataFrame] | pd.DataFrame) -> dict[str, pd.Da
 
 
 def _row_order(keys: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
-    head = [(v, _NO_LEVEL if lev is None else lev) for v, lev in HEADLINE.values()]
+    head = [(v, NO_LEVEL if lev is None else lev) for v, lev in HEADLINE.values()]
     return [k for k in head if k in keys] + sorted(k for k in keys if k not in head)
 
 
@@ -137,7 +137,7 @@ def attach_p_values(panels: Sequence[Panel], p_values: Mapping[tuple[str, str, s
         vals = np.full(panel.rel.shape, np.nan)
         for i, (var, lev) in enumerate(panel.keys):
             for j, h in enumerate(panel.rel.columns):
-                level = _NO_LEVEL if np.isnan(float(lev)) else float(lev)  # the key p_values() gives a 2-D variable
+                level = NO_LEVEL if np.isnan(float(lev)) else float(lev)  # the key p_values() gives a 2-D variable
                 vals[i, j] = p_values.get((panel.model, panel.score, var, level, int(h)), np.nan)
         panel.p = pd.DataFrame(vals, index=panel.rel.index, columns=panel.rel.columns) if np.isfinite(vals).any() else None
 

@@ -75,7 +75,7 @@ class SEEPS(GriddedMetric):
         return x < dry_t, (x > dry_t) & (x < wet), x >= wet
 
     def update(self, pred: Tensor, target: Tensor, wet_threshold: Tensor) -> None:
-        self._check("wet_threshold", wet_threshold, ensemble=False)
+        self.check("wet_threshold", wet_threshold, ensemble=False)
         f, o = self._check_pair(pred, target)
         fc = [c.to(self.compute_dtype) for c in self._categories(pred, wet_threshold, self.dry_threshold)]
         oc = [c.to(self.compute_dtype) for c in self._categories(target, wet_threshold, self.dry_threshold)]
@@ -88,8 +88,8 @@ class SEEPS(GriddedMetric):
         )
         score = torch.where(torch.isnan(f) | torch.isnan(o), torch.full_like(score, float("nan")), score)
         finite = torch.isfinite(score)
-        num = self._spatial_mean(torch.where(finite, score, torch.zeros_like(score)))
-        den = self._spatial_mean(finite.to(score.dtype))
+        num = self.spatial_mean(torch.where(finite, score, torch.zeros_like(score)))
+        den = self.spatial_mean(finite.to(score.dtype))
         self._accumulate(f.shape[0], seeps=num / den)
 
     def compute(self) -> dict[str, Tensor]:

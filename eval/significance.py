@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from fcn3_lightning.eval import statistics as st
-from fcn3_lightning.eval.leaderboard import _NO_LEVEL, MODEL_EVALS, SCORES, Entry, baseline_name, is_baseline
+from fcn3_lightning.eval.leaderboard import MODEL_EVALS, NO_LEVEL, SCORES, Entry, baseline_name, is_baseline
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -84,7 +84,7 @@ def load_per_init(run_df: pd.DataFrame) -> pd.DataFrame | None:
     df = pd.read_csv(path, dtype={"eval": str, "variable": str, "metric": str, "region": str, "init_time": str})
     if df.empty:
         return None
-    df["level"] = df["level"].astype(float).fillna(_NO_LEVEL)
+    df["level"] = df["level"].astype(float).fillna(NO_LEVEL)
     df["lead_time_hours"] = df["lead_time_hours"].astype(int)
     return df
 
@@ -128,11 +128,11 @@ class Result:
     notes: list[str] = field(default_factory=list)
 
     def p_values(self) -> dict[tuple[str, str, str, float, int], float]:
-        """(model, score, variable, level, lead) -> p_bootstrap against the reference; level ``_NO_LEVEL`` for a 2-D
+        """(model, score, variable, level, lead) -> p_bootstrap against the reference; level ``NO_LEVEL`` for a 2-D
         variable (NaN would never match a lookup: NaN != NaN)."""
         s = self.significance
         return {
-            (m, sc, v, _NO_LEVEL if np.isnan(lev) else float(lev), int(h)): float(p)
+            (m, sc, v, NO_LEVEL if np.isnan(lev) else float(lev), int(h)): float(p)
             for m, sc, v, lev, h, p in zip(
                 s["model"], s["score"], s["variable"], s["level"], s["lead_time_hours"], s["p_bootstrap"], strict=True
             )
@@ -183,7 +183,7 @@ def run_intervals(per_init: pd.DataFrame, seed: int = 0, chunk: int = 4096) -> t
     df = per_init.loc[:, [*_RUN_KEYS, "init_time", "value"]].copy()
     for c in ("eval", "metric", "region", "variable", "init_time"):
         df[c] = df[c].astype(str)
-    df["level"] = pd.to_numeric(df["level"], errors="coerce").fillna(_NO_LEVEL)
+    df["level"] = pd.to_numeric(df["level"], errors="coerce").fillna(NO_LEVEL)
     df = df[[st.aggregation(m) is not None for m in df["metric"]]]
     inits = sorted(set(df["init_time"]))
     if len(inits) < st.MIN_INITS:
@@ -202,7 +202,7 @@ def run_intervals(per_init: pd.DataFrame, seed: int = 0, chunk: int = 4096) -> t
         frames.append(part.index.to_frame(index=False).assign(**iv))
     out = pd.concat(frames, ignore_index=True)
     out["eval"] = out["eval"].str.removesuffix("_temporal")
-    out["level"] = out["level"].where(out["level"] != _NO_LEVEL, np.nan)
+    out["level"] = out["level"].where(out["level"] != NO_LEVEL, np.nan)
     out["n_inits"] = out["n_inits"].astype(int)
     return out.sort_values(_RUN_KEYS[:1] + ["variable", "metric", "region", "level", "lead_time_hours"], kind="stable")[
         RUN_INTERVAL_COLUMNS
@@ -277,7 +277,7 @@ def compute(entries: Sequence[Entry], runs: Mapping[str, pd.DataFrame], region: 
                         )  # fmt: skip
     significance = pd.DataFrame(sig_rows, columns=SIGNIFICANCE_COLUMNS)
     for frame in (intervals, significance):
-        frame["level"] = frame["level"].where(frame["level"] != _NO_LEVEL, np.nan)
+        frame["level"] = frame["level"].where(frame["level"] != NO_LEVEL, np.nan)
     return Result(intervals, significance, notes)
 
 

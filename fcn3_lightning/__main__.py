@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_era5_sample)
 
     from fcn3_lightning.eval.cli import add_cli as add_evaluate_cli
-    from fcn3_lightning.eval.leaderboard import add_cli as add_leaderboard_cli
+    from fcn3_lightning.eval.reports import add_cli as add_leaderboard_cli
     from fcn3_lightning.inference import add_cli as add_predict_cli
 
     add_predict_cli(sub)

@@ -887,7 +887,7 @@ def run_cli(args: argparse.Namespace) -> None:
     kept = "" if args.no_keep_forecast else f"wrote {args.output}: "
     print(f"{kept}{len(times)} initial times x {members} members x {steps} steps of {predictor.step_hours} h")
     if args.score_against:
-        from fcn3_lightning.eval.leaderboard import write_reports
+        from fcn3_lightning.eval.reports import write_reports
 
         print(f"scores (as evaluate writes them) -> {score_out}")
         for path in write_reports(score_out):  # leaderboard.md/.html and the scorecard, as evaluate's

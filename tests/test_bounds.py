@@ -192,7 +192,7 @@ def _as_forecast(truth: xr.Dataset, inits: list[str], leads: int, members: int) 
 
 def test_evaluate_reports_a_forecast_that_leaves_its_bounds(world, tmp_path, capfd):
     from fcn3_lightning.eval.harness import evaluate
-    from fcn3_lightning.eval.leaderboard import write_reports
+    from fcn3_lightning.eval.reports import write_reports
 
     truth = xr.open_zarr(world.store)
     perfect = _as_forecast(truth, INITS, 8, 2)

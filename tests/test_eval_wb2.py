@@ -698,7 +698,7 @@ def test_climatology_baselines_use_only_years_before_the_scored_inits(tmp_path):
     assert abs(leaky - want) > 100 * 1e-5 * want  # the check tells the two apart
 
     # the reports name the years
-    from fcn3_lightning.eval.leaderboard import write_reports
+    from fcn3_lightning.eval.reports import write_reports
     from fcn3_lightning.eval.scorecard import scorecard_panels
 
     write_reports(tmp_path)

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from fcn3_lightning.eval import leaderboard as lb
+from fcn3_lightning.eval import reports
 from fcn3_lightning.eval.scorecard import plot_scorecard, scorecard_panels
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "wb2_fixture_5p625"
@@ -161,7 +162,7 @@ def test_files_cli_and_png(tmp_path, fixture_runs):
     assert name == "det-model" and df.attrs["meta"]["checkpoint"] == "x.ckpt"
 
     parser = argparse.ArgumentParser()
-    lb.add_cli(parser.add_subparsers(dest="command"))
+    reports.add_cli(parser.add_subparsers(dest="command"))
     out = tmp_path / "board"
     args = parser.parse_args(["leaderboard", str(a), str(b), "--out", str(out)])
     args.func(args)
@@ -184,7 +185,7 @@ def test_files_cli_and_png(tmp_path, fixture_runs):
 
     # one run (small, to keep the test quick): write_reports puts the reports next to scores.csv
     small = _write_run(tmp_path / "small", "tiny", _tiny())
-    paths = lb.write_reports(small)
+    paths = reports.write_reports(small)
     assert [p.name for p in paths] == ["leaderboard.md", "leaderboard.html", "scorecard.png"] and all(p.parent == small for p in paths)
 
 
@@ -226,7 +227,7 @@ def test_errors(tmp_path, fixture_runs):
     assert not (tmp_path / "x.png").exists()
     # without a baseline the reports are the leaderboard only
     run = _write_run(tmp_path / "solo", "solo", only_model)
-    assert [p.name for p in lb.write_reports(run)] == ["leaderboard.md", "leaderboard.html"]
+    assert [p.name for p in reports.write_reports(run)] == ["leaderboard.md", "leaderboard.html"]
 
 
 def test_lead_selection():
@@ -263,7 +264,7 @@ def test_reports_say_which_years_the_baselines_used_and_cut_nothing_short(tmp_pa
         probabilistic_climatology_years=[2016, 2017, 2019],
     )
     runs = lb.load_runs([a, b])
-    paths = lb.write_all(runs, tmp_path / "board")
+    paths = reports.write_all(runs, tmp_path / "board")
     md = (tmp_path / "board" / "leaderboard.md").read_text()
     page = html_lib.unescape((tmp_path / "board" / "leaderboard.html").read_text())
     for text in (md, page):

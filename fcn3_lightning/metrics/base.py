@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from fcn3_lightning.metrics.regions import Region, region_weights, resolve_regions
+from fcn3_lightning.metrics.regions import Region, RegionWeights, region_weights, resolve_regions
 from fcn3_lightning.parallel.comm import all_reduce_, group_rank
 
 Tile = tuple[slice, slice]
@@ -54,6 +54,12 @@ class GriddedMetric(Metric):
         spatial_group: process group of the ranks that hold the other tiles of the same samples; required
             when ``tile`` is not the full grid.
         dtype: computation dtype (float64: WB2's float32 numbers are reproduced to ~1e-7).
+        skipna: non-finite points drop out of each field's spatial mean, the region's weights renormalised over the
+            remaining points (WB2's NaN-skipping averages); a field without a finite point in a region gives NaN there.
+        record_regions: indices into ``regions`` whose per-forecast values each update keeps (:attr:`recorded`, read by
+            :meth:`per_forecast`); default none.
+        weights_cache: a :class:`~fcn3_lightning.metrics.regions.RegionWeights` shared by many metric objects, so the
+            region weights of one grid are computed and held once (default: computed for this object).
         **kwargs: torchmetrics options (``process_group``, ``sync_on_compute``, ...).
     """
 
@@ -77,9 +83,14 @@ class GriddedMetric(Metric):
         tile: Tile | None = None,
         spatial_group: Any = None,
         dtype: torch.dtype = torch.float64,
+        skipna: bool = False,
+        record_regions: Sequence[int] | None = None,
+        weights_cache: RegionWeights | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        # update_from_means is an update too: torchmetrics' wrapper drops the cached result and counts the call
+        self.update_from_means = self._wrap_update(self.update_from_means)
         self.lat = np.asarray(lat, dtype=np.float64)
         self.lon = np.asarray(lon, dtype=np.float64)
         self.channels = [str(c) for c in channels]
@@ -104,7 +115,12 @@ class GriddedMetric(Metric):
         self.spatial_group = spatial_group if self.sharded else None
         self.compute_dtype = dtype
         self.land_sea_mask = land_sea_mask
-        w = region_weights(self.lat, self.lon, self.regions, land_sea_mask)
+        self.skipna = bool(skipna)
+        self.record_regions: list[int] | None = list(record_regions) if record_regions else None
+        #: the last update's per-forecast ``(B, recorded region, ...)`` spatial means, when ``record_regions`` is set
+        self.recorded: dict[str, Tensor] | None = None
+        self.region_weights = weights_cache or region_weights
+        w = self.region_weights(self.lat, self.lon, self.regions, land_sea_mask)
         self.register_buffer("weights", torch.as_tensor(w[:, self.tile[0], self.tile[1]], dtype=dtype), persistent=False)
         self.add_state("n_forecasts", default=torch.zeros((), dtype=dtype), dist_reduce_fx="sum")
         # the ensemble size as a state, so that a rank without forecasts knows it after the sync
@@ -131,7 +147,7 @@ class GriddedMetric(Metric):
     def local_shape(self) -> tuple[int, int]:
         return self.tile[0].stop - self.tile[0].start, self.tile[1].stop - self.tile[1].start
 
-    def _check(self, name: str, x: Tensor, ensemble: bool) -> None:
+    def check(self, name: str, x: Tensor, ensemble: bool) -> None:
         """Raise a clear error unless ``x`` is (batch, [member,] lead, channel, lat, lon) of this metric."""
         dims = _DIM_NAMES if ensemble else _DIM_NAMES[:1] + _DIM_NAMES[2:]
         if not isinstance(x, Tensor):
@@ -166,36 +182,108 @@ class GriddedMetric(Metric):
             self.n_members = m
             self.members.fill_(m)
 
-    def _check_pair(self, pred: Tensor, target: Tensor, ensemble: bool | None = None) -> tuple[Tensor, Tensor]:
+    def check_pair(self, pred: Tensor, target: Tensor, ensemble: bool | None = None) -> None:
+        """Raise a clear error unless ``pred`` and ``target`` are inputs of this metric (and record the ensemble size)."""
         ensemble = self.ensemble if ensemble is None else ensemble
-        self._check("target", target, ensemble=False)
-        self._check("pred", pred, ensemble=ensemble)
+        self.check("target", target, ensemble=False)
+        self.check("pred", pred, ensemble=ensemble)
         p_shape = pred.shape[:1] + pred.shape[2:] if ensemble else pred.shape
         if p_shape != target.shape:
             raise ValueError(
                 f"{type(self).__name__}: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ"
                 + (" (beyond the member dimension 1 of pred)" if ensemble else "")
             )
+
+    def _check_pair(self, pred: Tensor, target: Tensor, ensemble: bool | None = None) -> tuple[Tensor, Tensor]:
+        self.check_pair(pred, target, ensemble)
         return pred.to(self.compute_dtype), target.to(self.compute_dtype)
 
-    def _spatial_mean(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
-        """Per-region area-weighted means over the full grid: ``(..., lat, lon)`` -> ``(..., R)``."""
-        out = torch.einsum("...hw,rhw->...r", x, self.weights if weights is None else weights)
-        return all_reduce_(out, self.spatial_group)
+    def reduce_tiles(self, x: Tensor) -> Tensor:
+        """Sum this rank's partial spatial sums over the tiles of the sample (in place; nothing when unsharded)."""
+        return all_reduce_(x, self.spatial_group)
+
+    def spatial_mean(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
+        """Per-region area-weighted means over the full grid: ``(..., lat, lon)`` -> ``(..., R)``.
+
+        With ``skipna``, non-finite points drop out (the weights renormalised over the others). ``x`` in another
+        dtype than the metric's (float32 pointwise work) is summed in the metric's dtype: a float32 GEMM's rounding
+        depends on the block's shape (BLAS blocking), so scores of the same data blocked differently would differ by
+        ~1e-6; in float64 they agree to ~1e-15. Converted in chunks, the float64 copy stays small.
+        """
+        if self.skipna:
+            finite = torch.isfinite(x)
+            if not bool(finite.all()):
+                num = self._weighted_mean(torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device)), weights)
+                den = self._weighted_mean(finite.to(x.dtype), weights)
+                return num / den
+        return self._weighted_mean(x, weights)
+
+    def _weighted_mean(self, x: Tensor, weights: Tensor | None) -> Tensor:
+        w = self.weights if weights is None else weights
+        if x.dtype != w.dtype and not self.sharded:
+            # the einsum's product as (fields, points) @ (points, regions) in chunks of ~64 MB of float64
+            *lead, h, wd = x.shape
+            flat, wt = x.reshape(-1, h * wd), w.reshape(w.shape[0], h * wd).T
+            step = max(1, (1 << 23) // (h * wd))
+            out = torch.cat([flat[i : i + step].to(w.dtype) @ wt for i in range(0, flat.shape[0], step)])
+            return out.reshape(*lead, w.shape[0])
+        return self.reduce_tiles(torch.einsum("...hw,rhw->...r", x.to(w.dtype), w))
 
     @property
     def _counts_here(self) -> bool:
         """Whether this rank adds the (all-reduced) per-forecast values: the first rank of its spatial group only."""
         return group_rank(self.spatial_group) == 0
 
+    #: the region axis of the per-forecast values given to :meth:`_accumulate` (moved first in the states)
+    region_axis = -1
+
+    def update_from_means(self, **means: Tensor) -> None:
+        """Update from the per-forecast spatial means (:meth:`spatial_mean`, ``(batch, ..., region)``) of the
+        pointwise quantities that :meth:`update` computes, named as the class's docstring lists them.
+
+        The per-forecast formulas and the states are the class's own: a caller that computes the pointwise
+        quantities another way (fused, compiled) gets the same scores. Validate the inputs with :meth:`check_pair`.
+        """
+        self._add_means(**means)
+
+    def _add_means(self, **means: Tensor) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no update from spatial means")
+
     def _accumulate(self, n: int, **sums: Tensor) -> None:
-        """Add per-forecast values ``(B, ..., R)`` (from :meth:`_spatial_mean`) to states laid out ``(R, ...)``."""
+        """Add per-forecast values ``(B, ..., R)`` (from :meth:`spatial_mean`) to states laid out ``(R, ...)``."""
+        if self.record_regions:
+            idx = torch.as_tensor(self.record_regions, dtype=torch.long, device=next(iter(sums.values())).device)
+            self.recorded = {k: v.index_select(-1, idx).movedim(-1, 1).detach().clone() for k, v in sums.items()}
         if not self._counts_here:
             return
         for name, value in sums.items():
             total = value.sum(0)
-            setattr(self, name, getattr(self, name) + total.movedim(-1, 0))
+            setattr(self, name, getattr(self, name) + total.movedim(self.region_axis, 0))
         self.n_forecasts += n
+
+    def per_forecast(self) -> dict[str, Tensor]:
+        """Per-forecast scores ``(B, region, lead, channel)`` of the last update's recorded regions.
+
+        The class's own ``compute`` (unwrapped: no torchmetrics caching or syncing) runs on states that hold one
+        forecast each, with (batch x recorded region) in place of the region axis and a forecast count of 1; the
+        accumulated states are restored afterwards.
+        """
+        recorded = self.recorded
+        if not recorded:
+            raise RuntimeError(f"{type(self).__name__} recorded nothing (record_regions unset or no update)")
+        first = next(iter(recorded.values()))
+        b, r = first.shape[:2]
+        flat = (b * r, *first.shape[2:])
+        saved = {name: getattr(self, name) for name in [*recorded, "n_forecasts"]}
+        try:
+            for name, value in recorded.items():
+                setattr(self, name, value.reshape(b * r, *value.shape[2:]))
+            self.n_forecasts = torch.ones((), dtype=self.compute_dtype, device=first.device)
+            values = type(self).compute(self)
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
+        return {k: v.reshape(first.shape) for k, v in values.items() if v.shape == flat}
 
     def _mean(self, name: str) -> Tensor:
         if not self.n_forecasts > 0:

@@ -18,7 +18,7 @@ class DeterministicScores(GriddedMetric):
     ``rmse_sqrt_before_time_avg`` = mean_t sqrt<(f-o)^2>, ``bias`` = mean_t <f-o>, ``mae`` = mean_t <|f-o|>.
 
     ``update(pred, target)`` with both ``(batch, lead, channel, lat, lon)``; ``compute()`` returns
-    ``(region, lead, channel)`` tensors.
+    ``(region, lead, channel)`` tensors. ``update_from_means(se=, err=, ae=)``: the spatial means of (f-o)^2, f-o, |f-o|.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -28,8 +28,10 @@ class DeterministicScores(GriddedMetric):
     def update(self, pred: Tensor, target: Tensor) -> None:
         f, o = self._check_pair(pred, target)
         e = f - o
-        se = self._spatial_mean(e * e)
-        self._accumulate(f.shape[0], se=se, err=self._spatial_mean(e), ae=self._spatial_mean(e.abs()), sqrt_se=se.sqrt())
+        self._add_means(se=self.spatial_mean(e * e), err=self.spatial_mean(e), ae=self.spatial_mean(e.abs()))
+
+    def _add_means(self, se: Tensor, err: Tensor, ae: Tensor) -> None:
+        self._accumulate(se.shape[0], se=se, err=err, ae=ae, sqrt_se=se.sqrt())
 
     def compute(self) -> dict[str, Tensor]:
         mse = self._mean("se")
@@ -48,6 +50,7 @@ class ACC(GriddedMetric):
 
     ``update(pred, target, climatology)``, all ``(batch, lead, channel, lat, lon)``; see
     :class:`~fcn3_lightning.metrics.climatology.Climatology` for looking up ``c`` at the valid times.
+    ``update_from_means(fo=, ff=, oo=)``: the spatial means of f'o', f'^2, o'^2.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -63,14 +66,15 @@ class ACC(GriddedMetric):
                 f"ACC: the climatology has {climatology.shape[1]} lead times but the forecast has {target.shape[1]} "
                 f"(lead_hours={self.lead_hours}); give the climatology at every valid time"
             )
-        self._check("climatology", climatology, ensemble=False)
+        self.check("climatology", climatology, ensemble=False)
         if climatology.shape != target.shape:
             raise ValueError(f"ACC: climatology {tuple(climatology.shape)} and target {tuple(target.shape)} differ")
         c = climatology.to(self.compute_dtype)
         fa, oa = f - c, o - c
-        num = self._spatial_mean(fa * oa)
-        den = (self._spatial_mean(fa * fa) * self._spatial_mean(oa * oa)).sqrt()
-        self._accumulate(f.shape[0], acc=num / den)
+        self._add_means(fo=self.spatial_mean(fa * oa), ff=self.spatial_mean(fa * fa), oo=self.spatial_mean(oa * oa))
+
+    def _add_means(self, fo: Tensor, ff: Tensor, oo: Tensor) -> None:
+        self._accumulate(fo.shape[0], acc=fo / (ff * oo).sqrt())
 
     def compute(self) -> dict[str, Tensor]:
         return {"acc": self._mean("acc")}
@@ -82,7 +86,8 @@ class PredictionActivity(GriddedMetric):
     the time mean, as WBX takes it of its aggregated ``SquaredPredictionAnomaly``). A forecast that smooths towards the
     climatology loses activity.
 
-    ``update(pred, climatology)``, both ``(batch, lead, channel, lat, lon)``.
+    ``update(pred, climatology)``, both ``(batch, lead, channel, lat, lon)``; ``update_from_means(ff=)``: the spatial
+    mean of f'^2.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -90,13 +95,16 @@ class PredictionActivity(GriddedMetric):
         self._add_states("fa2")
 
     def update(self, pred: Tensor, climatology: Tensor) -> None:
-        self._check("pred", pred, ensemble=False)
-        self._check("climatology", climatology, ensemble=False)
+        self.check("pred", pred, ensemble=False)
+        self.check("climatology", climatology, ensemble=False)
         if climatology.shape != pred.shape:
             raise ValueError(f"PredictionActivity: climatology {tuple(climatology.shape)} and pred {tuple(pred.shape)} differ")
         f, c = pred.to(self.compute_dtype), climatology.to(self.compute_dtype)
         fa = f - c
-        self._accumulate(f.shape[0], fa2=self._spatial_mean(fa * fa))
+        self._add_means(ff=self.spatial_mean(fa * fa))
+
+    def _add_means(self, ff: Tensor) -> None:
+        self._accumulate(ff.shape[0], fa2=ff)
 
     def compute(self) -> dict[str, Tensor]:
         return {"prediction_activity": self._mean("fa2").sqrt()}

@@ -139,3 +139,38 @@ def region_weights(
             raise ValueError(f"region {region.name!r} contains no grid point of this grid (or no land)")
         out[i] = w / total
     return out
+
+
+class RegionWeights:
+    """:func:`region_weights`, computed once per distinct grid, regions, mask and ``area`` and then shared.
+
+    A metric object computes its ``(regions, lat, lon)`` weights when it is built (~10 ms, 3.7 MB for 16 regions at
+    1.5 degrees); the evaluation harness builds ~15 objects per channel group and lead range, hundreds in all. Metric
+    objects given the same instance (``weights_cache=``) compute equal weights once, and their float64 buffers share
+    that memory (``torch.as_tensor`` of the same array). Not thread-safe: build the metrics in one thread.
+    """
+
+    def __init__(self) -> None:
+        self.memo: dict[tuple, np.ndarray] = {}
+
+    def __call__(
+        self,
+        lat: np.ndarray,
+        lon: np.ndarray,
+        regions: Sequence[str | Region],
+        land_sea_mask: np.ndarray | None = None,
+        *,
+        area: bool = True,
+    ) -> np.ndarray:
+        lsm = None if land_sea_mask is None else np.asarray(land_sea_mask, dtype=np.float64)
+        key = (
+            np.asarray(lat, dtype=np.float64).tobytes(),
+            np.asarray(lon, dtype=np.float64).tobytes(),
+            tuple(getattr(r, "name", r) for r in regions),
+            tuple(r for r in regions if not isinstance(r, str)),
+            None if lsm is None else lsm.tobytes(),
+            area,
+        )
+        if key not in self.memo:
+            self.memo[key] = region_weights(lat, lon, regions, land_sea_mask, area=area)
+        return self.memo[key]

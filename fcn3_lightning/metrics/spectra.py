@@ -69,7 +69,7 @@ class _SpectrumMetric(GriddedMetric):
         return s.mean(1) if self.ensemble else s
 
     def _input(self, x: Tensor) -> Tensor:
-        self._check("field", x, ensemble=self.ensemble)
+        self.check("field", x, ensemble=self.ensemble)
         return x.to(self.compute_dtype)
 
 

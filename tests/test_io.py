@@ -66,3 +66,41 @@ def test_published_files_get_the_mode_the_umask_gives(tmp_path, umask, want):
     assert res.returncode == 0, res.stderr
     print(f"umask {oct(umask)}: {res.stdout.strip()}")
     assert res.stdout.split() == [oct(umask), oct(umask), want, want, want]
+
+
+def _folder(path, text):
+    path.mkdir()
+    (path / "data").write_text(text)
+    return path
+
+
+def test_publish_folder_replaces_a_folder_or_file_and_leaves_nothing_behind(tmp_path):
+    from fcn3_lightning.io import publish_folder
+
+    out = _folder(tmp_path / "out.zarr", "old")
+    publish_folder(_folder(tmp_path / ".new", "new"), out)
+    assert (out / "data").read_text() == "new"
+    (tmp_path / "plain").write_text("a file where the store goes")
+    publish_folder(_folder(tmp_path / ".new2", "newer"), tmp_path / "plain")
+    assert (tmp_path / "plain" / "data").read_text() == "newer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr", "plain"]  # no temporary, no old copy
+
+
+def test_publish_folder_puts_the_old_folder_back_when_the_rename_fails(tmp_path):
+    from fcn3_lightning.io import publish_folder
+
+    out = _folder(tmp_path / "out.zarr", "old")
+    with pytest.raises(FileNotFoundError):
+        publish_folder(tmp_path / ".missing", out)  # the rename into place fails after the old one was moved aside
+    assert (out / "data").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
+
+
+def test_publish_folder_without_replace_never_touches_an_existing_store(tmp_path):
+    from fcn3_lightning.io import publish_folder
+
+    out = _folder(tmp_path / "out.zarr", "theirs")
+    new = _folder(tmp_path / ".new", "mine")
+    with pytest.raises(OSError):
+        publish_folder(new, out, replace=False)
+    assert (out / "data").read_text() == "theirs" and (new / "data").read_text() == "mine"

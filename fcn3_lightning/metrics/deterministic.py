@@ -47,7 +47,7 @@ class ACC(GriddedMetric):
     f' = f - c, o' = o - c and c the climatology at the valid time, then the mean over forecasts.
 
     ``update(pred, target, climatology)``, all ``(batch, lead, channel, lat, lon)``; see
-    :class:`~fcn3_lightning.metrics.climatology.Climatology` for looking up ``c`` at the valid times.
+    :meth:`fcn3_lightning.eval.climatology.ZarrClimatology.at` for looking up ``c`` at the valid times.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

@@ -104,3 +104,20 @@ def test_publish_folder_without_replace_never_touches_an_existing_store(tmp_path
     with pytest.raises(OSError):
         publish_folder(new, out, replace=False)
     assert (out / "data").read_text() == "theirs" and (new / "data").read_text() == "mine"
+
+
+def test_only_io_renames_outputs_into_place():
+    """Atomic publishing has one home: every module that publishes a file or folder goes through fcn3_lightning.io
+    (runs.py's ``runs/latest`` is a symbolic link, repointed with a rename of its own)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for folder in ("fcn3_lightning", "eval", "callbacks"):
+        for f in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(f.read_text())):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("replace", "rename"):
+                    if isinstance(node.func.value, ast.Name) and node.func.value.id == "os":
+                        found.append(str(f.relative_to(root)))
+    assert sorted(set(found)) == ["fcn3_lightning/io.py", "fcn3_lightning/runs.py"]

@@ -15,10 +15,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from fcn3_lightning.callbacks.plotting import PlotJobs, pretty_units
+from fcn3_lightning.callbacks.plotting import PlotJobs
 from lightning.pytorch.utilities import rank_zero_info
 
-from fcn3_lightning.channels import parse_channel
+from fcn3_lightning.channels import display_units, parse_channel
 from fcn3_lightning.parallel.strategy import layout_of
 
 
@@ -53,7 +53,7 @@ def forecast_grid(trainer: L.Trainer, pl_module: L.LightningModule) -> ForecastG
     units = {}
     for c in pl_module.channels:
         attrs = store.dataset[parse_channel(c).long_name].attrs
-        units[c] = pretty_units(str(attrs.get("units", "units not in the store")))
+        units[c] = display_units(str(attrs.get("units", "units not in the store")), mathtext=True)
     layout = layout_of(trainer.strategy)
     hp = pl_module.hparams
     return ForecastGrid(
@@ -82,10 +82,7 @@ def forecast_outputs(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
 def physical(pl_module: L.LightningModule, x: torch.Tensor, index: Sequence[int]) -> torch.Tensor:
     """Channels ``index`` of normalised fields ``(..., C, h, w)`` in physical units (channel axis -3)."""
     idx = torch.as_tensor(list(index), device=x.device)
-    shape = (len(index), 1, 1)
-    scale = pl_module.scale[idx].reshape(shape).to(x.dtype)
-    offset = pl_module.offset[idx].reshape(shape).to(x.dtype)
-    return x.index_select(-3, idx) * scale + offset
+    return pl_module.normalizer.denormalize(x.index_select(-3, idx), axis=-3, index=index)
 
 
 def ensemble_spread(pl_module: L.LightningModule, x: torch.Tensor, index: Sequence[int], dim: int = 0) -> torch.Tensor:
@@ -93,8 +90,7 @@ def ensemble_spread(pl_module: L.LightningModule, x: torch.Tensor, index: Sequen
     physical units: the normalised spread times the channel's scale. The offset cancels in a spread; adding it first
     would leave a float32 difference of large numbers (z500 ~ 58,000 m2 s-2, one ulp 0.004, for spreads of ~10)."""
     idx = torch.as_tensor(list(index), device=x.device)
-    scale = pl_module.scale[idx].reshape(len(index), 1, 1).to(x.dtype).abs()
-    return torch.std(x.index_select(-3, idx), dim=dim, correction=1) * scale
+    return pl_module.normalizer.denormalize(torch.std(x.index_select(-3, idx), dim=dim, correction=1), axis=-3, index=index, shift=False)
 
 
 def gather_globe(trainer: L.Trainer, x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

@@ -22,8 +22,10 @@ from fcn3_lightning.callbacks.forecast import (
 from fcn3_lightning.callbacks.plotting import ArtifactSink, artifact_sink, cell_edges, lead_text, new_figure
 from lightning.pytorch.utilities import rank_zero_info
 
-#: channels shown by default when the model has more than four: the classic pair
-PREFERRED_CHANNELS = ("z500", "t850")
+from fcn3_lightning.channels import HEADLINE_CHANNELS
+
+#: channels shown by default when the model has more than four: the classic pair, the first two headline channels
+PREFERRED_CHANNELS = HEADLINE_CHANNELS[:2]
 PANELS = ("truth", "member", "ensemble mean", "ensemble spread (std)")
 COASTLINES = ("auto", "true", "false")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import sys
 import threading
 from collections.abc import Callable
@@ -129,11 +128,6 @@ def cell_edges(centres: np.ndarray, lo: float | None = None, hi: float | None = 
     if lo is not None or hi is not None:
         edges = np.clip(edges, lo, hi)
     return edges
-
-
-def pretty_units(units: str) -> str:
-    """``m**2 s**-2`` -> ``m$^{2}$ s$^{-2}$`` (matplotlib mathtext), for axis labels."""
-    return re.sub(r"\*\*(-?[0-9]+)", r"$^{\1}$", units)
 
 
 def lead_text(hours: float) -> str:

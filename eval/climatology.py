@@ -181,7 +181,8 @@ class LRU:
 
 
 class ZarrClimatology:
-    """A WB2 climatology store ``(hour, dayofyear, [level], latitude, longitude)``, read lazily per channel group."""
+    """A WB2 climatology store ``(hour, dayofyear, [level], latitude, longitude)``, read lazily per channel group: the
+    one reader of WB2 climatologies (the evaluation's, and :meth:`at` for a metric's climatology argument)."""
 
     kind = "zarr"
 
@@ -224,6 +225,16 @@ class ZarrClimatology:
                 f"{self.where} lacks {len(missing)} (dayofyear, hour) pairs of the valid times: {shown}"
                 f"{' ...' if len(missing) > 10 else ''} (it has days {min(self.days)} ... {max(self.days)}, hours {sorted(self.hours)})"
             )
+
+    def at(self, channels: Sequence[Channel], valid_times: np.ndarray) -> np.ndarray:
+        """The climatology ``(*valid_times.shape, channel, lat, lon)`` of ``channels`` at the valid times'
+        (dayofyear, hour), on the grid given: the ``climatology`` argument of :class:`~fcn3_lightning.metrics.ACC`
+        outside an evaluation (it starts a channel group of its own: not for use inside one)."""
+        targets = targets_of(valid_times)
+        self.check(channels, targets)
+        self.begin_group(channels, [targets])
+        out = self.fields(targets)
+        return out.reshape(*np.shape(valid_times), *out.shape[1:])
 
     def begin_group(self, channels: Sequence[Channel], schedule: Sequence[Sequence[Target]] = (), read_obs: ReadFn | None = None) -> None:
         """Start a channel group; ``schedule``: the targets of each block, in order (sizes the cache)."""

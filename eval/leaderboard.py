@@ -27,73 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fcn3_lightning.channels import WB2_HEADLINE, WB2_SHORT_NAMES, WB2_UNITS, display_units
+
 if TYPE_CHECKING:  # pandas is imported inside the functions: registering the CLI must stay cheap
     import pandas as pd
 
 SCORE_COLUMNS = ("eval", "variable", "metric", "region", "level", "lead_time_hours", "value")
-
-# key -> (WB2 variable, level or None); the order is the leaderboard's
-HEADLINE: dict[str, tuple[str, float | None]] = {
-    "z500": ("geopotential", 500.0),
-    "t850": ("temperature", 850.0),
-    "q700": ("specific_humidity", 700.0),
-    "wv850": ("wind_vector", 850.0),
-    "t2m": ("2m_temperature", None),
-    "ws10": ("10m_wind_speed", None),
-    "msl": ("mean_sea_level_pressure", None),
-}
-
-SHORT_NAMES = {
-    "geopotential": "z",
-    "temperature": "t",
-    "specific_humidity": "q",
-    "u_component_of_wind": "u",
-    "v_component_of_wind": "v",
-    "wind_vector": "wv",
-    "wind_speed": "ws",
-    "vertical_velocity": "w",
-    "relative_humidity": "r",
-    "2m_temperature": "t2m",
-    "2m_dewpoint_temperature": "d2m",
-    "10m_u_component_of_wind": "u10",
-    "10m_v_component_of_wind": "v10",
-    "10m_wind_speed": "ws10",
-    "10m_wind_vector": "wv10",
-    "100m_u_component_of_wind": "u100",
-    "100m_v_component_of_wind": "v100",
-    "mean_sea_level_pressure": "msl",
-    "surface_pressure": "sp",
-    "total_column_water_vapour": "tcwv",
-    "total_precipitation_6hr": "tp6h",
-    "total_precipitation_24hr": "tp24h",
-    "sea_surface_temperature": "sst",
-}
-
-UNITS = {
-    "geopotential": "m² s⁻²",
-    "temperature": "K",
-    "specific_humidity": "kg kg⁻¹",
-    "relative_humidity": "%",
-    "u_component_of_wind": "m s⁻¹",
-    "v_component_of_wind": "m s⁻¹",
-    "wind_vector": "m s⁻¹",
-    "wind_speed": "m s⁻¹",
-    "vertical_velocity": "Pa s⁻¹",
-    "2m_temperature": "K",
-    "2m_dewpoint_temperature": "K",
-    "10m_u_component_of_wind": "m s⁻¹",
-    "10m_v_component_of_wind": "m s⁻¹",
-    "10m_wind_speed": "m s⁻¹",
-    "10m_wind_vector": "m s⁻¹",
-    "100m_u_component_of_wind": "m s⁻¹",
-    "100m_v_component_of_wind": "m s⁻¹",
-    "mean_sea_level_pressure": "Pa",
-    "surface_pressure": "Pa",
-    "total_column_water_vapour": "kg m⁻²",
-    "total_precipitation_6hr": "m",
-    "total_precipitation_24hr": "m",
-    "sea_surface_temperature": "K",
-}
 
 
 @dataclass(frozen=True)
@@ -129,7 +68,7 @@ def baseline_name(eval_name: str) -> str:
 
 def variable_key(variable: str, level: float | None) -> str:
     """Short name: ``z500``, ``t2m``; unknown variables keep their WB2 name (``foo``, ``foo_300``)."""
-    short = SHORT_NAMES.get(variable)
+    short = WB2_SHORT_NAMES.get(variable)
     if level is None or (isinstance(level, float) and math.isnan(level)) or level == NO_LEVEL:
         return short or variable
     lev = f"{level:g}"
@@ -143,7 +82,7 @@ def variable_description(variable: str, level: float | None) -> str:
 
 
 def unit_of(variable: str) -> str:
-    return UNITS.get(variable, "")
+    return display_units(WB2_UNITS[variable]) if variable in WB2_UNITS else ""
 
 
 def lead_label(hours: int) -> str:
@@ -393,7 +332,7 @@ def _variables(entries: Sequence[Entry]) -> list[tuple[str, float]]:
     for e in entries:
         for s in e.scores.values():
             present |= {(v, float(lev)) for v, lev in zip(s.index.get_level_values(0), s.index.get_level_values(1), strict=True)}
-    head = [(v, NO_LEVEL if lev is None else lev) for v, lev in HEADLINE.values()]
+    head = [(v, NO_LEVEL if lev is None else lev) for v, lev in WB2_HEADLINE.values()]
     found = [vl for vl in head if vl in present]
     return found or sorted(present)
 

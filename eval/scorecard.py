@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fcn3_lightning.eval.leaderboard import (
-    HEADLINE,
     NO_LEVEL,
     SCORES,
     baseline_years,
@@ -29,6 +28,8 @@ from fcn3_lightning.eval.leaderboard import (
     select_leads,
     variable_key,
 )
+
+from fcn3_lightning.channels import WB2_HEADLINE
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -61,7 +62,7 @@ def _as_runs(runs: Mapping[str, pd.DataFrame] | pd.DataFrame) -> dict[str, pd.Da
 
 
 def _row_order(keys: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
-    head = [(v, NO_LEVEL if lev is None else lev) for v, lev in HEADLINE.values()]
+    head = [(v, NO_LEVEL if lev is None else lev) for v, lev in WB2_HEADLINE.values()]
     return [k for k in head if k in keys] + sorted(k for k in keys if k not in head)
 
 

@@ -64,6 +64,93 @@ AUX_VARIABLES: dict[str, str] = {
     "xlsms": "land-sea mask one-hot: 1 where lsm == 1",
 }
 
+#: Units of the WeatherBench2 variables (ERA5's conventions, as the WB2 archives write them): the one table of units.
+#: ``predict`` writes them into forecast stores whose data lack them; the leaderboard shows them (:func:`display_units`).
+WB2_UNITS: dict[str, str] = {
+    "geopotential": "m**2 s**-2",
+    "temperature": "K",
+    "u_component_of_wind": "m s**-1",
+    "v_component_of_wind": "m s**-1",
+    "wind_vector": "m s**-1",
+    "wind_speed": "m s**-1",
+    "specific_humidity": "kg kg**-1",
+    "relative_humidity": "%",
+    "vertical_velocity": "Pa s**-1",
+    "10m_u_component_of_wind": "m s**-1",
+    "10m_v_component_of_wind": "m s**-1",
+    "10m_wind_speed": "m s**-1",
+    "10m_wind_vector": "m s**-1",
+    "100m_u_component_of_wind": "m s**-1",
+    "100m_v_component_of_wind": "m s**-1",
+    "2m_temperature": "K",
+    "2m_dewpoint_temperature": "K",
+    "mean_sea_level_pressure": "Pa",
+    "surface_pressure": "Pa",
+    "total_column_water_vapour": "kg m**-2",
+    "sea_surface_temperature": "K",
+    "total_precipitation": "m",
+    "total_precipitation_6hr": "m",
+    "total_precipitation_24hr": "m",
+    "geopotential_at_surface": "m**2 s**-2",
+    "land_sea_mask": "1",
+}
+
+_SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")
+
+
+def display_units(units: str, *, mathtext: bool = False) -> str:
+    """Units for people to read: ERA5's ``m**2 s**-2`` as ``m\u00b2 s\u207b\u00b2`` (tables), or with ``mathtext`` as
+    ``m$^{2}$ s$^{-2}$`` (matplotlib axis labels)."""
+    if mathtext:
+        return re.sub(r"\*\*(-?[0-9]+)", r"$^{\1}$", units)
+    return re.sub(r"\*\*(-?[0-9]+)", lambda m: m.group(1).translate(_SUPERSCRIPT), units)
+
+
+#: Short names of WB2 variables in the evaluation's tables and plots (leaderboard, scorecard): ``z500``, ``u10``,
+#: ``tp6h``. A vocabulary of its own, on purpose apart from the channel names of this catalogue (``u10m``, ``tp6``:
+#: the FCN3 reference's names, which checkpoints and configs carry): the evaluation scores any WB2 store, including
+#: derived variables that are no channel (``ws10``, ``wv850``). Both map to the same WB2 long names.
+WB2_SHORT_NAMES: dict[str, str] = {
+    "geopotential": "z",
+    "temperature": "t",
+    "specific_humidity": "q",
+    "u_component_of_wind": "u",
+    "v_component_of_wind": "v",
+    "wind_vector": "wv",
+    "wind_speed": "ws",
+    "vertical_velocity": "w",
+    "relative_humidity": "r",
+    "2m_temperature": "t2m",
+    "2m_dewpoint_temperature": "d2m",
+    "10m_u_component_of_wind": "u10",
+    "10m_v_component_of_wind": "v10",
+    "10m_wind_speed": "ws10",
+    "10m_wind_vector": "wv10",
+    "100m_u_component_of_wind": "u100",
+    "100m_v_component_of_wind": "v100",
+    "mean_sea_level_pressure": "msl",
+    "surface_pressure": "sp",
+    "total_column_water_vapour": "tcwv",
+    "total_precipitation_6hr": "tp6h",
+    "total_precipitation_24hr": "tp24h",
+    "sea_surface_temperature": "sst",
+}
+
+#: WeatherBench2's headline variables, in the leaderboard's order: short name -> (WB2 variable, level in hPa or None).
+WB2_HEADLINE: dict[str, tuple[str, float | None]] = {
+    "z500": ("geopotential", 500.0),
+    "t850": ("temperature", 850.0),
+    "q700": ("specific_humidity", 700.0),
+    "wv850": ("wind_vector", 850.0),
+    "t2m": ("2m_temperature", None),
+    "ws10": ("10m_wind_speed", None),
+    "msl": ("mean_sea_level_pressure", None),
+}
+
+#: The headline variables as channels of this catalogue (the winds as their components, u10m for the 10 m wind, and
+#: tcwv): what training logs per channel when the channel list is long; the first two are the maps' default.
+HEADLINE_CHANNELS: tuple[str, ...] = ("z500", "t850", "q700", "u850", "v850", "t2m", "u10m", "msl", "tcwv")
+
 _LEVEL_RE = re.compile(r"^([a-z]{1,3})([0-9]{1,4})$")
 _NOISE_RE = re.compile(r"^xnoise[0-9]+$")
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import warnings
@@ -46,6 +45,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fcn3_lightning.bounds import Bounds, Extremes, Report
+from fcn3_lightning.channels import WB2_UNITS, parse_channel
+from fcn3_lightning.io import atomic_path, publish_folder
 from fcn3_lightning.paths import local_path, parse_storage_options, store_location
 
 if TYPE_CHECKING:  # the heavy imports (torch, torch-harmonics, zarr) wait until a command runs
@@ -58,29 +59,6 @@ FORMAT = "fcn3_lightning.forecast/v1"
 PROGRESS_FILE = "fcn3_predict.json"
 PARTIAL_SUFFIX = ".partial"
 DEFAULT_MEMBERS = 4
-
-#: units of WeatherBench2 variables (ERA5 conventions), used where the data store has none
-WB2_UNITS: dict[str, str] = {
-    "geopotential": "m**2 s**-2",
-    "temperature": "K",
-    "u_component_of_wind": "m s**-1",
-    "v_component_of_wind": "m s**-1",
-    "specific_humidity": "kg kg**-1",
-    "relative_humidity": "%",
-    "vertical_velocity": "Pa s**-1",
-    "10m_u_component_of_wind": "m s**-1",
-    "10m_v_component_of_wind": "m s**-1",
-    "100m_u_component_of_wind": "m s**-1",
-    "100m_v_component_of_wind": "m s**-1",
-    "2m_temperature": "K",
-    "2m_dewpoint_temperature": "K",
-    "mean_sea_level_pressure": "Pa",
-    "surface_pressure": "Pa",
-    "total_column_water_vapour": "kg m**-2",
-    "sea_surface_temperature": "K",
-    "total_precipitation": "m",
-    "total_precipitation_6hr": "m",
-}
 
 
 def default_member_batch(members: int) -> int:
@@ -293,8 +271,6 @@ class _Variable:
 
 
 def _output_variables(channels: Sequence[str]) -> tuple[list[_Variable], list[int]]:
-    from fcn3_lightning.channels import parse_channel
-
     parsed = [parse_channel(c) for c in channels]
     levels = sorted({c.level for c in parsed if c.level is not None})  # WB2 order: ascending hPa
     by_name: dict[str, dict[int | None, int]] = {}
@@ -444,8 +420,6 @@ def _read_progress(path: Path) -> dict[str, Any] | None:
 
 
 def _write_progress(path: Path, arguments: dict[str, Any], complete: list[str], run: dict[str, Any], out_of_bounds: Report) -> None:
-    from fcn3_lightning.io import atomic_path
-
     # atomically: a kill leaves the previous list, never a torn one
     blob = {"format": FORMAT, "arguments": arguments, "complete": complete, "run": run, "out_of_bounds": out_of_bounds.as_dict()}
     with atomic_path(path / PROGRESS_FILE) as tmp:
@@ -640,7 +614,7 @@ def predict(
     watch.finish(partial)
     if scoring is not None:
         scoring.finish()  # before the swap: a failure here leaves the forecast in .partial, resumable
-    _swap_in(partial, output)
+    publish_folder(partial, output)  # an old output stays until the new one is complete
     return output
 
 
@@ -675,8 +649,6 @@ def _forecast_and_score(
 
 
 def _units(channels: Sequence[str]) -> dict[str, str]:
-    from fcn3_lightning.channels import parse_channel
-
     return {c: WB2_UNITS.get(parse_channel(c).long_name, "") for c in channels}
 
 
@@ -741,18 +713,6 @@ class _BoundsWatch:
         with warnings.catch_warnings():  # the progress record in the store is not a Zarr array: zarr says so, harmlessly
             warnings.filterwarnings("ignore", message=".*not recognized as a component of a Zarr hierarchy")
             zarr.consolidate_metadata(str(path))
-
-
-def _swap_in(partial: Path, output: Path) -> None:
-    """Rename the finished store to ``output``; an old ``output`` stays until then, and is removed after."""
-    old = output.with_name(output.name + ".old")
-    if output.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(output, old)
-    os.replace(partial, output)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 # --- command line -------------------------------------------------------------------------------------

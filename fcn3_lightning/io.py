@@ -1,5 +1,8 @@
-"""Files on disk: atomic writing (a crash or kill never leaves a half-written file where a good one stood) and the one
-reader of checkpoints and model files (clear one-line errors, never unpickling objects)."""
+"""Files on disk: atomic writing (a crash or kill never leaves a half-written file or folder where a good one stood) and
+the one reader of checkpoints and model files (clear one-line errors, never unpickling objects).
+
+Atomic publishing has one home here: :func:`atomic_path` for a file, :func:`publish_folder` for a folder (a Zarr store,
+a model package) built beside its target."""
 
 from __future__ import annotations
 
@@ -7,7 +10,9 @@ import contextlib
 import os
 import pickle
 import re
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,6 +83,31 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def publish_folder(tmp: str | Path, path: str | Path, *, replace: bool = True) -> None:
+    """Move the finished folder ``tmp`` (built beside ``path``, on the same file system) to ``path`` by renames only.
+
+    The one way this project publishes a folder (a Zarr store, a model package): ``path`` is never half-written.
+    ``replace``: an existing ``path`` (folder, file or link) is first renamed aside to a hidden name, the new folder
+    renamed into place (the old one is put back if that fails) and the old one removed. Without ``replace`` it is a
+    single rename, which fails (``OSError``) where a non-empty folder or a file stands at ``path``.
+    """
+    tmp, path = Path(tmp), Path(path)
+    if not replace or not (path.exists() or path.is_symlink()):
+        os.replace(tmp, path)  # rename(2) cannot replace a non-empty directory: hence the move aside below
+        return
+    old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
+    os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old, path)  # put the previous one back rather than leave nothing at path
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

@@ -4,7 +4,7 @@ Plain torch (no Lightning), so the same code serves training, validation and tes
 
 * :func:`crps_ensemble` -- pointwise CRPS of an ensemble ("cdf" = empirical-CDF CRPS, "fair" = almost-fair
   CRPS_alpha), O(M log M) by sorting the members;
-* :func:`quadrature_weights` and :func:`spatial_crps` -- the area-weighted global mean of the pointwise CRPS;
+* :func:`~fcn3_lightning.grid.quadrature_weights` and :func:`spatial_crps` -- the area-weighted global mean of the pointwise CRPS;
 * :class:`SpectralCRPS` -- the same kernel on the magnitudes of the spherical-harmonic coefficients;
 * :func:`channel_weights` -- the reference's "auto" per-channel weights with tendency normalisation;
 * :class:`EnsembleCRPSLoss` -- everything composed over channels and rollout steps.
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from fcn3_lightning.channels import parse_channel
+from fcn3_lightning.grid import quadrature_weights
 from fcn3_lightning.model.layers import SERIAL, SphericalLayers
 from fcn3_lightning.precision import at_least_float32, float32_region
 
@@ -101,36 +102,10 @@ def crps_ensemble(pred: Tensor, obs: Tensor, *, member_dim: int = 1, kind: str =
     return skill - spread
 
 
-def quadrature_weights(nlat: int, nlon: int, grid: str = "equiangular", *, dtype: torch.dtype | None = None) -> Tensor:
-    """Per-latitude quadrature weights q, shape ``(nlat, 1)``, such that q summed over all nlat x nlon points is 1.
-
-    ``sum_points q * f`` is then the area-weighted global mean of f. On the equiangular grid (poles included,
-    north to south) this is the reference's "naive" rule q ~ sin(colatitude), 0 at the poles; on the
-    Legendre-Gauss grid the Gauss weights. Rows can be sliced for a latitude tile. ``dtype`` defaults to
-    torch's default float dtype.
-    """
-    if nlon < 1:
-        raise ValueError(f"nlon must be positive, got {nlon}")
-    if grid == "equiangular":
-        if nlat < 3:
-            raise ValueError(f"the equiangular rule needs nlat >= 3 (both poles weigh 0), got nlat={nlat}")
-        k = np.arange(nlat)
-        # sin(pi - x) = sin(x): folding the index makes the weights exactly symmetric and exactly 0 at both poles.
-        q = np.sin(np.pi * np.minimum(k, nlat - 1 - k) / (nlat - 1))
-    elif grid == "legendre-gauss":
-        if nlat < 1:
-            raise ValueError(f"nlat must be positive, got {nlat}")
-        q = np.polynomial.legendre.leggauss(nlat)[1]
-    else:
-        raise ValueError(f"quadrature_weights supports grid 'equiangular' (naive sin rule) or 'legendre-gauss', got {grid!r}")
-    q = q / (q.sum() * nlon)
-    return torch.as_tensor(q, dtype=dtype or torch.get_default_dtype()).unsqueeze(-1)
-
-
 def spatial_crps(pred: Tensor, obs: Tensor, weights: Tensor, kind: str = "fair", alpha: float = 1.0) -> Tensor:
     """Area-weighted mean of the pointwise CRPS: ``sum_{h,w} q_hw crps_hw``.
 
-    pred (B, M, ..., H, W), obs (B, ..., H, W), weights broadcastable to (H, W), e.g. :func:`quadrature_weights`
+    pred (B, M, ..., H, W), obs (B, ..., H, W), weights broadcastable to (H, W), e.g. :func:`~fcn3_lightning.grid.quadrature_weights`
     (or its rows for a latitude tile). Returns (B, ...), e.g. (B, C) for pred (B, M, C, H, W).
     """
     if pred.ndim < 4:
@@ -303,7 +278,8 @@ class EnsembleCRPSLoss(nn.Module):
       w_c. FCN3's 4-step stage 2 and fine-tuning trained this way. Both agree for S = 1.
 
     Low-precision inputs are scored in fp32, with autocast off (:mod:`fcn3_lightning.precision`). ``quadrature``
-    overrides the spatial weights (e.g. the rows of a latitude tile); by default :func:`quadrature_weights` of ``img_shape`` and ``grid``.
+    overrides the spatial weights (e.g. the rows of a latitude tile); by default
+    :func:`~fcn3_lightning.grid.quadrature_weights` of ``img_shape`` and ``grid``.
     """
 
     def __init__(

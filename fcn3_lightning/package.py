@@ -36,7 +36,7 @@ import torch
 
 from fcn3_lightning.data.conventions import REFERENCE_PACKAGE, InputConventions
 from fcn3_lightning.data.stats import ChannelStats
-from fcn3_lightning.io import give_default_mode
+from fcn3_lightning.io import give_default_mode, publish_folder
 from fcn3_lightning.model.convert import (
     EXTENSION_KEYS,
     kwargs_to_reference_config,
@@ -405,22 +405,15 @@ def write_package(
         model_state = {f"model.{k}": v.detach().cpu().contiguous() for k, v in ours_to_reference_state_dict(state_dict).items()}
         (tmp / CHECKPOINT).parent.mkdir()
         torch.save({"model_state": model_state}, tmp / CHECKPOINT)
-        _publish_folder(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        _give_default_modes(tmp)
+        publish_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
-def _publish_folder(root: Path) -> None:
+def _give_default_modes(root: Path) -> None:
     """mkdtemp makes a private (0700) folder: give the package the modes the umask gives, like any other output."""
     for d, _, files in os.walk(root):
         give_default_mode(d)

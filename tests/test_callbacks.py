@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 from fcn3_lightning.callbacks import Calibration, ForecastMaps, GradNorm, NonFiniteError, NonFiniteGuard, SpectraPlots, Throughput
-from fcn3_lightning.callbacks.plotting import cell_edges, pretty_units
+from fcn3_lightning.callbacks.plotting import cell_edges
 from fcn3_lightning.callbacks.spectra import high_k_ratio, readable_log_ticks
 from lightning.pytorch.loggers import MLFlowLogger
 from tiny_net import FIT_NET as NET
 
+from fcn3_lightning.channels import display_units
 from fcn3_lightning.data.datamodule import WB2DataModule
 from fcn3_lightning.training.module import FCN3Module
 
@@ -56,7 +57,7 @@ def test_high_k_ratio_averages_the_top_quarter_of_the_degrees() -> None:
 
 def test_plot_helpers() -> None:
     np.testing.assert_allclose(cell_edges(np.array([90.0, 45.0, 0.0, -45.0, -90.0]), -90, 90), [90, 67.5, 22.5, -22.5, -67.5, -90])
-    assert pretty_units("m**2 s**-2") == "m$^{2}$ s$^{-2}$"
+    assert display_units("m**2 s**-2", mathtext=True) == "m$^{2}$ s$^{-2}$"
 
 
 @pytest.mark.parametrize(

@@ -57,3 +57,27 @@ def test_register_new_surface_variable():
     assert parse_channel("swh").long_name.startswith("significant_height")
     with pytest.raises(ValueError, match="looks like a level channel"):
         register_surface_variable("h500", "nope")
+
+
+def test_units_have_one_table_written_by_predict_and_shown_by_the_leaderboard():
+    from fcn3_lightning.eval.leaderboard import unit_of
+
+    from fcn3_lightning.channels import WB2_UNITS, display_units
+
+    assert display_units("m**2 s**-2") == "m\u00b2 s\u207b\u00b2" and display_units("kg m**-2") == "kg m\u207b\u00b2"
+    assert unit_of("geopotential") == "m\u00b2 s\u207b\u00b2" and unit_of("10m_wind_speed") == "m s\u207b\u00b9"
+    assert unit_of("not_a_wb2_variable") == ""
+    # every variable of FCN3's channels has its unit, so predict can label the stores it writes
+    assert not [c for c in (*FCN3_CHANNELS, "d2m", "sp", "sst", "tp", "tp6", "r500", "w500") if parse_channel(c).long_name not in WB2_UNITS]
+
+
+def test_channel_names_and_wb2_short_names_are_two_vocabularies_of_the_same_long_names():
+    from fcn3_lightning.eval.leaderboard import variable_key
+
+    from fcn3_lightning.channels import WB2_SHORT_NAMES
+
+    # the FCN3 reference's channel names (u10m, tp6) and the evaluation's WB2 short names (u10, tp6h) differ on purpose
+    for channel, short in (("u10m", "u10"), ("v100m", "v100"), ("tp6", "tp6h"), ("t2m", "t2m"), ("z500", "z500")):
+        c = parse_channel(channel)
+        assert variable_key(c.long_name, None if c.level is None else float(c.level)) == short
+    assert WB2_SHORT_NAMES["total_precipitation_6hr"] == "tp6h"

@@ -192,6 +192,23 @@ def test_normalizer_modes_and_round_trip():
     np.testing.assert_allclose(n.denormalize(n.normalize(x)), x)
 
 
+def test_normalizer_denormalizes_a_subset_of_channels_and_spreads():
+    # offset (t2m, tcwv, q500) = (280 mean, 0 min, 0 min), scale = (10 std, 70 range, 0.02 range)
+    stats = ChannelStats(
+        ["t2m", "tcwv", "q500"],
+        {"nlat": 3},
+        mean=[280.0, 20.0, 0.001],
+        std=[10.0, 5.0, 0.001],
+        min=[200.0, 0.0, 0.0],
+        max=[320.0, 70.0, 0.02],
+    )
+    n = stats.normalizer(["t2m", "tcwv", "q500"])
+    x = torch.tensor([[1.0, 0.5], [-2.0, 0.25]]).reshape(2, 2, 1, 1)  # channels (q500, t2m) on axis -3
+    np.testing.assert_allclose(n.denormalize(x, axis=-3, index=[2, 0])[..., 0, 0], [[0.02, 285.0], [-0.04, 282.5]], rtol=1e-6)
+    np.testing.assert_allclose(n.denormalize(x, axis=-3, index=[2, 0], shift=False)[..., 0, 0], [[0.02, 5.0], [-0.04, 2.5]], rtol=1e-6)
+    np.testing.assert_allclose(n.denormalize(x.numpy(), axis=-3, index=[2, 0])[..., 0, 0], [[0.02, 285.0], [-0.04, 282.5]], rtol=1e-6)
+
+
 def test_cell_area_weights_sum_like_the_sphere():
     lat = np.linspace(90, -90, 721)
     w = cell_area_weights(lat)

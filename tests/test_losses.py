@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from fcn3_lightning.channels import FCN3_CHANNELS
+from fcn3_lightning.grid import quadrature_weights
 from fcn3_lightning.losses import (
     EnsembleCRPSLoss,
     SpectralCRPS,
     channel_weights,
     crps_ensemble,
-    quadrature_weights,
     spatial_crps,
 )
 

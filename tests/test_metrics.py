@@ -14,11 +14,11 @@ import torch
 import xarray as xr
 from scipy.special import sph_harm_y
 
+from fcn3_lightning.grid import sphere_quadrature
 from fcn3_lightning.metrics import (
     ACC,
     CRPS,
     AngularPowerSpectrum,
-    Climatology,
     DeterministicScores,
     EnergyScore,
     RankHistogram,
@@ -26,7 +26,6 @@ from fcn3_lightning.metrics import (
     SpreadSkill,
     ZonalEnergySpectrum,
     region_weights,
-    sphere_quadrature,
 )
 
 # three kinds of latitude grids: equiangular with poles (ours), without poles (WB2's 5.625 deg), Gaussian
@@ -223,22 +222,45 @@ def _climatology(hours=(0, 6, 12, 18), days=range(1, 367)) -> xr.Dataset:
     )  # fmt: skip
 
 
+def _clim_channels(*names):
+    from fcn3_lightning.eval.data import Channel
+
+    from fcn3_lightning.channels import parse_channel
+
+    return [Channel(c.long_name, c.level) for c in map(parse_channel, names)]
+
+
 def test_lead_time_missing_from_the_climatology():
+    from fcn3_lightning.eval.climatology import ZarrClimatology
+
     lat, lon = _grid()
-    clim = Climatology(_climatology(hours=(0, 12)), ["z500", "t2m"], lat, lon)
+    clim = ZarrClimatology(_climatology(hours=(0, 12)), lat, lon)
     init = np.array(["2020-01-01T00"], dtype="datetime64[ns]")
     valid = init[:, None] + np.array([12, 18], dtype="timedelta64[h]")[None, :]
-    with pytest.raises(ValueError, match=r"no hour 18:00 \(it has \[0, 12\]\) for the valid time 2020-01-01T18:00 \(lead time 18 h\)"):
-        clim.at(valid, lead_hours=[12, 18])
-    assert clim.at(valid[:, :1]).shape == (1, 1, 2, 33, 64)
+    with pytest.raises(ValueError, match=r"lacks 1 \(dayofyear, hour\) pairs of the valid times: day 1 hour 18 .*hours \[0, 12\]"):
+        clim.at(_clim_channels("z500", "t2m"), valid)
+    assert clim.at(_clim_channels("z500", "t2m"), valid[:, :1]).shape == (1, 1, 2, 33, 64)
     acc = ACC(lat, lon, ["z500", "t2m"], [12, 18])
     x = torch.zeros(1, 2, 2, 33, 64)
     with pytest.raises(ValueError, match="the climatology has 1 lead times but the forecast has 2"):
         acc.update(x, x, torch.zeros(1, 1, 2, 33, 64))
-    with pytest.raises(ValueError, match="lacks the variable 'mean_sea_level_pressure' \\(channel 'msl'\\)"):
-        Climatology(_climatology(), ["msl"], lat, lon)
+    with pytest.raises(ValueError, match="lacks the variable 'mean_sea_level_pressure'"):
+        clim.at(_clim_channels("msl"), valid[:, :1])
     with pytest.raises(ValueError, match="has no level 850"):
-        Climatology(_climatology(), ["z850"], lat, lon)
+        clim.at(_clim_channels("z850"), valid[:, :1])
+
+
+def test_climatology_is_looked_up_at_the_valid_times_on_the_forecast_grid():
+    from fcn3_lightning.eval.climatology import ZarrClimatology
+
+    lat, lon = _grid()  # 90N first; the store below holds latitude ascending, as WB2's do
+    ds = _climatology(hours=(0, 12), days=(1, 2))
+    values = np.arange(2 * 2 * 33 * 64, dtype=np.float32).reshape(2, 2, 33, 64)  # (hour, dayofyear, lat, lon)
+    ds["2m_temperature"] = (("hour", "dayofyear", "latitude", "longitude"), values)
+    valid = np.array([["2020-01-02T12", "2020-01-01T00"]], dtype="datetime64[ns]")
+    got = ZarrClimatology(ds, lat, lon).at(_clim_channels("t2m"), valid)
+    np.testing.assert_array_equal(got[0, 0, 0], values[1, 1, ::-1])  # day 2, 12 UTC, flipped to 90N first
+    np.testing.assert_array_equal(got[0, 1, 0], values[0, 0, ::-1])
 
 
 def test_configuration_errors():

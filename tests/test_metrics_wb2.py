@@ -17,7 +17,6 @@ from fcn3_lightning.metrics import (
     ACC,
     CRPS,
     REGIONS,
-    Climatology,
     DeterministicScores,
     EnergyScore,
     RankHistogram,
@@ -58,7 +57,10 @@ def fx() -> wf.Fixture:
 
 @pytest.fixture(scope="module")
 def clim(fx) -> torch.Tensor:
-    return torch.from_numpy(Climatology(fx.clim_ds, wf.CHANNELS, fx.lat, fx.lon).at(fx.valid_times, fx.lead_hours))
+    from fcn3_lightning.eval.climatology import ZarrClimatology
+    from fcn3_lightning.eval.data import Channel
+
+    return torch.from_numpy(ZarrClimatology(fx.clim_ds, fx.lat, fx.lon).at([Channel(v, lev) for v, lev in wf.CHANNELS], fx.valid_times))
 
 
 def _scores(metrics, pred, target):

@@ -353,9 +353,6 @@ def normalize_batch(
     batch: dict[str, torch.Tensor], normalizer: Normalizer, channels: list[str], step_hours: int
 ) -> dict[str, torch.Tensor]:
     """Normalise ``input`` and ``target`` of a collated batch of physical values; NaN/Inf raise, naming channel and time."""
-    x = batch["input"]
-    offset = torch.as_tensor(normalizer.offset, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    inv_scale = torch.as_tensor(1.0 / normalizer.scale, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     for key, steps in (("input", 0), ("target", 1)):
         v = batch[key]
         if not torch.isfinite(v).all():
@@ -363,7 +360,7 @@ def normalize_batch(
             k, c = (rest[0] + steps, rest[1]) if key == "target" else (0, rest[0])
             when = np.datetime64(int(batch["time"][b]), "ns") + np.timedelta64(k * step_hours, "h")
             raise ValueError(f"NaN/Inf in the data: channel {channels[c]} at time {when} (sample {int(batch['index'][b])})")
-        batch[key] = (v - offset) * inv_scale
+        batch[key] = normalizer.normalize(v, axis=-3)
     return batch
 
 

@@ -50,7 +50,9 @@ import pandas as pd
 import torch
 import xarray as xr
 
+from fcn3_lightning.channels import WB2_UNITS
 from fcn3_lightning.data.zenith import sun_position
+from fcn3_lightning.io import publish_folder
 from fcn3_lightning.progress import progress_bar
 
 #: bump whenever the generated data change: it is part of the cache file name, so stale caches are never reused
@@ -524,16 +526,18 @@ class _World:
 # --------------------------------------------------------------------------------------------------
 
 _VARIABLES: dict[str, dict[str, str]] = {
-    "geopotential": {"units": "m**2 s**-2", "long_name": "Geopotential", "standard_name": "geopotential"},
-    "u_component_of_wind": {"units": "m s**-1", "long_name": "U component of wind", "standard_name": "eastward_wind"},
-    "v_component_of_wind": {"units": "m s**-1", "long_name": "V component of wind", "standard_name": "northward_wind"},
-    "total_column_water_vapour": {
-        "units": "kg m**-2",
-        "long_name": "Total column vertically-integrated water vapour",
-        "standard_name": "lwe_thickness_of_atmosphere_mass_content_of_water_vapor",
-    },
-    "geopotential_at_surface": {"units": "m**2 s**-2", "long_name": "Geopotential at surface", "standard_name": "surface_geopotential"},
-    "land_sea_mask": {"units": "1", "long_name": "Land-sea mask", "standard_name": "land_binary_mask"},
+    name: {"units": WB2_UNITS[name], **attrs}
+    for name, attrs in {
+        "geopotential": {"long_name": "Geopotential", "standard_name": "geopotential"},
+        "u_component_of_wind": {"long_name": "U component of wind", "standard_name": "eastward_wind"},
+        "v_component_of_wind": {"long_name": "V component of wind", "standard_name": "northward_wind"},
+        "total_column_water_vapour": {
+            "long_name": "Total column vertically-integrated water vapour",
+            "standard_name": "lwe_thickness_of_atmosphere_mass_content_of_water_vapor",
+        },
+        "geopotential_at_surface": {"long_name": "Geopotential at surface", "standard_name": "surface_geopotential"},
+        "land_sea_mask": {"long_name": "Land-sea mask", "standard_name": "land_binary_mask"},
+    }.items()
 }
 _LEVEL_VARIABLES = ("geopotential", "u_component_of_wind", "v_component_of_wind")
 
@@ -612,24 +616,13 @@ def _is_store(path: Path) -> bool:
 
 
 def _publish(tmp: Path, path: Path, *, replace: bool) -> None:
-    """Move the finished store ``tmp`` to ``path`` by renames only, so ``path`` is never half-written."""
-    if replace and (path.exists() or path.is_symlink()):
-        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            os.replace(old, path)
-            raise
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-        return
+    """Publish the finished store ``tmp`` at ``path`` (:func:`~fcn3_lightning.io.publish_folder`); without ``replace``,
+    a complete store that another process published there first is kept."""
+    existed = path.exists() or path.is_symlink()
     try:
-        os.replace(tmp, path)  # rename(2) fails when path is a non-empty directory
+        publish_folder(tmp, path, replace=replace)
     except OSError:
-        if not _is_store(path):
+        if (replace and existed) or not _is_store(path):
             raise
         # another process published the same (deterministic) world first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from fcn3_lightning.io import give_default_mode
+from fcn3_lightning.io import give_default_mode, publish_folder
 
 # cfgrib short name -> WB2 long name (the names of the WB2 ERA5 Zarr archives)
 CFGRIB_TO_WB2: dict[str, str] = {
@@ -259,27 +259,8 @@ def convert_cfgrib_to_wb2(
                     step.to_zarr(tmp, mode="w", encoding=encoding, consolidated=True, zarr_format=2)
                 else:
                     step.to_zarr(tmp, append_dim="time", consolidated=True, zarr_format=2)
-            _replace(tmp, dst)
+            publish_folder(tmp, dst)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return dst
-
-
-def _replace(tmp: Path, dst: Path) -> None:
-    """Rename the finished store ``tmp`` onto ``dst``, moving an existing ``dst`` aside first (rename cannot replace a directory)."""
-    if not (dst.exists() or dst.is_symlink()):
-        os.replace(tmp, dst)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-    old.rmdir()
-    os.replace(dst, old)
-    try:
-        os.replace(tmp, dst)
-    except BaseException:
-        os.replace(old, dst)  # put the previous store back rather than leave nothing at dst
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    else:
-        old.unlink()

@@ -208,14 +208,26 @@ class Normalizer:
         out = np.subtract(x, offset, out=out)
         return np.multiply(out, inv_scale, out=out)
 
-    def denormalize(self, x: torch.Tensor | np.ndarray, axis: int = -3) -> torch.Tensor | np.ndarray:
+    def denormalize(
+        self, x: torch.Tensor | np.ndarray, axis: int = -3, index: Sequence[int] | None = None, *, shift: bool = True
+    ) -> torch.Tensor | np.ndarray:
+        """Physical values ``x * scale + offset`` of normalised ``x`` along the channel ``axis``.
+
+        ``index``: the channels (positions in :attr:`channels`) that ``x`` holds, default all of them. ``shift=False``:
+        ``x * scale`` only, for a spread or a difference, in which the offset cancels.
+        """
         shape = [1] * x.ndim
         shape[axis] = -1
+        scale, offset = (self.scale, self.offset) if index is None else (self.scale[list(index)], self.offset[list(index)])
         if isinstance(x, torch.Tensor):
-            scale = torch.as_tensor(self.scale, dtype=x.dtype, device=x.device).reshape(shape)
-            offset = torch.as_tensor(self.offset, dtype=x.dtype, device=x.device).reshape(shape)
+            scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device).reshape(shape)
+            if not shift:
+                return x * scale
+            offset = torch.as_tensor(offset, dtype=x.dtype, device=x.device).reshape(shape)
             return x * scale + offset
-        return x * self.scale.reshape(shape) + self.offset.reshape(shape)
+        if not shift:
+            return x * scale.reshape(shape)
+        return x * scale.reshape(shape) + offset.reshape(shape)
 
 
 def _grid_signature(lat: np.ndarray, lon: np.ndarray) -> dict:

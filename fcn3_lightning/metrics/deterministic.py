@@ -49,7 +49,7 @@ class ACC(GriddedMetric):
     f' = f - c, o' = o - c and c the climatology at the valid time, then the mean over forecasts.
 
     ``update(pred, target, climatology)``, all ``(batch, lead, channel, lat, lon)``; see
-    :class:`~fcn3_lightning.metrics.climatology.Climatology` for looking up ``c`` at the valid times.
+    :meth:`fcn3_lightning.eval.climatology.ZarrClimatology.at` for looking up ``c`` at the valid times.
     ``update_from_means(fo=, ff=, oo=)``: the spatial means of f'o', f'^2, o'^2.
     """
 

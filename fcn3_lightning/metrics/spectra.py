@@ -9,7 +9,6 @@ before any power is taken.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,8 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch_harmonics.legendre import legpoly
-from torch_harmonics.quadrature import clenshaw_curtiss_weights
 
+from fcn3_lightning.grid import sphere_quadrature
 from fcn3_lightning.metrics.base import GriddedMetric
 
 #: Earth radius of WB2's ZonalEnergySpectrum (m)
@@ -112,42 +111,6 @@ class ZonalEnergySpectrum(_SpectrumMetric):
         names = ["lead_time_hours", "channel", "latitude", "zonal_wavenumber"]
         idx = pd.MultiIndex.from_product([self.lead_hours, self.channels, self.lat, np.arange(self.n_modes)], names=names)
         return pd.DataFrame({"value": s.reshape(-1)}, index=idx).reset_index()
-
-
-def sphere_quadrature(lat: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Quadrature weights for integrals over x = sin(latitude) in [-1, 1] on the given latitudes (any order).
-
-    Recognises the equiangular grid with poles (Clenshaw-Curtis), the equiangular grid without poles
-    (WB2's 1.40625/2.8125/5.625 degree grids; Fejer's first rule) and the Gaussian grid (Gauss-Legendre).
-    Each rule integrates polynomials up to degree nlat - 1 exactly, so the transform of a field band-limited
-    to degree L is exact for degrees l <= nlat - 1 - L.
-    """
-    lat = np.asarray(lat, dtype=np.float64)
-    n = lat.size
-    order = np.argsort(lat)
-    la = lat[order]
-    w = np.empty(n)
-    if np.allclose(la, np.linspace(-90.0, 90.0, n), atol=1e-6):
-        _, cw = clenshaw_curtiss_weights(n, -1.0, 1.0)
-        cw = np.asarray(cw, dtype=np.float64)
-        w[order] = cw if np.isclose(cw.sum(), 2.0) else cw / cw.sum() * 2.0
-        # CC nodes are symmetric, so the order of the returned weights does not matter beyond the symmetry
-        return w
-    d = 180.0 / n
-    if np.allclose(la, -90.0 + d * (np.arange(n) + 0.5), atol=1e-6):
-        theta = np.pi * (np.arange(n) + 0.5) / n
-        j = np.arange(1, n // 2 + 1)
-        w_sorted = (2.0 / n) * (1.0 - 2.0 * (np.cos(2.0 * np.outer(theta, j)) / (4.0 * j**2 - 1.0)).sum(1))
-        w[order] = w_sorted[::-1]  # theta increases from the north pole; la increases from the south
-        return w
-    x, gw = np.polynomial.legendre.leggauss(n)
-    if np.allclose(np.sin(np.deg2rad(la)), x, atol=1e-6):
-        w[order] = gw
-        return w
-    raise ValueError(
-        f"latitudes {la[:3]} ... {la[-3:]} ({n} points) are neither an equiangular grid (with or without poles) nor a "
-        "Gaussian grid: no exact quadrature for the angular power spectrum"
-    )
 
 
 class AngularPowerSpectrum(_SpectrumMetric):

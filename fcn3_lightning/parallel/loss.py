@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fcn3_lightning.losses import EnsembleCRPSLoss, quadrature_weights
+from fcn3_lightning.grid import quadrature_weights
+from fcn3_lightning.losses import EnsembleCRPSLoss
 from fcn3_lightning.parallel.comm import all_reduce_coalesced_, gather_members, reduce_from_group
 from fcn3_lightning.parallel.layers import DistributedSphericalLayers
 from fcn3_lightning.parallel.mesh import Layout
@@ -49,7 +50,7 @@ class DistributedEnsembleCRPSLoss(nn.Module):
         img_shape: the full (nlat, nlon) grid.
         channel_weights: per-channel weights (C,), as for the serial loss.
         quadrature: full-grid quadrature weights ((nlat, 1) or (nlat, nlon)); default
-            :func:`~fcn3_lightning.losses.quadrature_weights` of ``img_shape`` and ``grid``. The tile's part is cut
+            :func:`~fcn3_lightning.grid.quadrature_weights` of ``img_shape`` and ``grid``. The tile's part is cut
             here.
         grid: the data grid.
         layers: factory of the distributed SHT (default :class:`DistributedSphericalLayers`).

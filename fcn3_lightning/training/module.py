@@ -21,8 +21,10 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
 
+from fcn3_lightning.channels import HEADLINE_CHANNELS
 from fcn3_lightning.checkpoint import INPUTS_KEY, ModelInputs, model_inputs
-from fcn3_lightning.losses import CRPS_KINDS, EnsembleCRPSLoss, channel_weights, check_ensemble_size, crps_ensemble, quadrature_weights
+from fcn3_lightning.grid import quadrature_weights
+from fcn3_lightning.losses import CRPS_KINDS, EnsembleCRPSLoss, channel_weights, check_ensemble_size, crps_ensemble
 from fcn3_lightning.metrics.suite import DEFAULT_SCORES, PROVIDERS, ValidationScores, lead_label
 from fcn3_lightning.model.build import model_kwargs
 from fcn3_lightning.model.channel_map import MappingReport
@@ -40,9 +42,6 @@ from fcn3_lightning.training.weights import check_grid, initial_architecture, lo
 # Lightning recommends sync_dist=True for epoch-level values (warning at epoch end, once per value and rank); the
 # WB2 scores are torchmetrics values, synced over the processes already and identical on every rank
 warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
-
-#: channels logged individually by default when the channel list is long (those WB2 headlines that exist)
-HEADLINE_CHANNELS = ("z500", "t850", "q700", "u850", "v850", "t2m", "u10m", "msl", "tcwv")
 
 
 class FCN3Module(L.LightningModule):
@@ -279,8 +278,6 @@ class FCN3Module(L.LightningModule):
         self.register_buffer("quadrature", q, persistent=False)
         self.channels = list(channels)
         self.normalizer = normalizer
-        self.register_buffer("scale", torch.as_tensor(normalizer.scale, dtype=torch.float32), persistent=False)
-        self.register_buffer("offset", torch.as_tensor(normalizer.offset, dtype=torch.float32), persistent=False)
         logged = hp.log_channels or (channels if len(channels) <= 9 else [c for c in HEADLINE_CHANNELS if c in channels])
         missing = [c for c in logged if c not in channels]
         if missing:
@@ -350,9 +347,10 @@ class FCN3Module(L.LightningModule):
             self.log(f"{split}/crps_lead{lead_label(hours)}", crps[s].mean(), batch_size=b, sync_dist=True)
         # WeatherBench2 scores of the headline channels in physical units, accumulated over the epoch
         idx = self.log_index
-        shape = (len(idx), 1, 1)
-        scale, offset = self.scale[idx].reshape(shape), self.offset[idx].reshape(shape)
-        self.scores.update(pred[:, :, :, idx] * scale + offset, target[:, :, idx] * scale + offset)
+        self.scores.update(
+            self.normalizer.denormalize(pred[:, :, :, idx], axis=-3, index=idx),
+            self.normalizer.denormalize(target[:, :, idx], axis=-3, index=idx),
+        )
         return {"prediction": pred, "target": target}
 
     def _log_scores(self, split: str) -> None:

@@ -1,4 +1,4 @@
-"""``python -m fcn3_lightning fit|validate|test|predict``: LightningCLI over FCN3Module and WB2DataModule.
+"""``python -m fcn3_lightning fit|validate|test|curriculum``: LightningCLI over FCN3Module and WB2DataModule.
 
 Defaults (``configs/base.yaml`` is read first): the embedded default world, a small FCN3, MLflow
 tracking in a local SQLite store, the best checkpoint by validation CRPS plus the last one, written

@@ -205,7 +205,6 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``evaluate`` on the ``python -m fcn3_lightning`` subparsers."""
     p = subparsers.add_parser(
         "evaluate",
-        help="score a forecast Zarr against the ground truth the WeatherBench2 way (scores.csv, {eval}.nc, ...)",
         description=__doc__.split("\n\n")[0],
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -218,7 +217,10 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry (``python -m fcn3_lightning.eval.cli ...``), with the same error handling as the main CLI."""
     parser = argparse.ArgumentParser(
-        prog="evaluate", description=__doc__.split("\n\n")[0], epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m fcn3_lightning evaluate",
+        description=__doc__.split("\n\n")[0],
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
     args = parser.parse_args(argv)

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fcn3_lightning.paths import parse_storage_options
+
+PROG = "python -m fcn3_lightning"
 
 
 def _summary(args: argparse.Namespace) -> None:
@@ -103,73 +109,16 @@ def _era5_sample(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test")
-#: the commands that parse their own options (``<command> --help`` shows them), with their line in ``--help``
-OWN_PARSERS = {
-    "fit": "train a model (configs/base.yaml, then --config files); each run in its own folder runs/<run name>",
-    "validate": "score a checkpoint (--ckpt_path) on the validation range, as an MLflow run of its own",
-    "test": "score a checkpoint (--ckpt_path) on the test range, as an MLflow run of its own",
-    "curriculum": "train the curriculum stages (stage1, stage2, finetune) one after the other",
-    "sweep": "search the hyperparameters of a fit config with Optuna (one trial = one fit)",
-}
-CURRICULUM_HELP = """usage: python -m fcn3_lightning curriculum [--stages A.yaml B.yaml ...] [--run_name NAME] [fit options]
-
-Runs `fit` for each stage config in turn (default: configs/stage1.yaml configs/stage2.yaml configs/finetune.yaml),
-each stage starting from the previous stage's best weights (weights only). The stages live in one folder,
-runs/curriculum-<UTC time>/<stage> (runs/NAME/<stage> with --run_name NAME). Every other option is a fit option
-for every stage (see `python -m fcn3_lightning fit --help`), e.g. --trainer.max_epochs 1."""
-
-
-def _curriculum(argv: list[str]) -> int:
-    """``curriculum [--stages a.yaml b.yaml ...] [fit options for every stage]``."""
-    from fcn3_lightning.cli import run_curriculum
-
-    if argv[:1] in (["-h"], ["--help"]):
-        print(CURRICULUM_HELP)
-        return 0
-    stages = None
-    if argv[:1] == ["--stages"]:
-        argv = argv[1:]
-        stages = []
-        while argv and not argv[0].startswith("--"):
-            stages.append(argv.pop(0))
-    for best in run_curriculum(stages, argv):
-        print(f"curriculum: {best}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in LIGHTNING_COMMANDS:
-        from fcn3_lightning.cli import run_cli
-
-        try:
-            run_cli(argv)
-        except (ValueError, FileNotFoundError) as e:  # configuration errors: the message, not a traceback
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return 0
-    if argv and argv[0] == "curriculum":
-        try:
-            return _curriculum(argv[1:])
-        except (ValueError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    if argv and argv[0] == "sweep":
-        from fcn3_lightning.sweep.cli import main as sweep
-
-        return sweep(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m fcn3_lightning", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
-    for name, line in OWN_PARSERS.items():  # dispatched above; listed here so that --help shows every command
-        sub.add_parser(name, help=line, add_help=False)
-
-    p = sub.add_parser("summary", help="build a model config and print its parts and parameter counts")
+def _add_summary(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("summary")
     p.add_argument("config", help="model YAML, e.g. configs/model/fcn3.yaml")
     p.add_argument("--meta", action="store_true", help="put parameters on the meta device (no memory; for the full-size model)")
     p.set_defaults(func=_summary)
+    return p
 
-    p = sub.add_parser("convert", help="a model package, reference or project checkpoint as one model file of this project")
+
+def _add_convert(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("convert")
     p.add_argument("reference", help="a model package folder, a reference (Makani) checkpoint, or a checkpoint of this project")
     p.add_argument("out", help="output model file (.pt)")
     p.add_argument("--config", help="reference architecture (config.json or a golden manifest.json) for a reference checkpoint file")
@@ -181,8 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         "start with no effect on them (their statistics: --stats, or --data-path's <store>.stats.json)",
     )
     p.set_defaults(func=_convert)
+    return p
 
-    p = sub.add_parser("export", help="write a model as a model package in the published FCN3 layout (reference code, Earth2Studio)")
+
+def _add_export(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("export")
     p.add_argument("--checkpoint", required=True, help="a checkpoint of this project, a model file, or a model package folder")
     p.add_argument("--out", required=True, help="the package folder to write")
     p.add_argument("--config", help="reference architecture (config.json) for a reference checkpoint file")
@@ -191,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, help="noise seed recorded in the package (default: the checkpoint's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package (kept until the new one is complete)")
     p.set_defaults(func=_export)
+    return p
 
-    p = sub.add_parser("stats", help="normalisation statistics of a WB2-style Zarr store over a training range")
+
+def _add_stats(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("stats")
     p.add_argument("--data", help="the Zarr store (default: the embedded default world)")
     p.add_argument("--channels", help="'fcn3' (default with --data), a comma-separated list, or @file")
     p.add_argument("--start", help="first time of the training range (inclusive)")
@@ -201,36 +156,110 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="stats file (default: <store>.stats.json next to the store; required for a URL --data)")
     p.add_argument("--storage-options", type=parse_storage_options, metavar="JSON", help="fsspec options for a URL --data")
     p.set_defaults(func=_stats)
+    return p
 
-    p = sub.add_parser("default-world", help="generate the embedded default world (shallow-water dynamics) into the cache")
+
+def _add_default_world(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("default-world")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="store path (default: the cache location used by fit)")
     p.add_argument("--force", action="store_true", help="regenerate even if the store exists")
     p.set_defaults(func=_default_world)
+    return p
 
-    p = sub.add_parser("convert-era5", help="convert a cfgrib-named ERA5 netCDF (e.g. the ERA5 sample) to a WB2-style Zarr store")
+
+def _add_era5_sample(sub: Any) -> argparse.ArgumentParser:
+    p = sub.add_parser("convert-era5")
     p.add_argument("out", help="output Zarr store")
     p.add_argument("--src", help="netCDF file (default: the ERA5 sample, see $FCN3_ERA5_SAMPLE)")
     p.add_argument("--member", type=int, default=0, help="ensemble member to keep (-1 keeps all as a 'number' dimension)")
     p.add_argument("--force", action="store_true", help="overwrite an existing store")
     p.set_defaults(func=_era5_sample)
+    return p
 
-    from fcn3_lightning.eval.cli import add_cli as add_evaluate_cli
-    from fcn3_lightning.eval.reports import add_cli as add_leaderboard_cli
-    from fcn3_lightning.inference import add_cli as add_predict_cli
 
-    add_predict_cli(sub)
+def _lazy(target: str) -> Callable[[Any], argparse.ArgumentParser]:
+    """``"module:function"``, a command's ``add_cli``, imported only when that command runs (``--help`` stays quick)."""
+    module, function = target.split(":")
+    return lambda sub: getattr(importlib.import_module(module), function)(sub)
 
-    add_evaluate_cli(sub)
-    add_leaderboard_cli(sub)
 
-    args = parser.parse_args(argv)
+@dataclass(frozen=True)
+class Command:
+    help: str  # its line in `python -m fcn3_lightning --help` (and its description, where the command gives none)
+    #: registers the command's argparse parser on the subparsers and returns it; the parser's defaults hold ``func``
+    #: (runs it: returns an exit status or None for 0) and, with ``fit_options=True``, options it does not know are
+    #: fit options, handed on as ``args.fit_args``. None: a LightningCLI command, which parses its own options
+    add_cli: Callable[[Any], argparse.ArgumentParser] | None
+
+
+#: every command of ``python -m fcn3_lightning``, in the order --help lists them
+COMMANDS: dict[str, Command] = {
+    "fit": Command("train a model (configs/base.yaml, then --config files); each run in its own folder runs/<run name>", None),
+    "validate": Command("score a checkpoint (--ckpt_path) on the validation range, as an MLflow run of its own", None),
+    "test": Command("score a checkpoint (--ckpt_path) on the test range, as an MLflow run of its own", None),
+    "curriculum": Command(
+        "train the curriculum stages (stage1, stage2, finetune) one after the other", _lazy("fcn3_lightning.cli:add_curriculum_cli")
+    ),
+    "sweep": Command(
+        "search the hyperparameters of a fit config with Optuna (one trial = one fit)", _lazy("fcn3_lightning.sweep.cli:add_cli")
+    ),
+    "summary": Command("build a model config and print its parts and parameter counts", _add_summary),
+    "convert": Command("a model package, reference or project checkpoint as one model file of this project", _add_convert),
+    "export": Command("write a model as a model package in the published FCN3 layout (reference code, Earth2Studio)", _add_export),
+    "stats": Command("normalisation statistics of a WB2-style Zarr store over a training range", _add_stats),
+    "default-world": Command("generate the embedded default world (shallow-water dynamics) into the cache", _add_default_world),
+    "convert-era5": Command("convert a cfgrib-named ERA5 netCDF (e.g. the ERA5 sample) to a WB2-style Zarr store", _add_era5_sample),
+    "predict": Command(
+        "ensemble forecasts from a checkpoint into a WeatherBench2 forecast Zarr", _lazy("fcn3_lightning.inference:add_cli")
+    ),
+    "evaluate": Command(
+        "score a forecast Zarr against the ground truth the WeatherBench2 way (scores.csv, {eval}.nc, ...)",
+        _lazy("fcn3_lightning.eval.cli:add_cli"),
+    ),
+    "leaderboard": Command(
+        "headline-score leaderboard (Markdown, HTML) and scorecard (PNG) of one or several evaluation output directories",
+        _lazy("fcn3_lightning.eval.reports:add_cli"),
+    ),
+}
+
+
+def build_parser(command: str | None = None) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser | None]:
+    """The top-level parser, listing every command; ``command``'s own parser (also returned) with all its options."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    own = None
+    for name, cmd in COMMANDS.items():
+        if name == command and cmd.add_cli is not None:
+            own = cmd.add_cli(sub)
+            own.description = own.description or cmd.help
+        else:  # listed only: --help shows it, its own parser is built when it runs
+            sub.add_parser(name, help=cmd.help, add_help=False)
+    return parser, own
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = COMMANDS.get(argv[0]) if argv else None
     try:
-        args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+        if command is not None and command.add_cli is None:  # fit, validate, test: LightningCLI parses the options
+            from fcn3_lightning.cli import run_cli
+
+            run_cli(argv)
+            return 0
+        parser, own = build_parser(argv[0] if argv else None)
+        args, rest = parser.parse_known_args(argv)
+        if rest and not getattr(args, "fit_options", False):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.fit_args = rest
+        try:
+            status = args.func(args)
+        except argparse.ArgumentError as e:  # bad option values the command found: its usage and the message, exit 2
+            (own or parser).error(str(e))
+        return status if isinstance(status, int) else 0
+    except (ValueError, FileNotFoundError) as e:  # configuration errors: the message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""``python -m fcn3_lightning fit|validate|test|predict``: LightningCLI over FCN3Module and WB2DataModule.
+"""``python -m fcn3_lightning fit|validate|test|curriculum``: LightningCLI over FCN3Module and WB2DataModule.
 
 Defaults (``configs/base.yaml`` is read first): the embedded default world, a small FCN3, MLflow
 tracking in a local SQLite store, the best checkpoint by validation CRPS plus the last one, written
@@ -7,6 +7,8 @@ atomically. Stage configs layer on top: ``fit --config configs/stage1.yaml``.
 
 from __future__ import annotations
 
+import argparse
+import importlib.resources
 import os
 import sys
 from dataclasses import dataclass
@@ -37,7 +39,22 @@ from fcn3_lightning.runs import (
 )
 from fcn3_lightning.training.module import FCN3Module
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+def _shipped_configs() -> Path:
+    """The configs folder as installed: the package ``fcn3_lightning.configs``, which pyproject.toml maps onto the
+    top-level ``configs/`` (an editable install reads that folder, a regular one its copy in site-packages)."""
+    try:
+        root = Path(str(importlib.resources.files("fcn3_lightning.configs")))
+    except ModuleNotFoundError:
+        raise ImportError(
+            "fcn3_lightning.configs (the configs/ folder) is not installed: this install predates it, reinstall (pip install -e .)"
+        ) from None
+    if not (root / "base.yaml").is_file():  # LightningCLI would silently skip a missing default config file
+        raise ImportError(f"the default config {root / 'base.yaml'} is missing from this install of fcn3_lightning")
+    return root
+
+
+CONFIGS = _shipped_configs()
 BASE_CONFIG = CONFIGS / "base.yaml"
 
 
@@ -387,7 +404,10 @@ def run_cli(args: list[str] | None = None) -> FCN3CLI:
         FCN3Module,
         WB2DataModule,
         save_config_callback=MLflowConfig,
-        parser_kwargs={cmd: {"default_config_files": [str(BASE_CONFIG)]} for cmd in ("fit", "validate", "test", "predict")},
+        parser_kwargs={
+            "prog": "python -m fcn3_lightning",  # what `fit --help` shows, as every other command
+            **{cmd: {"default_config_files": [str(BASE_CONFIG)]} for cmd in ("fit", "validate", "test", "predict")},
+        },
         args=None if args == sys.argv[1:] else args,  # LightningCLI warns when both are given
     )
 
@@ -395,32 +415,17 @@ def run_cli(args: list[str] | None = None) -> FCN3CLI:
 STAGES = [CONFIGS / "stage1.yaml", CONFIGS / "stage2.yaml", CONFIGS / "finetune.yaml"]
 
 
-def _pop_option(args: list[str], name: str) -> str | None:
-    """Remove ``--name value`` / ``--name=value`` from ``args``; returns the (last) value."""
-    value = None
-    i = 0
-    while i < len(args):
-        if args[i] == name and i + 1 < len(args):
-            value = args[i + 1]
-            del args[i : i + 2]
-        elif args[i].startswith(name + "="):
-            value = args[i].split("=", 1)[1]
-            del args[i]
-        else:
-            i += 1
-    return value
-
-
-def run_curriculum(stages: list[str] | None = None, extra: list[str] | None = None) -> list[str]:
+def run_curriculum(
+    stages: list[str] | None = None, extra: list[str] | None = None, *, name: str | None = None, root: str | None = None
+) -> list[str]:
     """Run ``fit`` stage after stage, each starting from the previous stage's best weights (weights only).
 
     ``extra`` arguments apply to every stage (e.g. ``--trainer.max_epochs 1``). The stages of one curriculum live in
-    one folder, ``runs/curriculum-<UTC time>/<stage>`` (``--run_name NAME``: ``runs/NAME/<stage>``;
-    ``--trainer.default_root_dir DIR``: ``DIR/<stage>``). Returns the best checkpoints.
+    one folder, ``runs/curriculum-<UTC time>/<stage>`` (``name``: ``runs/<name>/<stage>``; ``root``: ``<root>/<stage>``).
+    Returns the best checkpoints.
     """
     stages = stages or [str(p) for p in STAGES]
     extra = list(extra or [])
-    name, root = _pop_option(extra, "--run_name"), _pop_option(extra, "--trainer.default_root_dir")
     stems = [slug(Path(s).stem) for s in stages]
     if len(set(stems)) != len(stems):
         raise RunError(f"curriculum: stage configs must have different file names (each names its stage folder): {stages}")
@@ -452,3 +457,29 @@ def run_curriculum(stages: list[str] | None = None, extra: list[str] | None = No
         made.undo()
         raise
     return best
+
+
+def add_curriculum_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``curriculum`` on the ``python -m fcn3_lightning`` subparsers: its options here, every other option a
+    fit option for every stage (``fit_options``: the command line hands them on as ``args.fit_args``)."""
+    p = subparsers.add_parser(
+        "curriculum",
+        description="Runs `fit` for each stage config in turn, each stage starting from the previous stage's best weights "
+        "(weights only). The stages live in one folder, runs/curriculum-<UTC time>/<stage>.",
+        epilog="Every other option is a fit option for every stage (see `python -m fcn3_lightning fit --help`), "
+        "e.g. --trainer.max_epochs 1.",
+        allow_abbrev=False,  # unknown options are fit options: no prefix matching against the curriculum's own
+    )
+    default = " ".join(str(Path("configs") / s.name) for s in STAGES)
+    p.add_argument("--stages", nargs="+", metavar="CONFIG", help=f"the stage configs, in order (default: {default})")
+    p.add_argument("--run_name", help="the curriculum's folder runs/RUN_NAME/<stage> (default: runs/curriculum-<UTC time>)")
+    p.add_argument(
+        "--trainer.default_root_dir", dest="root", metavar="DIR", help="the curriculum's folder DIR/<stage> instead of one under runs/"
+    )
+    p.set_defaults(func=_curriculum, fit_options=True)
+    return p
+
+
+def _curriculum(args: argparse.Namespace) -> None:
+    for best in run_curriculum(args.stages, args.fit_args, name=args.run_name, root=args.root):
+        print(f"curriculum: {best}")

@@ -18,7 +18,6 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from fcn3_lightning.__main__ import main as fcn3_main
-from fcn3_lightning.sweep.cli import main as sweep_main
 
 ENV = {**os.environ, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false", "COLUMNS": "200"}
 TINY = {
@@ -93,7 +92,7 @@ def test_single_worker_prunes_tracks_in_mlflow_and_writes_best(tmp_path, monkeyp
     # seeds 8, 9: trial 0 learns (lr 4e-3), trial 1 barely moves (lr 1e-5) and is worse than trial 0 at step 2
     _write(tmp_path / "tiny.yaml", sampler={"name": "random", "seed": 8})
     t0 = time.perf_counter()
-    rc = sweep_main(["--config", "tiny.yaml", "--n-trials", "2", "--storage", "sqlite:///sweep.db", "--study-name", "one"])
+    rc = fcn3_main(["sweep", "--config", "tiny.yaml", "--n-trials", "2", "--storage", "sqlite:///sweep.db", "--study-name", "one"])
     out = capsys.readouterr()
     print(f"single worker, 2 trials: {time.perf_counter() - t0:.0f} s")
     assert rc == 0, out.err[-3000:]
@@ -146,7 +145,7 @@ def test_bad_input_fails_naming_the_culprit(case, tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
     changes, wanted = BAD[case]
     _write(tmp_path / "tiny.yaml", **changes)
-    rc = sweep_main(["--config", "tiny.yaml", "--n-trials", "3", "--storage", "sqlite:///sweep.db"])
+    rc = fcn3_main(["sweep", "--config", "tiny.yaml", "--n-trials", "3", "--storage", "sqlite:///sweep.db"])
     err = capsys.readouterr().err
     print(f"{case}: exit {rc}: {err.strip().splitlines()[-1] if err.strip() else ''}")
     assert rc == 2 and all(w in err for w in wanted), err[-3000:]
@@ -176,7 +175,7 @@ def test_two_workers_share_a_study_and_a_rerun_continues_it(tmp_path, monkeypatc
     # rerun (in this process) with a larger total: the same study continues at trial 6
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
-    rc = sweep_main(["--config", "tiny.yaml", "--study-name", "s", "--n-trials", "7", "--storage", storage])
+    rc = fcn3_main(["sweep", "--config", "tiny.yaml", "--study-name", "s", "--n-trials", "7", "--storage", storage])
     log = capsys.readouterr().out
     assert rc == 0 and "(6 trials so far)" in log and "this worker ran [6]" in log, log[-3000:]
     study = optuna.load_study(study_name="s", storage=_journal(tmp_path / "sweep.journal"))

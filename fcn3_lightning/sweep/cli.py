@@ -9,21 +9,20 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from fcn3_lightning.cli import CONFIGS
 
 DEFAULT_SWEEP = CONFIGS / "sweep" / "default.yaml"
 
 
-def build_parser() -> argparse.ArgumentParser:
+DESCRIPTION = "Optuna hyperparameter search over a fit config, with pruning, parallel workers and MLflow."
+EPILOG = "Other --key value options are fit options for every trial (e.g. --trainer.max_steps 20)."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
     from fcn3_lightning.sweep.storage import DEFAULT_STORAGE
 
-    p = argparse.ArgumentParser(
-        prog="python -m fcn3_lightning sweep",
-        description="Optuna hyperparameter search over a fit config, with pruning, parallel workers and MLflow.",
-        epilog="Other --key value options are fit options for every trial (e.g. --trainer.max_steps 20).",
-        allow_abbrev=False,  # unknown options are fit options: no prefix matching against the sweep's own
-    )
     p.add_argument("--config", type=Path, default=DEFAULT_SWEEP, help=f"search-space YAML (default: {DEFAULT_SWEEP})")
     p.add_argument("--n-trials", type=int, help="trials the study should hold, all workers together (default: n_trials of the YAML)")
     p.add_argument("--timeout", type=float, help="seconds after which this worker starts no new trial")
@@ -37,21 +36,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default: the fit config's, sqlite:///mlruns.db)")
     p.add_argument("--heartbeat-interval", type=float, default=10.0, help="seconds between a running trial's heartbeats")
     p.add_argument("--grace-period", type=float, default=60.0, help="seconds without heartbeat after which a trial counts as dead (FAIL)")
+
+
+def add_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``sweep`` on the ``python -m fcn3_lightning`` subparsers; options it does not know are fit options."""
+    p = subparsers.add_parser(
+        "sweep",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        allow_abbrev=False,  # unknown options are fit options: no prefix matching against the sweep's own
+    )
+    add_arguments(p)
+    p.set_defaults(func=run, fit_options=True)
     return p
 
 
-def main(argv: list[str]) -> int:
-    parser = build_parser()
-    args, fit_args = parser.parse_known_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """The ``sweep`` command; ``args.fit_args``: the fit options for every trial. Exit 2 on bad input, 1 when no trial
+    completed."""
+    fit_args = args.fit_args
     stray = [a for a in fit_args if a.startswith("-") and not a.startswith("--")]
     if stray:
-        parser.error(f"unrecognized arguments: {stray} (fit options are --key value)")
+        raise argparse.ArgumentError(None, f"unrecognized arguments: {stray} (fit options are --key value)")
     for name in ("n_trials", "timeout", "heartbeat_interval", "grace_period"):
         v = getattr(args, name)
         if v is not None and v <= 0:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {v:g}")
+            raise argparse.ArgumentError(None, f"--{name.replace('_', '-')} must be positive, got {v:g}")
     if args.grace_period <= 2 * args.heartbeat_interval:
-        parser.error(f"--grace-period ({args.grace_period:g}) must exceed twice --heartbeat-interval ({args.heartbeat_interval:g})")
+        raise argparse.ArgumentError(
+            None, f"--grace-period ({args.grace_period:g}) must exceed twice --heartbeat-interval ({args.heartbeat_interval:g})"
+        )
 
     from optuna.trial import TrialState
 

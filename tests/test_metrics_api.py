@@ -4,6 +4,9 @@ patched module attributes): ``skipna``, ``record_regions`` / ``per_forecast``, `
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -103,6 +106,12 @@ def test_update_from_means_is_an_update():
     det.update_from_means(**means)
     assert det.update_count == 2
     torch.testing.assert_close(det.compute()["mse"], 2.5 * first)
+    # a copy (deepcopy, pickle) updates itself, not the original
+    for clone in (copy.deepcopy(det), pickle.loads(pickle.dumps(det))):
+        clone.update_from_means(**means)
+        assert clone.update_count == 3 and det.update_count == 2
+        torch.testing.assert_close(clone.compute()["mse"], (1 + 4 + 4) / 3 * first)
+        torch.testing.assert_close(det.compute()["mse"], 2.5 * first)
     with pytest.raises(RuntimeError, match="ensemble size is unknown"):
         _make(SpreadSkill).update_from_means(se=means["se"], var=means["se"])
 

@@ -89,8 +89,6 @@ class GriddedMetric(Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        # update_from_means is an update too: torchmetrics' wrapper drops the cached result and counts the call
-        self.update_from_means = self._wrap_update(self.update_from_means)
         self.lat = np.asarray(lat, dtype=np.float64)
         self.lon = np.asarray(lon, dtype=np.float64)
         self.channels = [str(c) for c in channels]
@@ -119,8 +117,7 @@ class GriddedMetric(Metric):
         self.record_regions: list[int] | None = list(record_regions) if record_regions else None
         #: the last update's per-forecast ``(B, recorded region, ...)`` spatial means, when ``record_regions`` is set
         self.recorded: dict[str, Tensor] | None = None
-        self.region_weights = weights_cache or region_weights
-        w = self.region_weights(self.lat, self.lon, self.regions, land_sea_mask)
+        w = (weights_cache or region_weights)(self.lat, self.lon, self.regions, land_sea_mask)
         self.register_buffer("weights", torch.as_tensor(w[:, self.tile[0], self.tile[1]], dtype=dtype), persistent=False)
         self.add_state("n_forecasts", default=torch.zeros((), dtype=dtype), dist_reduce_fx="sum")
         # the ensemble size as a state, so that a rank without forecasts knows it after the sync
@@ -244,7 +241,12 @@ class GriddedMetric(Metric):
         The per-forecast formulas and the states are the class's own: a caller that computes the pointwise
         quantities another way (fused, compiled) gets the same scores. Validate the inputs with :meth:`check_pair`.
         """
-        self._add_means(**means)
+        # the bookkeeping of torchmetrics' wrapped update (not a wrapped closure: copies and pickles of the metric
+        # must not call back into the original object): drop the cached result, count the call
+        self._computed = None
+        self._update_count += 1
+        with torch.no_grad():
+            self._add_means(**means)
 
     def _add_means(self, **means: Tensor) -> None:
         raise NotImplementedError(f"{type(self).__name__} has no update from spatial means")

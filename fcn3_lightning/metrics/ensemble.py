@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from fcn3_lightning.metrics.base import GriddedMetric
+from fcn3_lightning.metrics.regions import RegionWeights, region_weights
 
 
 def fair_crps_parts(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -159,15 +160,15 @@ class RankHistogram(GriddedMetric):
     min_members = 2
     region_axis = -2  # per-forecast values (B, L, C, R, K)
 
-    def __init__(self, *args: Any, n_members: int, seed: int = 0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, n_members: int, seed: int = 0, weights_cache: RegionWeights | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, weights_cache=weights_cache, **kwargs)
         if n_members < 2:
             raise ValueError(f"RankHistogram needs an ensemble of at least 2 members, got n_members={n_members}")
         self.n_members = n_members
         self.seed = seed
         self._fixed_members = True
         self._generator: torch.Generator | None = None
-        w = self.region_weights(self.lat, self.lon, self.regions, self.land_sea_mask, area=False)
+        w = (weights_cache or region_weights)(self.lat, self.lon, self.regions, self.land_sea_mask, area=False)
         w = torch.as_tensor(w[:, self.tile[0], self.tile[1]], dtype=self.compute_dtype)
         self.register_buffer("uniform_weights", w, persistent=False)
         self._add_states("latweighted", "unweighted", shape=(*self.state_shape, n_members + 1))

@@ -1,5 +1,5 @@
 """The shape of the package: no import cycle anywhere (lazy and ``TYPE_CHECKING`` imports included), every module
-importable on its own, and no module reading another module's private names.
+importable on its own, no module reading another module's private names or patching another module at run time.
 
 The import graph is read from the source with :mod:`ast` (every ``import`` statement, wherever it stands), so a
 cycle hidden behind an import inside a function still shows. Two graphs: the modules themselves, and the rooms
@@ -246,6 +246,44 @@ def f(self):
 def test_no_module_reads_another_modules_private_names() -> None:
     found = [f for m, path in MODULES.items() for f in private_reads(m, path.read_text(), f"{path.relative_to(REPO)}")]
     assert not found, f"{len(found)} read(s) of another module's private names:\n  " + "\n  ".join(found)
+
+
+def patches(m: str, source: str, where: str) -> list[str]:
+    """Assignments to an attribute of another module of the package (``mod.name = ...``, ``mod.name += ...``): run-time
+    patching, which makes a module behave differently from what its source says."""
+    found = []
+    tree = ast.parse(source)
+    bound: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in MODULES:
+                    bound[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else ROOT
+        elif isinstance(node, ast.ImportFrom):
+            target = _resolve(m, node.level, node.module)
+            for alias in node.names:
+                if f"{target}.{alias.name}" in MODULES:
+                    bound[alias.asname or alias.name] = f"{target}.{alias.name}"
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            for t in targets:
+                for sub in ast.walk(t):
+                    if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id in bound:
+                        if bound[sub.value.id] != m:
+                            found.append(f"{where}:{node.lineno} assigns {bound[sub.value.id]}.{sub.attr}")
+    return found
+
+
+def test_the_patch_check_sees_module_attribute_assignments() -> None:
+    source = "import fcn3_lightning.metrics.base as base\nfrom fcn3_lightning import io\nbase.region_weights = f\nio.X += 1\n"
+    found = [f.split(" ", 1)[1] for f in patches("fcn3_lightning.eval.score", source, "score.py")]
+    assert found == ["assigns fcn3_lightning.metrics.base.region_weights", "assigns fcn3_lightning.io.X"]
+
+
+def test_no_module_patches_another_module() -> None:
+    found = [f for m, path in MODULES.items() for f in patches(m, path.read_text(), f"{path.relative_to(REPO)}")]
+    assert not found, f"{len(found)} run-time patch(es) of another module:\n  " + "\n  ".join(found)
 
 
 #: run in a fresh interpreter: the third-party libraries the package imports are loaded once, then every module of

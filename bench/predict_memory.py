@@ -21,7 +21,10 @@ status 1 when that ratio exceeds 1.10.
 
 ``--score``: scoring while forecasting (``predict(..., score_against=<the store>, keep_forecast=False)``, the
 climatology computed from the store's one year), no forecast store written; the synthetic store then holds every
-valid time of the longest run. Profiled at 46x90, 8 members, 16 steps on 2 cores: ~90% of the time is the network's
+valid time of the longest run. Also printed: the peak of the forecast loop alone (the scoring holds per lead only its
+metric states, 82 KB at 91x180) and the results' size: the results are every lead's rows, so building and writing
+them at the end is what still grows with the lead times.
+Profiled at 46x90, 8 members, 16 steps on 2 cores: ~90% of the time is the network's
 forecast, ~10% the scoring (the spatial means of 16 regions most of it); the climatology is computed once per
 channel group, not per step.
 """
@@ -70,8 +73,15 @@ def child(args: argparse.Namespace) -> None:
             "score_options": Options(clim_years=(year, year), progress=False, block_mb=16),
             "keep_forecast": False,
         }
-    predict(p, inits, args.output, members=args.members, steps=args.steps, progress=False, **score)
+    loop = {"peak": 0}
+
+    def after_step(*_: object) -> None:  # the peak so far: that of the forecast loop once the last step is done
+        loop["peak"] = peak_rss()
+
+    predict(p, inits, args.output, members=args.members, steps=args.steps, progress=False, callback=after_step, **score)
     seconds = time.perf_counter() - t0
+    results = Path(f"{args.output}_scores")
+    results_bytes = sum(f.stat().st_size for f in results.iterdir()) if args.score else 0
     shape = p.store.shape
     print(
         json.dumps(
@@ -79,6 +89,8 @@ def child(args: argparse.Namespace) -> None:
                 "steps": args.steps,
                 "inits": len(inits),
                 "peak": peak_rss(),
+                "loop_peak": loop["peak"],
+                "results_bytes": results_bytes,
                 "before": before,
                 "seconds": seconds,
                 "method": "VmHWM after clear_refs" if reset else "ru_maxrss",
@@ -191,11 +203,28 @@ def main() -> int:
         f"{r0['inits']} initial times x {args.members} members on a {r0['grid'][0]}x{r0['grid'][1]} grid, "
         f"device {args.device}; peak RSS during predict ({r0['method']}), one process per run"
     )
-    print(f"{'steps':>6} {'RSS before (MB)':>16} {'peak RSS (MB)':>14} {'time (s)':>9} {'all steps held (MB)':>20}")
+    print(
+        f"{'steps':>6} {'RSS before (MB)':>16} {'peak RSS (MB)':>14} {'of it: forecast loop':>21} {'time (s)':>9} "
+        f"{'all steps held (MB)':>20}{' results on disk (MB)' if args.score else ''}"
+    )
     for r in results:
         held = r["steps"] * r["step_bytes"] / mb
-        print(f"{r['steps']:>6} {r['before'] / mb:>16.1f} {r['peak'] / mb:>14.1f} {r['seconds']:>9.1f} {held:>20.1f}")
+        disk = f" {r['results_bytes'] / mb:>20.1f}" if args.score else ""
+        print(
+            f"{r['steps']:>6} {r['before'] / mb:>16.1f} {r['peak'] / mb:>14.1f} {r['loop_peak'] / mb:>21.1f} {r['seconds']:>9.1f} "
+            f"{held:>20.1f}{disk}"
+        )
     ratio = results[-1]["peak"] / results[0]["peak"]
+    if args.score:
+        first, last = results[0], results[-1]
+        n = last["steps"] - first["steps"]
+        print(
+            f"per added lead time: peak +{(last['peak'] - first['peak']) / mb / n:.2f} MB, forecast loop's peak "
+            f"+{(last['loop_peak'] - first['loop_peak']) / mb / n:.2f} MB. The scoring holds 82 KB of metric states per lead "
+            "(91x180: mostly the zonal spectrum, latitude x wavenumber); the results are every lead's rows "
+            f"({(last['results_bytes'] - first['results_bytes']) / mb / n:.2f} MB on disk per lead: scores, per-init records, "
+            "spectra), built and written at the end (the peak of the longer runs)"
+        )
     held = (results[-1]["steps"] - results[0]["steps"]) * r0["step_bytes"] / mb
     print(
         f"peak RSS ratio {results[-1]['steps']} / {results[0]['steps']} steps: {ratio:.3f} (limit {LIMIT:.2f}); "

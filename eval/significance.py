@@ -180,6 +180,11 @@ def run_intervals(per_init: pd.DataFrame, seed: int = 0, chunk: int = 4096) -> t
     empty = pd.DataFrame(columns=RUN_INTERVAL_COLUMNS)
     if per_init.empty:
         return empty, notes
+    # counted before the string copies below (they cost ~10x the frame, for nothing when there is no interval to compute)
+    n_inits = per_init["init_time"].nunique()
+    if n_inits < st.MIN_INITS:
+        notes.append(f"{n_inits} initialisation time(s): a bootstrap needs at least {st.MIN_INITS}; no intervals")
+        return empty, notes
     df = per_init.loc[:, [*_RUN_KEYS, "init_time", "value"]].copy()
     for c in ("eval", "metric", "region", "variable", "init_time"):
         df[c] = df[c].astype(str)

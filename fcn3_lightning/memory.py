@@ -42,9 +42,15 @@ def rss_mb() -> float:
         return 0.0
 
 
+def trim_heap() -> None:
+    """Hand glibc's free heap pages back to the kernel (malloc_trim): for a loop whose temporaries are freed between
+    long-lived small allocations, so that the resident size follows what is live, not the heap's fragmented extent."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def release_memory(limit_mb: float) -> None:
     """malloc_trim when the resident size passes ``limit_mb`` (glibc keeps freed, fragmented heap pages)."""
     if rss_mb() > limit_mb:
-        libc = _libc()
-        if libc is not None:
-            libc.malloc_trim(0)
+        trim_heap()

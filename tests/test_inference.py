@@ -402,6 +402,40 @@ def test_score_against_keeping_the_forecast(world, evaluated, tmp_path):
     assert _max_relative_difference(tmp_path / "scores", evaluated["float64"]) <= 1e-6
 
 
+def test_score_against_holds_states_not_metric_objects_per_lead(world, tmp_path):
+    """Acceptance 4, memory: scoring while forecasting holds the metric objects once (per channel group), and per lead
+    time only their accumulated states, the same bytes for every lead time. It held a set of ~10 metric objects per
+    (group, lead) (~0.4 MB each set at 91x180), so the live objects grew with the lead times."""
+    import gc
+
+    from fcn3_lightning.eval.stream import StreamingEvaluation
+
+    from fcn3_lightning.metrics.base import GriddedMetric
+
+    fc = predict(world.predictor, INITS[:2], tmp_path / "f.zarr", members=MEMBERS, steps=8, progress=False)
+
+    def live_metrics() -> int:
+        gc.collect()
+        return sum(isinstance(o, GriddedMetric) for o in gc.get_objects())
+
+    held = {}
+    for n_leads in (2, 8):
+        before = live_metrics()
+        with xr.open_zarr(fc) as ds:
+            ds = ds.isel(prediction_timedelta=slice(0, n_leads)).load()
+        s = StreamingEvaluation(ds, world.store, tmp_path / f"scores_{n_leads}", options=_score_options())
+        for i in range(ds.sizes["time"]):
+            for j in range(n_leads):
+                s.add(ds.isel(time=[i], prediction_timedelta=[j]))
+        sizes = [s.states[k].nbytes for k in sorted(s.states)]
+        held[n_leads] = (live_metrics() - before, sizes)
+        s.finish()
+        del s
+    (objects_2, bytes_2), (objects_8, bytes_8) = held[2], held[8]
+    assert objects_2 == objects_8 > 0, f"live metric objects: {objects_2} with 2 lead times, {objects_8} with 8"
+    assert len(bytes_8) == 8 and len(set(bytes_8)) == 1 and bytes_8[0] == bytes_2[0], (bytes_2, bytes_8)
+
+
 def test_score_against_a_descending_latitude_store(world, tmp_path):
     """A store with latitude north to south (WB2's own ERA5 layout): the step is flipped to ascending latitude, a
     negative-stride view that torch cannot take (this crashed when a channel group held one variable, read without a copy:

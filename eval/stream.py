@@ -16,7 +16,7 @@ writes what ``evaluate`` writes (:mod:`.collect`, :mod:`.results`), building eac
 one at a time; the results themselves (every lead's rows) are what grows there.
 
 Same numbers as ``evaluate``: the same metric classes and fused kernels on the same float32 values; only the blocks
-differ (one lead per block), and the spatial means are summed in float64 (:meth:`.fast.FusedUpdates._smean`), so
+differ (one lead per block), and the spatial means are summed in float64 (:meth:`fcn3_lightning.metrics.base.GriddedMetric.spatial_mean`), so
 the results agree to ~1e-15. The rank histogram's
 random tie-breaking follows the blocks (one generator per group, drawn lead after lead), so its draws (not its
 distribution) differ.
@@ -36,12 +36,11 @@ from typing import Any
 import numpy as np
 import xarray as xr
 from fcn3_lightning.eval import collect
-from fcn3_lightning.eval.blocks import Block, layout_groups
+from fcn3_lightning.eval.blocks import Block
 from fcn3_lightning.eval.data import LEAD_DIM, MEMBER_DIMS, SourcePlan, ascending_latitude
 from fcn3_lightning.eval.fast import FusedUpdates
-from fcn3_lightning.eval.harness import Options
 from fcn3_lightning.eval.load import BlockLoader
-from fcn3_lightning.eval.plan import iso, make_plan, warn
+from fcn3_lightning.eval.plan import Options, iso, layout_groups, make_plan, warn
 from fcn3_lightning.eval.results import commit
 from fcn3_lightning.eval.score import Scorer
 
@@ -56,7 +55,7 @@ class StreamingEvaluation:
         template: the forecast's layout (WB2 by-init dataset; its values are never read).
         obs, climatology: as for :func:`.harness.evaluate`.
         out: the results folder (written by :meth:`finish`).
-        options: :class:`.harness.Options`; the planning errors (a variable the truth lacks, a valid time it does not
+        options: :class:`.plan.Options`; the planning errors (a variable the truth lacks, a valid time it does not
             hold, ...) are raised here, before any forecast is made.
         forecast_desc: what meta.json names as the forecast (the kept store, or how it was made).
     """

@@ -16,7 +16,7 @@ writes what ``evaluate`` writes (:mod:`.collect`, :mod:`.results`), building eac
 one at a time; the results themselves (every lead's rows) are what grows there.
 
 Same numbers as ``evaluate``: the same metric classes and fused kernels on the same float32 values; only the blocks
-differ (one lead per block), and the spatial means are summed in float64 (:meth:`fcn3_lightning.metrics.base.GriddedMetric.spatial_mean`), so
+differ (one lead per block), and the spatial means are summed in float64 (:meth:`.GriddedMetric.spatial_mean`), so
 the results agree to ~1e-15. The rank histogram's
 random tie-breaking follows the blocks (one generator per group, drawn lead after lead), so its draws (not its
 distribution) differ.

@@ -189,12 +189,9 @@ def _private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
 
 
-def private_reads(m: str, source: str, where: str) -> list[str]:
-    """``from x import _name`` and ``x._name`` (``x`` a module of the package, bound by an import) in module ``m``
-    whose source is ``source``, when ``x`` is another module."""
-    found = []
-    tree = ast.parse(source)
-    bound: dict[str, str] = {}  # local name -> module of this package it stands for
+def bound_modules(m: str, tree: ast.AST) -> dict[str, str]:
+    """Local name -> the module of this package it stands for, for every import in module ``m``'s ``tree``."""
+    bound: dict[str, str] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -205,8 +202,21 @@ def private_reads(m: str, source: str, where: str) -> list[str]:
             for alias in node.names:
                 if f"{target}.{alias.name}" in MODULES:
                     bound[alias.asname or alias.name] = f"{target}.{alias.name}"
-                elif target in MODULES and target != m and _private(alias.name):
+    return bound
+
+
+def private_reads(m: str, source: str, where: str) -> list[str]:
+    """``from x import _name`` and ``x._name`` (``x`` a module of the package, bound by an import) in module ``m``
+    whose source is ``source``, when ``x`` is another module."""
+    tree = ast.parse(source)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            target = _resolve(m, node.level, node.module)
+            for alias in node.names:
+                if f"{target}.{alias.name}" not in MODULES and target in MODULES and target != m and _private(alias.name):
                     found.append(f"{where}:{node.lineno} from {target} import {alias.name}")
+    bound = bound_modules(m, tree)
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and _private(node.attr):
             chain = []
@@ -253,17 +263,7 @@ def patches(m: str, source: str, where: str) -> list[str]:
     patching, which makes a module behave differently from what its source says."""
     found = []
     tree = ast.parse(source)
-    bound: dict[str, str] = {}
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            for alias in node.names:
-                if alias.name in MODULES:
-                    bound[alias.asname or alias.name.split(".")[0]] = alias.name if alias.asname else ROOT
-        elif isinstance(node, ast.ImportFrom):
-            target = _resolve(m, node.level, node.module)
-            for alias in node.names:
-                if f"{target}.{alias.name}" in MODULES:
-                    bound[alias.asname or alias.name] = f"{target}.{alias.name}"
+    bound = bound_modules(m, tree)
     for node in ast.walk(tree):
         if isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]

@@ -176,8 +176,9 @@ def test_stats_equal_independent_numpy(tmp_path):
     assert again == stats
 
 
-def test_normalizer_modes_and_round_trip():
-    stats = ChannelStats(
+def three_channel_stats() -> ChannelStats:
+    # offset (t2m, tcwv, q500) = (280 mean, 0 min, 0 min), scale = (10 std, 70 range, 0.02 range)
+    return ChannelStats(
         ["t2m", "tcwv", "q500"],
         {"nlat": 3},
         mean=[280.0, 20.0, 0.001],
@@ -185,6 +186,10 @@ def test_normalizer_modes_and_round_trip():
         min=[200.0, 0.0, 0.0],
         max=[320.0, 70.0, 0.02],
     )
+
+
+def test_normalizer_modes_and_round_trip():
+    stats = three_channel_stats()
     stats.time_diff_std = [1.0, 1.0, 1.0]
     n = stats.normalizer(["t2m", "tcwv", "q500"])
     x = np.array([290.0, 35.0, 0.01]).reshape(3, 1, 1)
@@ -193,15 +198,7 @@ def test_normalizer_modes_and_round_trip():
 
 
 def test_normalizer_denormalizes_a_subset_of_channels_and_spreads():
-    # offset (t2m, tcwv, q500) = (280 mean, 0 min, 0 min), scale = (10 std, 70 range, 0.02 range)
-    stats = ChannelStats(
-        ["t2m", "tcwv", "q500"],
-        {"nlat": 3},
-        mean=[280.0, 20.0, 0.001],
-        std=[10.0, 5.0, 0.001],
-        min=[200.0, 0.0, 0.0],
-        max=[320.0, 70.0, 0.02],
-    )
+    stats = three_channel_stats()
     n = stats.normalizer(["t2m", "tcwv", "q500"])
     x = torch.tensor([[1.0, 0.5], [-2.0, 0.25]]).reshape(2, 2, 1, 1)  # channels (q500, t2m) on axis -3
     np.testing.assert_allclose(n.denormalize(x, axis=-3, index=[2, 0])[..., 0, 0], [[0.02, 285.0], [-0.04, 282.5]], rtol=1e-6)

@@ -262,7 +262,11 @@ def plot_scorecard(
         extend="both",
         shrink=min(0.9, 4.0 / fig.get_figheight() + 0.2),
         aspect=30,
-        label="100·(model − baseline) / baseline [%]\nblue: model better, red: model worse",
+        label=(
+            f"100·(panel's entry − {reference}) / {reference} [%]\nblue: the entry better than {reference}, red: worse"
+            if reference
+            else "100·(model − baseline) / baseline [%]\nblue: model better, red: model worse"
+        ),
     )
     against = f"the model {reference}" if reference else "baselines"
     sub = f"\nhatched: difference not significant (paired stationary bootstrap over inits, p ≥ {alpha:g})" if p_values is not None else ""

@@ -14,21 +14,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from networks import bench_network, timed  # bench/networks.py (the script's folder is on sys.path)
 
 from fcn3_lightning.model.fcn3 import FCN3
-
-
-def _time(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
 
 
 def compare(net: FCN3, x: torch.Tensor, repeats: int, device: torch.device) -> tuple[list[float], list[float], float]:
@@ -41,8 +31,8 @@ def compare(net: FCN3, x: torch.Tensor, repeats: int, device: torch.device) -> t
     with torch.inference_mode():
         net(x)
         for _ in range(repeats):
-            batched.append(_time(lambda: net(x), device))
-            single.append(_time(one_at_a_time, device))
+            batched.append(timed(lambda: net(x), device))
+            single.append(timed(one_at_a_time, device))
         diff = (net(x) - one_at_a_time()).abs().max().item()
     return batched, single, diff
 
@@ -60,16 +50,7 @@ def main() -> None:
     device = torch.device(args.device)
     for grid in args.grids:
         h, w = (int(v) for v in grid.split("x"))
-        small = h < 100
-        torch.manual_seed(0)
-        net = FCN3(
-            inp_shape=(h, w),
-            atmo_embed_dim=args.embed,
-            surf_embed_dim=args.embed,
-            aux_embed_dim=8,
-            num_layers=4 if small else 10,
-            sfno_block_frequency=2 if small else 5,
-        )
+        net = bench_network(h, w, args.embed)
         net = net.to(device).eval()
         x = torch.randn(args.members, net.n_in_channels, h, w, device=device)
         batched, single, diff = compare(net, x, args.repeats, device)

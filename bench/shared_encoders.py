@@ -23,23 +23,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from networks import bench_network, timed  # bench/networks.py (the script's folder is on sys.path)
 
-from fcn3_lightning.model.fcn3 import FCN3
 from fcn3_lightning.model.noise import NoiseStreams
 from fcn3_lightning.model.rollout import EnsembleForecaster
-
-
-def _time(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
 
 
 def _inputs(f: EnsembleForecaster, device: torch.device):
@@ -78,7 +67,7 @@ def compare(f: EnsembleForecaster, members: int, train: bool, repeats: int, devi
     for _ in range(repeats):
         for share in (True, False):
             f.share_encoders = share
-            times[share].append(_time(run, device))
+            times[share].append(timed(run, device))
     f.share_encoders = True
     (ys, gs), (yu, gu) = outs[True], outs[False]
     grad = max((float((gs[n] - g).abs().max() / g.abs().max()) for n, g in gu.items() if g.abs().max() > 0), default=0.0)
@@ -99,16 +88,7 @@ def main() -> None:
     device = torch.device(args.device)
     for grid in args.grids:
         h, w = (int(v) for v in grid.split("x"))
-        small = h < 100
-        torch.manual_seed(0)
-        net = FCN3(
-            inp_shape=(h, w),
-            atmo_embed_dim=args.embed,
-            surf_embed_dim=args.embed,
-            aux_embed_dim=8,
-            num_layers=4 if small else 10,
-            sfno_block_frequency=2 if small else 5,
-        )
+        net = bench_network(h, w, args.embed)
         f = EnsembleForecaster(net).to(device)
         for what, members, train in [("training", args.train_members, True), ("forecast", args.forecast_members, False)]:
             f.train(train)

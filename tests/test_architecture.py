@@ -63,7 +63,8 @@ def _ancestors(name: str) -> list[str]:
 
 
 def imports_of(module: str) -> Iterator[Import]:
-    """Every import of ``module`` into this package, wherever it stands (functions, ``if TYPE_CHECKING``, ``try``)."""
+    """Every import of ``module`` into this package, wherever it stands (functions, ``if TYPE_CHECKING``, ``try``,
+    and ``"module:function"`` strings that importlib imports)."""
     tree = ast.parse(MODULES[module].read_text(), filename=str(MODULES[module]))
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -83,6 +84,11 @@ def imports_of(module: str) -> Iterator[Import]:
                     names.append(alias.name)
             if names:
                 yield Import(module, target, node.lineno, tuple(names))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and ":" in node.value:
+            # "package.module:function", imported by importlib (the command table's commands): an import all the same
+            target = node.value.split(":", 1)[0]
+            if target in MODULES:
+                yield Import(module, target, node.lineno)
 
 
 def module_graph() -> dict[str, dict[str, int]]:
@@ -162,6 +168,7 @@ def test_the_graph_sees_every_kind_of_import() -> None:
     # the reader itself: a lazy import in a function and one under TYPE_CHECKING are edges like any other
     assert "fcn3_lightning.forecaster" in module_graph()["fcn3_lightning"]  # lazy, in __getattr__
     assert "fcn3_lightning.data.datamodule" in module_graph()["fcn3_lightning.data"]  # lazy, in __getattr__
+    assert "fcn3_lightning.eval.reports" in module_graph()["fcn3_lightning.__main__"]  # "module:function", importlib
     assert cycles({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b": 1}, "b": {}}) == []
 
